@@ -1,0 +1,192 @@
+"""Live capture: ``purge-sensor run -i IFACE``.
+
+libpcap (pcapy-ng) opens the interface with the default BPF prefilter (bpf.py) so
+packets that cannot carry evidence never reach Python; ``next_batch`` amortises the
+C/Python boundary.  The capture is opened first (needs CAP_NET_RAW), then privileges
+are dropped to ``--user`` before the state store and sinks are opened.  SIGHUP reloads
+signatures and config atomically (an invalid set keeps the old one), SIGTERM/SIGINT
+flush state and sinks and exit 0.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import select
+import signal
+import struct
+import sys
+import time
+
+from .bpf import build_filter
+
+_META = struct.Struct("=IIII")
+BATCH = 512
+
+
+class LiveSource:
+    def __init__(self, interface: str, bpf: str | None, snaplen: int = 65535,
+                 buffer_mb: int = 64, promisc: bool = True):
+        import pcapy
+
+        self.interface = interface
+        try:
+            handle = pcapy.create(interface)
+            handle.set_snaplen(snaplen)
+            handle.set_promisc(promisc)
+            handle.set_timeout(100)
+            handle.set_buffer_size(buffer_mb << 20)
+            handle.activate()
+            self.linktype = handle.datalink()
+            handle.setfilter(build_filter(bpf, self.linktype))
+            handle.setnonblock(1)
+        except pcapy.PcapError as err:
+            raise OSError(f"{interface}: {err}") from None
+        self.handle = handle
+        self.fd = handle.getfd()
+        self._last = (0, 0, 0)
+
+    def batch(self):
+        """Yield (ts, linktype, data, wire_len) for what is ready now, without blocking."""
+        buf, meta = self.handle.next_batch(BATCH)
+        linktype = self.linktype
+        view = memoryview(meta).cast("B") if meta else b""
+        for i in range(0, len(view), 16):
+            sec, usec, off, caplen = _META.unpack_from(view, i)
+            yield sec + usec * 1e-6, linktype, buf[off:off + caplen], caplen
+
+    def drops(self) -> tuple[int, int, int]:
+        """(received, kernel drops, interface drops) as libpcap reports them."""
+        try:
+            return self.handle.stats()
+        except Exception:
+            return self._last
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def drop_privileges(user: str) -> None:
+    entry = pwd.getpwnam(user)
+    os.setgroups([])
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+
+
+def cmd_run(args) -> int:
+    from ..cli import EXIT_OK, EXIT_USAGE, _settings
+    from ..config import ConfigError
+    from ..detect.signatures import SignatureError
+    from ..pipeline import Sensor
+
+    sources = []
+    try:
+        for iface in args.interface:
+            sources.append(LiveSource(iface, args.bpf, buffer_mb=args.buffer_mb))
+    except (OSError, ImportError) as err:
+        print(f"purge-sensor: cannot open capture: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.user:
+        try:
+            drop_privileges(args.user)
+        except (KeyError, PermissionError) as err:
+            print(f"purge-sensor: cannot switch to user {args.user!r}: {err}", file=sys.stderr)
+            return EXIT_USAGE
+    try:
+        settings = _settings(args)
+        if not settings.metrics:
+            settings.metrics = "127.0.0.1:9917"
+        sensor = Sensor(settings)
+        from ..output.metrics import start_metrics
+
+        metrics = start_metrics(settings, sensor)
+    except (ConfigError, SignatureError, ValueError, OSError) as err:
+        print(f"purge-sensor: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    flags = {"stop": False, "reload": False}
+    signal.signal(signal.SIGTERM, lambda *_: flags.__setitem__("stop", True))
+    signal.signal(signal.SIGINT, lambda *_: flags.__setitem__("stop", True))
+    signal.signal(signal.SIGHUP, lambda *_: flags.__setitem__("reload", True))
+    print(f"purge-sensor: capturing on {', '.join(args.interface)}; metrics on {settings.metrics}",
+          file=sys.stderr, flush=True)
+    handle = sensor.handle
+    next_status = time.monotonic() + args.status_interval
+    last_packets = 0
+    fds = [s.fd for s in sources]
+    try:
+        while not flags["stop"]:
+            if flags["reload"]:
+                flags["reload"] = False
+                _reload(sensor, args)
+            try:
+                select.select(fds, [], [], 0.2)
+            except InterruptedError:
+                continue
+            for source in sources:
+                for ts, linktype, data, wire_len in source.batch():
+                    handle(ts, linktype, data, wire_len)
+            now = time.monotonic()
+            if now >= next_status:
+                for source in sources:
+                    _, dropped, ifdropped = source.drops()
+                    sensor.capture_drops[(source.interface, "kernel")] = dropped
+                    sensor.capture_drops[(source.interface, "interface")] = ifdropped
+                if sensor.last_ts:
+                    sensor.tick(max(sensor.last_ts, time.time()))
+                rate = (sensor.stats.packets - last_packets) / args.status_interval
+                last_packets = sensor.stats.packets
+                drops = sum(sensor.capture_drops.values())
+                hosts = sum(1 for h in sensor.host_snapshot if h.get("verdict") == "install")
+                print(f"purge-sensor: {rate:,.0f} pkt/s, {sensor.stats.packets:,} packets, "
+                      f"{drops:,} dropped, {sensor.alerts:,} alerts, {hosts} install hosts",
+                      file=sys.stderr, flush=True)
+                next_status = now + args.status_interval
+    finally:
+        for source in sources:
+            for ts, linktype, data, wire_len in source.batch():
+                handle(ts, linktype, data, wire_len)
+            _, dropped, ifdropped = source.drops()
+            sensor.capture_drops[(source.interface, "kernel")] = dropped
+            sensor.capture_drops[(source.interface, "interface")] = ifdropped
+            source.close()
+        sensor.close()
+        metrics.close()
+    return EXIT_OK
+
+
+def _reload(sensor, args) -> None:
+    from ..cli import _settings
+    from ..config import ConfigError
+    from ..detect.signatures import SignatureError, default_signature_paths, load_signatures
+
+    try:
+        settings = _settings(args)
+        signatures = load_signatures(settings.signatures or default_signature_paths())
+    except (ConfigError, SignatureError) as err:
+        print(f"purge-sensor: reload failed, keeping the old configuration: {err}",
+              file=sys.stderr, flush=True)
+        return
+    sensor.replace_signatures(signatures)
+    sensor.reopen()
+    print(f"purge-sensor: reloaded {len(signatures.signatures)} indicators "
+          f"(version {signatures.version})", file=sys.stderr, flush=True)
+
+
+def register(sub) -> None:
+    from ..cli import _add_sensor_options
+
+    p = sub.add_parser("run", help="capture live from one or more interfaces",
+                       description="Capture live (libpcap, kernel BPF prefilter), alert and keep the "
+                                   "inventory. Needs root or CAP_NET_RAW to open the interface; "
+                                   "--user drops privileges afterwards. SIGHUP reloads signatures "
+                                   "and config; SIGTERM flushes and exits 0. Metrics are always "
+                                   "served (default 127.0.0.1:9917).")
+    _add_sensor_options(p)
+    p.add_argument("--interface", "-i", action="append", required=True, metavar="IFACE",
+                   help="interface to capture on (repeatable)")
+    p.add_argument("--bpf", metavar="FILTER", help="extra capture filter (tcpdump syntax), ANDed with the sensor's")
+    p.add_argument("--user", metavar="USER", help="drop to this user after opening the capture")
+    p.add_argument("--buffer-mb", type=int, default=64, metavar="MB", help="kernel capture buffer (default 64)")
+    p.add_argument("--status-interval", type=float, default=60.0, metavar="SECONDS",
+                   help="period of the one-line status on stderr (default 60)")
+    p.set_defaults(func=cmd_run)

@@ -1,0 +1,165 @@
+"""Wires the stages: capture -> decode -> detect -> track -> output.
+
+One Sensor owns the state store and the sinks.  The read loop calls the decoder
+directly and touches the later stages only when a packet produced records.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import sys
+import time
+from datetime import date
+
+from .config import DEFAULT_INTERNAL, Settings
+from .decode.packet import DecoderConfig, PacketDecoder
+from .detect.engine import Detector
+from .detect.signatures import default_signature_paths, load_signatures
+from .output.ecs import detection_to_ecs, host_event_to_ecs
+from .output.lifecycle import AlertLifecycle
+from .output.sinks import AlertRouter, build_sinks
+from .records import Detection, HostEvent
+from .stats import Stats
+from .track.store import Store, default_state_path
+from .track.tracker import Tracker, TrackerConfig
+
+FLUSH_INTERVAL = 5.0  # seconds of packet time between store commits and summary checks
+
+
+class Sensor:
+    def __init__(self, settings: Settings, stats: Stats | None = None):
+        self.settings = settings
+        self.stats = stats or Stats()
+        self.observer = settings.observer or socket.gethostname()
+        if settings.removal_start:
+            try:
+                date.fromisoformat(settings.removal_start)
+            except ValueError:
+                raise ValueError(f"removal_start: '{settings.removal_start}' is not a YYYY-MM-DD date") from None
+        self.signatures = load_signatures(settings.signatures or default_signature_paths())
+        self.decoder = PacketDecoder(self.stats, DecoderConfig(dedup_window=settings.dedup_window))
+        self.detector = Detector(self.signatures, self.stats)
+        self.store = None
+        if not settings.no_state:
+            path = settings.state or default_state_path()
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.store = Store(path)
+        self.tracker = Tracker(TrackerConfig(internal=settings.internal or list(DEFAULT_INTERNAL),
+                                             resolvers=list(settings.resolvers),
+                                             dormant_days=settings.dormant_days,
+                                             answer_grace=settings.answer_grace),
+                               self.signatures, self.stats, self.store)
+        self.lifecycle = AlertLifecycle(window=settings.suppress_window)
+        spool = settings.spool_dir or os.path.join(
+            os.path.dirname(os.path.abspath(settings.state or default_state_path())), "spool")
+        self.router = AlertRouter(build_sinks(settings.outputs or ["stdout"], spool, self.stats),
+                                  self.stats)
+        self.alerts = 0
+        self.hosts_detected = 0
+        self.host_snapshot: list[dict] = []
+        self.capture_drops: dict = {}
+        self.want_snapshots = bool(settings.metrics)
+        self._next_snapshot = 0.0
+        self._next_flush = 0.0
+        self._next_inventory = None
+        self.last_ts = 0.0
+
+    def handle(self, ts: float, linktype: int, data: bytes, wire_len: int, interface: int = 0):
+        stats = self.stats
+        stats.packets += 1
+        stats.bytes += wire_len
+        records = self.decoder.decode(ts, linktype, data, interface)
+        if records:
+            detect = self.detector.detect
+            observe = self.tracker.observe
+            for record in records:
+                for event in observe(record, detect(record)):
+                    self.emit(event)
+        if ts >= self._next_flush:
+            self.tick(ts)
+
+    def tick(self, ts: float) -> None:
+        """Periodic work driven by packet time, so pcap reads behave like live capture."""
+        self.last_ts = max(self.last_ts, ts)
+        self._next_flush = ts + FLUSH_INTERVAL
+        self.tracker.flush()
+        if self.want_snapshots and time.monotonic() >= self._next_snapshot:
+            self.refresh_snapshot()
+        for det, count in self.lifecycle.expired_summaries(ts):
+            self._send_detection(det, count)
+        if self._next_inventory is None:
+            self._next_inventory = ts + self.settings.inventory_interval
+        elif ts >= self._next_inventory:
+            self._next_inventory = ts + self.settings.inventory_interval
+            self.send_inventory(ts)
+
+    def refresh_snapshot(self) -> None:
+        """Host list for the metrics thread, which must not touch the store itself."""
+        self._next_snapshot = time.monotonic() + 10.0
+        self.host_snapshot = self.tracker.inventory(self.last_ts)
+
+    def send_inventory(self, ts: float) -> None:
+        for host in self.tracker.inventory(ts):
+            self.emit(HostEvent(ts, "inventory", host))
+
+    def emit(self, event) -> None:
+        if isinstance(event, Detection):
+            admit, count = self.lifecycle.admit(event)
+            if admit:
+                self._send_detection(event, count)
+        else:
+            self.alerts += 1
+            if event.kind == "host_detected":
+                self.hosts_detected += 1
+            self.router.emit(host_event_to_ecs(event, observer=self.observer))
+
+    def _send_detection(self, det: Detection, count) -> None:
+        self.alerts += 1
+        self.router.emit(detection_to_ecs(det, observer=self.observer,
+                                          ruleset=self.signatures.ruleset,
+                                          version=self.signatures.version,
+                                          summary_count=count))
+
+    def replace_signatures(self, signatures) -> None:
+        """SIGHUP: swap in a validated set; the stages keep their state."""
+        self.signatures = signatures
+        self.detector.signatures = signatures
+        self.tracker.signatures = signatures
+
+    def reopen(self) -> None:
+        self.router.reopen()
+
+    def close(self) -> None:
+        self.decoder.finish()
+        for det, count in self.lifecycle.expired_summaries(math.inf):
+            self._send_detection(det, count)
+        self.tracker.flush()
+        self.refresh_snapshot()
+        self.tracker.close()
+        self.router.close()
+
+
+class Progress:
+    """A one-line progress display on stderr, only when stderr is a terminal."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.next = 0.0
+        self.start = time.monotonic()
+
+    def update(self, name: str, done: int, size: int | None, packets: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or now < self.next:
+            return
+        self.next = now + 0.5
+        rate = done / max(now - self.start, 1e-6) / 1e6
+        pct = f"{100.0 * done / size:5.1f}% " if size else ""
+        sys.stderr.write(f"\r{name}: {pct}{packets:,} packets, {rate:.1f} MB/s ")
+        sys.stderr.flush()
+
+    def clear(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
