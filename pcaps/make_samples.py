@@ -597,7 +597,8 @@ def quic_noise(cap: Capture, t: int, client: str, server: str, count: int) -> in
     dcid = rng.randbytes(8)
     for i in range(count):
         outbound = i % 3 != 2
-        payload = bytes([0x40 | rng.getrandbits(5)]) + (dcid if outbound else b"") + rng.randbytes(rng.randint(40, 1200))
+        payload = (bytes([0x40 | rng.getrandbits(5)]) + (dcid if outbound else b"")
+                   + rng.randbytes(rng.randint(40, 1200)))
         if outbound:
             cap.emit(t, client, server, UDP(sport=sport, dport=443) / Raw(payload))
         else:
@@ -1076,7 +1077,7 @@ def erspan2(cap: Capture, frame: bytes) -> bytes:
 
 def erspan3(cap: Capture, frame: bytes) -> bytes:
     seq = cap.next_ident()
-    header = struct.pack("!HHIHH", (2 << 12) | 10, (3 << 11) | 9, seq * 1000, 0, 0)
+    header = struct.pack("!HHIHH", (2 << 12) | 10, 9, seq * 1000, 0, 1 << 15)
     gre = _gre(0x1000, GRE_ERSPAN_3, struct.pack("!I", seq), header + frame)
     return outer_ipv4(OUTER_SWITCH, OUTER_SENSOR, 47, gre, seq)
 
@@ -1154,27 +1155,38 @@ def big_dns_response(name: str, count: int, ipv6=False) -> bytes:
     return dns_message(0x4D2, [(labels(name), TYPE_AAAA if ipv6 else TYPE_A)], answers, response=True)
 
 
-def ipv4_fragments(src: str, dst: str, datagram: bytes, ident: int, size: int, *, overlap=0):
+def fragment_bounds(length: int, size: int, first: int) -> list[tuple[int, int]]:
+    """(start, end) of each fragment: a ``first`` fragment (a multiple of 8, so small that it
+    cuts the DNS question in two when the sample wants that), then ``size``-byte pieces."""
+    bounds, start = [], 0
+    while start < length:
+        end = min(start + (first if not bounds else size), length)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def ipv4_fragments(src: str, dst: str, datagram: bytes, ident: int, *, size=512, first=512,
+                   overlap=0) -> list[bytes]:
     """IPv4 fragments of ``datagram`` (a whole UDP datagram); ``overlap`` bytes of each
-    fragment repeat the end of the previous one, with identical content."""
-    packets, offset = [], 0
-    while offset < len(datagram):
-        start = max(offset - overlap, 0) if offset else 0
-        chunk = datagram[start: offset + size]
-        more = offset + size < len(datagram)
-        packets.append(bytes(IP(src=src, dst=dst, id=ident, proto=17, ttl=60, flags="MF" if more else 0,
-                                frag=start // 8) / Raw(chunk)))
-        offset += size
+    later fragment repeat the end of the previous one, with identical content."""
+    packets = []
+    for start, end in fragment_bounds(len(datagram), size, first):
+        start = max(start - overlap, 0)
+        packets.append(bytes(IP(src=src, dst=dst, id=ident, proto=17, ttl=60,
+                                flags="MF" if end < len(datagram) else 0, frag=start // 8)
+                             / Raw(datagram[start:end])))
     return packets
 
 
-def ipv6_fragments(src: str, dst: str, datagram: bytes, ident: int, size: int):
+def ipv6_fragments(src: str, dst: str, datagram: bytes, ident: int, *, size=504,
+                   first=504) -> list[bytes]:
     packets = []
-    for offset in range(0, len(datagram), size):
-        more = int(offset + size < len(datagram))
+    for start, end in fragment_bounds(len(datagram), size, first):
         packets.append(bytes(IPv6(src=src, dst=dst, hlim=60)
-                             / IPv6ExtHdrFragment(nh=17, offset=offset // 8, m=more, id=ident)
-                             / Raw(datagram[offset: offset + size])))
+                             / IPv6ExtHdrFragment(nh=17, offset=start // 8, m=int(end < len(datagram)),
+                                                  id=ident)
+                             / Raw(datagram[start:end])))
     return packets
 
 
@@ -1187,17 +1199,17 @@ def sample_ip_fragments():
         header = IPv6(src=src, dst=dst) if ":" in src else IP(src=src, dst=dst)
         return bytes((header / UDP(sport=53, dport=41000) / Raw(payload))[UDP])
 
-    sets = (
-        ("ksn-url-geo.kaspersky-labs.com", LAN_RESOLVER, CLIENT, 0, False, False),
-        ("ksn-file-geo.kaspersky-labs.com", LAN_RESOLVER, CLIENT, 24, False, True),
-        ("ksn-cinfo-geo.kaspersky-labs.com", resolver_v6, client_v6, 0, False, False),
-        ("s19.upd.kaspersky.com", LAN_RESOLVER, CLIENT, 0, True, False),
+    sets = (  # name, from, to, first fragment size, overlap, never completes, reversed
+        ("ksn-url-geo.kaspersky-labs.com", LAN_RESOLVER, CLIENT, 32, 0, False, False),
+        ("ksn-file-geo.kaspersky-labs.com", LAN_RESOLVER, CLIENT, 512, 24, False, True),
+        ("ksn-cinfo-geo.kaspersky-labs.com", resolver_v6, client_v6, 32, 0, False, False),
+        ("s19.upd.kaspersky.com", LAN_RESOLVER, CLIENT, 512, 0, True, False),
     )
-    for ident, (name, src, dst, overlap, incomplete, reverse) in enumerate(sets, start=0x2201):
+    for ident, (name, src, dst, first, overlap, incomplete, reverse) in enumerate(sets, start=0x2201):
         ipv6 = ":" in src
         datagram = udp_datagram(src, dst, big_dns_response(name, 40, ipv6))
-        packets = (ipv6_fragments(src, dst, datagram, ident, 504) if ipv6
-                   else ipv4_fragments(src, dst, datagram, ident, 512, overlap=overlap))
+        packets = (ipv6_fragments(src, dst, datagram, ident, first=first) if ipv6
+                   else ipv4_fragments(src, dst, datagram, ident, first=first, overlap=overlap))
         if incomplete:
             packets = packets[:1]
         if reverse:
@@ -1321,8 +1333,9 @@ SAMPLES = (
     Sample("gre.pcap", "GRE with checksum, key and sequence carrying IPv4", sample_gre),
     Sample("mpls.pcap", "two-label MPLS stack over Ethernet", sample_mpls),
     Sample("pppoe.pcap", "PPPoE session (0x8864) with PPP IPv4", sample_pppoe),
-    Sample("ip_fragments.pcap", "fragmented DNS responses: IPv4, IPv4 with overlapping "
-           "fragments in reverse order, IPv6 fragment header, and a set that never completes "
+    Sample("ip_fragments.pcap", "fragmented DNS responses: IPv4 and IPv6 (fragment header) with "
+           "a 32-byte first fragment that cuts the question name, IPv4 with overlapping "
+           "fragments in reverse order, and a set that never completes "
            "(its s19.upd.kaspersky.com is never visible)", sample_ip_fragments),
     Sample("dns_tcp.pcap", "DNS over TCP: two length-prefixed queries in one segment, a response "
            "split across segments, a query whose two segments arrive out of order", sample_dns_tcp),

@@ -71,11 +71,16 @@ def _settings(args) -> Settings:
     return settings
 
 
-def _iterate(paths, progress, on_error):
-    """Yield (path, capture) for each readable capture; report the unreadable ones."""
+def _iterate(paths, progress, on_error, prefilter=False, user_filter=None):
+    """Yield (path, capture) for each readable capture; report the unreadable ones.
+
+    With ``prefilter`` the sensor's capture filter (and ``user_filter``) is applied by
+    libpcap before Python sees a packet, as live capture does in the kernel."""
+    if prefilter:
+        from .capture.bpf import open_prefiltered
     for path in paths:
         try:
-            cap = open_capture(path)
+            cap = open_prefiltered(path, user_filter) if prefilter else open_capture(path)
         except CaptureError as err:
             on_error(str(err))
             continue
@@ -88,6 +93,10 @@ def cmd_read(args) -> int:
     from .pipeline import Progress, Sensor
 
     try:
+        if args.bpf:
+            from .capture.bpf import compile_filter
+
+            compile_filter(args.bpf)
         settings = _settings(args)
         sensor = Sensor(settings)
     except (ConfigError, SignatureError, ValueError) as err:
@@ -114,7 +123,8 @@ def cmd_read(args) -> int:
     handle = sensor.handle
     stats = sensor.stats
     try:
-        for path, cap in _iterate(args.captures, progress, on_error):
+        for path, cap in _iterate(args.captures, progress, on_error, args.bpf_prefilter or bool(args.bpf),
+                                  args.bpf):
             count = 0
             for ts, linktype, data, wire_len, iface in cap:
                 handle(ts, linktype, data, wire_len, iface)
@@ -154,7 +164,7 @@ def _summary(sensor) -> None:
         actions[action] += n
     if actions:
         w("detections by action: " + ", ".join(f"{k}={v}" for k, v in sorted(actions.items())) + "\n")
-    hosts = sensor.tracker.inventory(sensor.last_ts or 0.0)
+    hosts = sensor.host_snapshot
     verdicts = Counter(h.get("verdict") or "none" for h in hosts)
     if verdicts:
         w("hosts by verdict: " + ", ".join(f"{k}={v}" for k, v in sorted(verdicts.items())) + "\n")
@@ -240,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "goes to stderr.")
     _add_sensor_options(p)
     p.add_argument("--linger", action="store_true", help="keep serving --metrics after the read")
+    p.add_argument("--bpf-prefilter", action="store_true",
+                   help="apply the live capture filter in libpcap first: same detections, faster")
+    p.add_argument("--bpf", metavar="FILTER",
+                   help="only packets matching this filter (tcpdump syntax); implies --bpf-prefilter")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress or summary on stderr")
     p.add_argument("captures", nargs="+", metavar="CAPTURE")
     p.set_defaults(func=cmd_read)

@@ -44,7 +44,7 @@ def test_vlan_depth_is_bounded():
     frame = Ether() / (Dot1Q(vlan=1) / Dot1Q(vlan=1) / Dot1Q(vlan=1) / Dot1Q(vlan=1) / Dot1Q(vlan=1)
                        / Dot1Q(vlan=1) / Dot1Q(vlan=1) / Dot1Q(vlan=1) / Dot1Q(vlan=1)) / INNER
     records, dec = decode(frame)
-    assert records == [] and dec.stats.malformed["vlan_too_deep"] == 1
+    assert not records and dec.stats.malformed["vlan_too_deep"] == 1
 
 
 def test_ipv4_options_are_skipped():
@@ -79,7 +79,7 @@ def test_linux_sll2():
 
 def test_unknown_linktype_is_counted():
     records, dec = decode(bytes(INNER), 147)
-    assert records == [] and dec.stats.malformed["unsupported_linktype"] == 1
+    assert not records and dec.stats.malformed["unsupported_linktype"] == 1
 
 
 def test_mpls_stack():
@@ -113,7 +113,7 @@ def test_nested_tunnels_are_bounded():
     for _ in range(6):
         pkt = IP(src="172.16.0.1", dst="172.16.0.2") / GRE() / pkt
     records, dec = decode(Ether() / pkt)
-    assert records == [] and dec.stats.malformed["tunnel_too_deep"] == 1
+    assert not records and dec.stats.malformed["tunnel_too_deep"] == 1
 
 
 def _dns_query(name="s07.upd.kaspersky.com", pad=0):

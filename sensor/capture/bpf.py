@@ -1,45 +1,278 @@
-"""The default capture filter: everything that can carry evidence, nothing else.
+"""The capture filter: everything that can carry evidence, nothing else.
+
+The filter runs in the kernel for live capture and inside libpcap for files, so the
+packets it rejects never become Python objects.  What must pass:
+
+* DNS (UDP/TCP 53, mDNS 5353, LLMNR 5355), DHCP/DHCPv6, the KSC Network Agent UDP
+  ports, QUIC long-header packets (Initials), tunnels (VXLAN, Geneve, GRE/ERSPAN,
+  IP-in-IP, 6in4), IP fragments, MPLS and PPPoE frames, IPv6 with extension headers.
+* Every TCP SYN, FIN and RST: flow starts drive ``dns_answer_flow`` and ``ksc_port``.
+* TCP payload that may be the start of a client's stream: a segment that opens with a
+  TLS handshake record or an HTTP method, whatever the ports, and any segment sent
+  towards the lower port.  Clients use ephemeral ports above the server's, so the
+  second and third segments of a large (post-quantum) ClientHello still pass while the
+  server-to-client bulk, which is most of a span port's volume, does not.
+
+What it drops: pure ACKs, server-to-client data, RTP and other UDP media, QUIC
+short-header (1-RTT) packets.  Client-to-server data past the hello still passes and is
+shed by the decoder's per-flow bypass.
 
 libpcap's ``tcp[]``/``udp[]`` accessors only work over IPv4, so IPv6 uses ``ip6[]``
-offsets (direct TCP/UDP after the fixed header; IPv6 with extension headers passes
-whole).  ``vlan`` shifts every later offset in libpcap, so tagged variants come last.
-TCP segments with payload all pass: the ClientHello's later segments look like any other
-data to BPF; the user-space flow bypass drops the rest of each flow after its start.
+offsets (TCP/UDP right after the fixed header; IPv6 with extension headers passes
+whole).  ``vlan`` shifts every later offset in libpcap, so the tagged variants come
+last, up to three tags deep (802.1ad QinQ included).  Untagged MPLS and PPPoE session
+frames pass whole: once libpcap's ``mpls``/``pppoes`` keywords shift the offsets they
+cannot be undone for the rest of the expression.
 """
 
 from __future__ import annotations
 
-_PORTS = ("udp port 53 or tcp port 53 or udp port 5353 or udp port 5355 or udp portrange 67-68 "
-          "or udp portrange 546-547 or udp port 4789 or udp port 6081 or udp portrange 15000-15001")
+import os
+import struct
 
-_IPV4 = ("(ip and (" + _PORTS +
+from .pcapfile import CaptureError, open_capture
+
+DLT_EN10MB = 1
+
+# Keep in step with decode.packet (DNS_PORTS, DHCP_PORTS, tunnels) and track.tracker
+# (KSC_UDP_PORTS); tests/test_bpf_filter.py checks that they are all covered.
+UDP_PORTS = (53, 5353, 5355, 4789, 6081)
+UDP_PORT_RANGES = ((67, 68), (546, 547), (15000, 15001))
+TCP_PORTS = (53,)
+
+_TLS_HANDSHAKE = 0x16
+# First four payload bytes of the HTTP request methods the decoder knows, as big-endian words.
+_HTTP_METHOD_WORDS = tuple(int.from_bytes(m, "big") for m in (
+    b"GET ", b"POST", b"HEAD", b"PUT ", b"DELE", b"OPTI", b"CONN", b"PATC", b"TRAC"))
+
+
+def _port_terms() -> str:
+    terms = [f"udp port {p}" for p in UDP_PORTS]
+    terms += [f"udp portrange {lo}-{hi}" for lo, hi in UDP_PORT_RANGES]
+    terms += [f"tcp port {p}" for p in TCP_PORTS]
+    return " or ".join(terms)
+
+
+def _client_payload(payload_len: str, sport: str, dport: str, first: str, word: str) -> str:
+    methods = " or ".join(f"{word} == 0x{w:08x}" for w in _HTTP_METHOD_WORDS)
+    return (f"({payload_len} > 0 and ({dport} < {sport} or {first} == 0x{_TLS_HANDSHAKE:02x}"
+            f" or {methods}))")
+
+
+_TCP4_DOFF = "((tcp[12] & 0xf0) >> 2)"
+_IPV4 = ("(ip and (" + _port_terms() +
+         " or ip[6:2] & 0x3fff != 0"
+         " or ip proto 47 or ip proto 4 or ip proto 41"
          " or (udp and udp[8] & 0xc0 == 0xc0)"
          " or (tcp and tcp[tcpflags] & (tcp-syn|tcp-fin|tcp-rst) != 0)"
-         " or (tcp and ip[2:2] - ((ip[0] & 0xf) << 2) - ((tcp[12] & 0xf0) >> 2) > 0)"
-         " or ip proto 47 or ip proto 4 or ip proto 41 or ip[6:2] & 0x3fff != 0))")
+         " or (tcp and " + _client_payload(
+             f"ip[2:2] - ((ip[0] & 0xf) << 2) - {_TCP4_DOFF}", "tcp[0:2]", "tcp[2:2]",
+             f"tcp[{_TCP4_DOFF}]", f"tcp[{_TCP4_DOFF}:4]") + ")))")
 
-_IPV6 = ("(ip6 and (" + _PORTS +
+_TCP6_DOFF = "((ip6[52] & 0xf0) >> 2)"
+_IPV6_WHOLE = (0, 43, 44, 51, 60, 135, 139, 140, 47, 4, 41)
+_IPV6 = ("(ip6 and (" + _port_terms() +
+         " or " + " or ".join(f"ip6[6] == {p}" for p in _IPV6_WHOLE) +
          " or (ip6[6] == 17 and ip6[48] & 0xc0 == 0xc0)"
          " or (ip6[6] == 6 and ip6[53] & 0x07 != 0)"
-         " or (ip6[6] == 6 and ip6[4:2] - ((ip6[52] & 0xf0) >> 2) > 0)"
-         " or ip6[6] == 0 or ip6[6] == 43 or ip6[6] == 44 or ip6[6] == 60 or ip6[6] == 47"
-         " or ip6[6] == 4 or ip6[6] == 41))")
+         " or (ip6[6] == 6 and " + _client_payload(
+             f"ip6[4:2] - {_TCP6_DOFF}", "ip6[40:2]", "ip6[42:2]",
+             f"ip6[40 + {_TCP6_DOFF}]", f"ip6[40 + {_TCP6_DOFF}:4]") + ")))")
 
 _CORE = f"({_IPV4} or {_IPV6})"
 
 _ETHERNET = ("ether[12:2] == 0x8847 or ether[12:2] == 0x8848 or ether[12:2] == 0x8864 or "
              f"{_CORE} or (vlan and ({_CORE} or (vlan and ({_CORE} or (vlan and {_CORE})))))")
 
-DLT_EN10MB = 1
 
-
-def build_filter(user_filter: str | None, linktype: int = DLT_EN10MB) -> str:
+def build_filter(user_filter: str | None = None, linktype: int = DLT_EN10MB) -> str:
     """The sensor's filter for this link type, narrowed by the operator's own (tcpdump syntax).
 
-    Untagged MPLS and PPPoE session frames pass whole: once libpcap's ``mpls``/``pppoes``
-    keywords shift the offsets they cannot be undone for the rest of the expression.
-    """
+    The operator's part comes first: the ``vlan`` terms of the sensor's part shift libpcap's
+    offsets for everything after them."""
     base = _ETHERNET if linktype == DLT_EN10MB else _CORE
     if user_filter:
-        return f"({base}) and ({user_filter})"
+        return f"({user_filter}) and ({base})"
     return base
+
+
+class FilterError(ValueError):
+    """The filter does not compile for this link type (libpcap's message included)."""
+
+
+def compile_filter(user_filter: str | None, linktype: int = DLT_EN10MB, snaplen: int = 262144):
+    """A compiled ``pcapy.BPFProgram`` for ``build_filter``; raises FilterError with libpcap's reason."""
+    import pcapy
+
+    try:
+        return pcapy.compile(linktype, snaplen, build_filter(user_filter, linktype), 1, 0)
+    except pcapy.PcapError as err:
+        raise FilterError(f"bad capture filter for link type {linktype}: {err}") from None
+
+
+# pcap files name link types by LINKTYPE_*, libpcap's compiler by DLT_*; they differ for raw IP.
+_LINKTYPE_TO_DLT = {101: 12}
+MAX_FILTER_PROGRAMS = 64
+REJECT = object()
+# BSD loopback's 4-byte family is in the writer's byte order; libpcap swaps it when it reads
+# the file, a program run on the raw frame cannot, so the sensor's filter passes these whole.
+_WRITER_ORDER_LINKTYPES = (0, 108)
+BATCH = 1024
+_PCAP_MICRO_MAGICS = (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4")
+_META = struct.Struct("=IIII")
+
+
+def dlt_for(linktype: int) -> int:
+    return _LINKTYPE_TO_DLT.get(linktype, linktype)
+
+
+class LinktypeFilters:
+    """Compiled programs per link type for captures libpcap cannot read itself (pcapng with
+    several link types, nanosecond pcaps, stdin); capped, since pcapng names link types freely."""
+
+    def __init__(self, user_filter: str | None):
+        self.user_filter = user_filter
+        self.programs: dict = {}
+
+    def admits(self, linktype: int, frame: bytes) -> bool:
+        program = self.programs.get(linktype, False)
+        if program is False:
+            program = None
+            if len(self.programs) < MAX_FILTER_PROGRAMS and (
+                    self.user_filter or linktype not in _WRITER_ORDER_LINKTYPES):
+                try:
+                    program = compile_filter(self.user_filter, dlt_for(linktype))
+                except FilterError:
+                    # The sensor's filter alone passes such a link type whole (the decoder
+                    # judges it); an operator's filter that cannot apply to it matches nothing.
+                    program = REJECT if self.user_filter else None
+                self.programs[linktype] = program
+        if program is None:
+            return True
+        return program is not REJECT and program.filter(frame) > 0
+
+
+class PrefilteredCapture:
+    """A capture read with the sensor's filter applied before Python sees a packet.
+
+    Classic microsecond pcap files are read by libpcap itself (``next_batch``), so rejected
+    packets cost no Python work at all.  Anything else is read by pcapfile.CaptureFile and
+    filtered per packet with the same compiled program.  Iteration yields the same tuples
+    as CaptureFile; ``wire_len`` is the captured length on the libpcap path, which
+    ``next_batch`` does not report.
+    """
+
+    def __init__(self, path: str, user_filter: str | None = None):
+        self.path = path
+        self.user_filter = user_filter
+        self.truncated: str | None = None
+        self.skipped = 0
+        self._fd = -1
+        self._handle = None
+        self._capture = None
+        linktype = self._classic_linktype(path)
+        if linktype is not None:
+            import pcapy
+
+            try:
+                handle = pcapy.open_offline(path)
+            except pcapy.PcapError as err:
+                raise CaptureError(f"{path}: {err}") from None
+            try:
+                handle.setfilter(build_filter(user_filter, dlt_for(linktype)))
+            except pcapy.PcapError:
+                handle.close()
+                linktype = None
+            else:
+                self._handle = handle
+                self._fd = handle.getfd()
+                self.size = os.fstat(self._fd).st_size if self._fd >= 0 else None
+                self.format = "pcap"
+                self._records = self._libpcap_records(linktype)
+        if linktype is None:
+            self._capture = open_capture(path)
+            self.size = self._capture.size
+            self.format = self._capture.format
+            self._records = self._python_records()
+
+    @staticmethod
+    def _classic_linktype(path: str) -> int | None:
+        """The link type of a classic microsecond pcap file, else None (libpcap would
+        round nanosecond timestamps, and pcapng may mix link types)."""
+        if path == "-":
+            return None
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(24)
+        except OSError:
+            return None
+        if len(head) < 24 or head[:4] not in _PCAP_MICRO_MAGICS:
+            return None
+        order = "<" if head[:4] == _PCAP_MICRO_MAGICS[0] else ">"
+        return struct.unpack_from(order + "I", head, 20)[0] & 0xFFFF
+
+    def _libpcap_records(self, linktype: int):
+        import pcapy
+
+        next_batch = self._handle.next_batch
+        unpack_from = _META.unpack_from
+        yielded = 0
+        try:
+            while True:
+                buf, meta = next_batch(BATCH)
+                if not meta:
+                    return
+                for pos in range(0, len(meta), 16):
+                    sec, usec, off, caplen = unpack_from(meta, pos)
+                    yield (sec * 1_000_000 + usec) / 1_000_000, linktype, buf[off:off + caplen], caplen, 0
+                yielded += len(meta) >> 4
+        except pcapy.PcapError as err:
+            self.truncated = str(err)
+        # next_batch drops the packets of the batch it failed in: re-read them in Python.
+        self._capture = open_capture(self.path)
+        self.size = self._capture.size
+        skip = yielded
+        for record in self._python_records():
+            if skip:
+                skip -= 1
+                continue
+            yield record
+
+    def _python_records(self):
+        capture = self._capture
+        admits = LinktypeFilters(self.user_filter).admits
+        for record in capture:
+            if admits(record[1], record[2]):
+                yield record
+        self.truncated = capture.truncated or self.truncated
+        self.skipped = capture.skipped
+
+    def __iter__(self):
+        return self._records
+
+    def tell(self) -> int:
+        if self._capture is not None:
+            return self._capture.tell()
+        try:
+            return os.lseek(self._fd, 0, os.SEEK_CUR)
+        except OSError:
+            return 0
+
+    def close(self) -> None:
+        self._records.close()
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        if self._capture is not None:
+            self._capture.close()
+
+    def __enter__(self) -> "PrefilteredCapture":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def open_prefiltered(path: str, user_filter: str | None = None) -> PrefilteredCapture:
+    """Like pcapfile.open_capture, with the sensor's filter (and the operator's) applied first."""
+    return PrefilteredCapture(path, user_filter)

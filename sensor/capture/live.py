@@ -18,13 +18,17 @@ import struct
 import sys
 import time
 
+from ..track.verdict import INSTALL_VERDICTS
 from .bpf import build_filter
 
 _META = struct.Struct("=IIII")
-BATCH = 512
+BATCH = 1024
+MAX_BATCHES = 64
 
 
 class LiveSource:
+    """One interface opened through libpcap with the sensor's filter, read without blocking."""
+
     def __init__(self, interface: str, bpf: str | None, snaplen: int = 65535,
                  buffer_mb: int = 64, promisc: bool = True):
         import pcapy
@@ -44,23 +48,34 @@ class LiveSource:
             raise OSError(f"{interface}: {err}") from None
         self.handle = handle
         self.fd = handle.getfd()
+        self._stats_error = pcapy.PcapError
         self._last = (0, 0, 0)
 
     def batch(self):
-        """Yield (ts, linktype, data, wire_len) for what is ready now, without blocking."""
-        buf, meta = self.handle.next_batch(BATCH)
+        """Yield (ts, linktype, data, wire_len) for what is ready now, without blocking.
+
+        Drains up to MAX_BATCHES batches, so a busy link is read in large gulps while
+        signals and the status line are still looked at between gulps.  ``next_batch``
+        does not report wire lengths; the captured length stands in for it.
+        """
+        next_batch = self.handle.next_batch
+        unpack_from = _META.unpack_from
         linktype = self.linktype
-        view = memoryview(meta).cast("B") if meta else b""
-        for i in range(0, len(view), 16):
-            sec, usec, off, caplen = _META.unpack_from(view, i)
-            yield sec + usec * 1e-6, linktype, buf[off:off + caplen], caplen
+        for _ in range(MAX_BATCHES):
+            buf, meta = next_batch(BATCH)
+            if not meta:
+                return
+            for i in range(0, len(meta), 16):
+                sec, usec, off, caplen = unpack_from(meta, i)
+                yield (sec * 1_000_000 + usec) / 1_000_000, linktype, buf[off:off + caplen], caplen
 
     def drops(self) -> tuple[int, int, int]:
         """(received, kernel drops, interface drops) as libpcap reports them."""
         try:
-            return self.handle.stats()
-        except Exception:
-            return self._last
+            self._last = self.handle.stats()
+        except self._stats_error:
+            pass  # the interface went away: keep reporting the last counters we had
+        return self._last
 
     def close(self) -> None:
         self.handle.close()
@@ -122,36 +137,47 @@ def cmd_run(args) -> int:
                 select.select(fds, [], [], 0.2)
             except InterruptedError:
                 continue
-            for source in sources:
+            for index, source in enumerate(sources):
                 for ts, linktype, data, wire_len in source.batch():
-                    handle(ts, linktype, data, wire_len)
+                    handle(ts, linktype, data, wire_len, index)
             now = time.monotonic()
             if now >= next_status:
-                for source in sources:
-                    _, dropped, ifdropped = source.drops()
-                    sensor.capture_drops[(source.interface, "kernel")] = dropped
-                    sensor.capture_drops[(source.interface, "interface")] = ifdropped
+                _record_drops(sensor, sources)
                 if sensor.last_ts:
                     sensor.tick(max(sensor.last_ts, time.time()))
                 rate = (sensor.stats.packets - last_packets) / args.status_interval
                 last_packets = sensor.stats.packets
-                drops = sum(sensor.capture_drops.values())
-                hosts = sum(1 for h in sensor.host_snapshot if h.get("verdict") == "install")
-                print(f"purge-sensor: {rate:,.0f} pkt/s, {sensor.stats.packets:,} packets, "
-                      f"{drops:,} dropped, {sensor.alerts:,} alerts, {hosts} install hosts",
-                      file=sys.stderr, flush=True)
+                _status(sensor, f"{rate:,.0f} pkt/s, ")
                 next_status = now + args.status_interval
     finally:
-        for source in sources:
+        for index, source in enumerate(sources):
             for ts, linktype, data, wire_len in source.batch():
-                handle(ts, linktype, data, wire_len)
-            _, dropped, ifdropped = source.drops()
-            sensor.capture_drops[(source.interface, "kernel")] = dropped
-            sensor.capture_drops[(source.interface, "interface")] = ifdropped
+                handle(ts, linktype, data, wire_len, index)
+        _record_drops(sensor, sources)
+        for source in sources:
             source.close()
         sensor.close()
         metrics.close()
+        _status(sensor, "stopped: ")
     return EXIT_OK
+
+
+def _record_drops(sensor, sources) -> None:
+    for source in sources:
+        _, dropped, ifdropped = source.drops()
+        sensor.capture_drops[(source.interface, "kernel")] = dropped
+        sensor.capture_drops[(source.interface, "interface")] = ifdropped
+
+
+def _status(sensor, prefix: str) -> None:
+    """The one-line status: what an operator tails to see the sensor keeps up."""
+    drops = sensor.capture_drops
+    kernel = sum(n for (_, kind), n in drops.items() if kind == "kernel")
+    interface = sum(n for (_, kind), n in drops.items() if kind == "interface")
+    hosts = sum(1 for h in sensor.host_snapshot if h.get("verdict") in INSTALL_VERDICTS)
+    print(f"purge-sensor: {prefix}{sensor.stats.packets:,} packets, {kernel:,} dropped by kernel, "
+          f"{interface:,} by interface, {sensor.alerts:,} alerts, {hosts} install hosts",
+          file=sys.stderr, flush=True)
 
 
 def _reload(sensor, args) -> None:

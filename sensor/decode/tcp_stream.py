@@ -230,6 +230,7 @@ class StreamTable:
         st = self.streams.pop(key, None)
         if st is not None:
             self.bytes -= len(st.buf) + sum(len(p) for p in st.pending.values())
+            self.stats.table_sizes["tcp_streams"] = len(self.streams)
 
     def _finish(self, key: tuple, st: _Stream) -> None:
         self._forget(key)

@@ -93,7 +93,10 @@ class SensorCollector:
         yield fam
         fam = CounterMetricFamily("purge_sensor_table_evictions", "Entries evicted by each table's cap.",
                                   labels=["table"])
-        for table, n in sorted(dict(s.evictions).items()):
+        # Every known table gets a series from the first scrape, so rate() works before the first eviction.
+        evictions = dict.fromkeys(s.table_sizes, 0)
+        evictions.update(s.evictions)
+        for table, n in sorted(evictions.items()):
             fam.add_metric([table], n)
         yield fam
         yield from self._sinks()
@@ -145,6 +148,17 @@ class SensorCollector:
             fam.add_metric(list(key), n)
         yield fam
         installs = [h for h in snapshot if h.get("verdict") in INSTALL_VERDICTS]
+        fam = GaugeMetricFamily("purge_sensor_install_hosts_by_category",
+                                "Install-type hosts with evidence in each signature category.",
+                                labels=["verdict", "category", "state"])
+        counts = {}
+        for host in installs:
+            for category in host.get("categories") or ():
+                key = (host["verdict"], category, host.get("state") or "unknown")
+                counts[key] = counts.get(key, 0) + 1
+        for key, n in sorted(counts.items()):
+            fam.add_metric(list(key), n)
+        yield fam
         installs.sort(key=lambda h: h.get("last_seen_ts") or 0, reverse=True)
         fam = GaugeMetricFamily("purge_sensor_install_last_seen_timestamp_seconds",
                                 "Last evidence time of each host with an install-type verdict (capped).",

@@ -1,0 +1,247 @@
+#!/usr/bin/env python3
+"""Benchmark: purge-sensor against tcpdump and tshark on the same span mix, in one run.
+
+    python3 bench/run.py                 # offline: read vs tcpdump -r vs tshark -r
+    python3 bench/run.py --live          # also live: tcpreplay into a veth (root)
+
+Offline, each tool reads the mix (bench/out/mix.pcap, written by make_mix.py when
+missing) once from the page cache: ``purge-sensor read --bpf-prefilter`` (state in a
+temporary directory, alerts to /dev/null), ``purge-sensor read`` without the prefilter,
+``tcpdump -r`` with the sensor's own filter writing to /dev/null, and ``tshark -r``
+extracting DNS names, SNI and HTTP Host.  Peak RSS is each child's own ru_maxrss.
+
+Live, the first --live-packets of the mix are replayed with tcpreplay at each --pps step
+and at --topspeed into a veth pair between two private namespaces (bench/veth.py), once
+captured by ``purge-sensor run`` and once by ``tcpdump -i``.  A step counts as clean for
+the sensor when the kernel reports no drops and its alerts equal those of
+``read --bpf-prefilter`` on the same packets (the difference to ``read`` without the
+filter is printed too); the highest clean rate of each is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from sensor.capture.bpf import build_filter  # noqa: E402
+
+DEFAULT_MIX = ROOT / "bench" / "out" / "mix.pcap"
+TSHARK_FIELDS = ("dns.qry.name", "tls.handshake.extensions_server_name", "http.host")
+
+
+def timed(argv: list[str], stdout=subprocess.DEVNULL, cwd=ROOT) -> tuple[float, int, int]:
+    """(seconds, exit status, peak RSS in bytes) of one child, measured on that child alone."""
+    start = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=stdout, stderr=subprocess.DEVNULL, cwd=cwd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return time.monotonic() - start, proc.returncode, usage.ru_maxrss * 1024
+
+
+def sensor_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sensor.cli", *args]
+
+
+def count_packets(path: Path) -> tuple[int, int]:
+    from sensor.capture.pcapfile import open_capture
+
+    packets = size = 0
+    with open_capture(str(path)) as cap:
+        for record in cap:
+            packets += 1
+            size += record[3]
+    return packets, size
+
+
+def offline(mix: Path, repeat: int, skip_tshark: bool, skip_plain: bool) -> None:
+    packets, wire_bytes = count_packets(mix)
+    file_mb = mix.stat().st_size / 1e6
+    print(f"mix: {mix} — {packets:,} packets, {file_mb:,.0f} MB file")
+    with tempfile.TemporaryDirectory(prefix="purge-bench-") as tmp:
+        runs = {
+            "tcpdump -r (sensor filter)": ["tcpdump", "-r", str(mix), "-w", "/dev/null", build_filter()],
+            "purge-sensor read --bpf-prefilter": sensor_argv(
+                "read", "-q", "--bpf-prefilter", "--state", f"{tmp}/a.sqlite", "-o", "file:/dev/null", str(mix)),
+        }
+        if not skip_plain:
+            runs["purge-sensor read (no prefilter)"] = sensor_argv(
+                "read", "-q", "--state", f"{tmp}/b.sqlite", "-o", "file:/dev/null", str(mix))
+        if not skip_tshark:
+            fields = [arg for field in TSHARK_FIELDS for arg in ("-e", field)]
+            runs["tshark -r (DNS, SNI, Host)"] = ["tshark", "-r", str(mix), "-n", "-T", "fields", *fields]
+        subprocess.run(["cat", str(mix)], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
+        results = {}
+        for name, argv in runs.items():
+            best = None
+            for _ in range(1 if name.startswith("tshark") else repeat):
+                for state in Path(tmp).glob("*.sqlite*"):
+                    state.unlink()
+                seconds, code, rss = timed(argv)
+                if code != 0:
+                    print(f"  {name}: exit {code}", file=sys.stderr)
+                if best is None or seconds < best[0]:
+                    best = (seconds, code, rss)
+            results[name] = best
+    base = results["tcpdump -r (sensor filter)"][0]
+    tshark = results.get("tshark -r (DNS, SNI, Host)")
+    print(f"{'tool':<36} {'seconds':>8} {'packets/s':>12} {'MB/s':>8} {'peak RSS MB':>12} {'x tcpdump':>10}")
+    for name, (seconds, _, rss) in results.items():
+        print(f"{name:<36} {seconds:8.2f} {packets / seconds:12,.0f} {file_mb / seconds:8.0f} "
+              f"{rss / 1e6:12.0f} {seconds / base:10.2f}")
+    sensor = results["purge-sensor read --bpf-prefilter"][0]
+    if tshark:
+        print(f"purge-sensor read --bpf-prefilter is {tshark[0] / sensor:.1f}x faster than tshark")
+
+
+# -- live ---------------------------------------------------------------------------------
+
+def alerts_of(path: Path) -> Counter:
+    keys = Counter()
+    if path.exists():
+        for line in path.read_text().splitlines():
+            doc = json.loads(line)
+            keys[(doc["event"]["action"], doc.get("host", {}).get("ip"),
+                  doc.get("destination", {}).get("domain"))] += 1
+    return keys
+
+
+def replay(veth_mod, tx_ns: str, tx_if: str, capture: Path, rate: str) -> str:
+    speed = ["--topspeed"] if rate == "topspeed" else [f"--pps={rate}"]
+    out = subprocess.run(veth_mod.in_netns(tx_ns, ["tcpreplay", f"--intf1={tx_if}", *speed, str(capture)]),
+                         capture_output=True, text=True, timeout=1800)
+    match = re.search(r"Rated: [\d.]+ Bps, ([\d.]+) Mbps, ([\d.]+) pps", out.stdout)
+    return f"{float(match.group(2)):,.0f} pps, {float(match.group(1)):,.0f} Mbps" if match else "?"
+
+
+def wait_line(proc: subprocess.Popen, text: str, timeout: float = 60.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line or text in line:
+            return line
+    return ""
+
+
+def live_step_sensor(veth_mod, capture: Path, rate: str, tmp: Path, expected: Counter):
+    alerts = tmp / f"live-{rate}.json"
+    with veth_mod.veth_pair(f"b{os.getpid() % 10000}") as (tx_ns, tx_if, rx_ns, rx_if):
+        proc = subprocess.Popen(veth_mod.in_netns(rx_ns, sensor_argv(
+            "run", "-i", rx_if, "--no-state", "-o", f"file:{alerts}", "--metrics", "127.0.0.1:0",
+            "--status-interval", "3600")), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_line(proc, "capturing on")
+            achieved = replay(veth_mod, tx_ns, tx_if, capture, rate)
+            time.sleep(2.0)
+            proc.send_signal(signal.SIGTERM)
+            last = wait_line(proc, "stopped:")
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    match = re.search(r"([\d,]+) packets, ([\d,]+) dropped by kernel, ([\d,]+) by interface", last)
+    packets, kernel, iface = (int(g.replace(",", "")) for g in match.groups()) if match else (0, -1, -1)
+    same = alerts_of(alerts) == expected
+    return achieved, packets, kernel, iface, same
+
+
+def live_step_tcpdump(veth_mod, capture: Path, rate: str):
+    with veth_mod.veth_pair(f"d{os.getpid() % 10000}") as (tx_ns, tx_if, rx_ns, rx_if):
+        proc = subprocess.Popen(veth_mod.in_netns(rx_ns, [
+            "tcpdump", "-i", rx_if, "-n", "-B", str(64 << 10), "-w", "/dev/null", build_filter()]),
+            stderr=subprocess.PIPE, text=True)
+        try:
+            wait_line(proc, "listening on")
+            achieved = replay(veth_mod, tx_ns, tx_if, capture, rate)
+            time.sleep(2.0)
+            proc.send_signal(signal.SIGINT)
+            err = proc.stderr.read()
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    captured = re.search(r"(\d+) packets captured", err)
+    dropped = re.search(r"(\d+) packets dropped by kernel", err)
+    return achieved, int(captured.group(1)) if captured else 0, int(dropped.group(1)) if dropped else -1
+
+
+def live(mix: Path, packets: int, steps: list[str]) -> None:
+    import veth as veth_mod
+
+    why = veth_mod.available()
+    if why:
+        print(f"live: skipped: {why}")
+        return
+    with tempfile.TemporaryDirectory(prefix="purge-bench-live-") as tmp_name:
+        tmp = Path(tmp_name)
+        capture = tmp / "live.pcap"
+        subprocess.run(["tcpdump", "-r", str(mix), "-c", str(packets), "-w", str(capture)],
+                       check=True, capture_output=True)
+        read_alerts, plain_alerts = tmp / "read.json", tmp / "plain.json"
+        subprocess.run(sensor_argv("read", "-q", "--no-state", "--bpf-prefilter", "-o", f"file:{read_alerts}",
+                                   str(capture)), cwd=ROOT, check=True, capture_output=True)
+        subprocess.run(sensor_argv("read", "-q", "--no-state", "-o", f"file:{plain_alerts}", str(capture)),
+                       cwd=ROOT, check=True, capture_output=True)
+        expected = alerts_of(read_alerts)
+        unfiltered = alerts_of(plain_alerts)
+        print(f"live: {packets:,} packets of the mix, {sum(expected.values())} alerts expected "
+              f"(read --bpf-prefilter); read without the filter differs by "
+              f"{sum(((unfiltered - expected) + (expected - unfiltered)).values())}: "
+              f"{dict(unfiltered - expected) or 'nothing'}")
+        best_sensor = best_tcpdump = None
+        for rate in steps:
+            achieved, seen, kernel, iface, same = live_step_sensor(veth_mod, capture, rate, tmp, expected)
+            clean = kernel == 0 and iface == 0 and same
+            print(f"  {rate:>9}: purge-sensor run  replay {achieved:>26}, {seen:,} packets after filter, "
+                  f"{kernel:,} kernel drops, detections {'equal' if same else 'DIFFER'}")
+            if clean:
+                best_sensor = f"{rate} ({achieved})"
+            t_achieved, t_seen, t_dropped = live_step_tcpdump(veth_mod, capture, rate)
+            print(f"  {rate:>9}: tcpdump -i        replay {t_achieved:>26}, {t_seen:,} packets after filter, "
+                  f"{t_dropped:,} kernel drops")
+            if t_dropped == 0:
+                best_tcpdump = f"{rate} ({t_achieved})"
+        print(f"highest clean rate: purge-sensor run {best_sensor or 'none'}; tcpdump {best_tcpdump or 'none'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mix", type=Path, default=DEFAULT_MIX, help="capture to read (default: the generated mix)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per tool, best kept (tshark runs once)")
+    parser.add_argument("--no-tshark", action="store_true", help="skip tshark (slow, >1 GB RSS)")
+    parser.add_argument("--no-plain", action="store_true", help="skip read without the prefilter")
+    parser.add_argument("--live", action="store_true", help="also run the live veth benchmark (root)")
+    parser.add_argument("--live-packets", type=int, default=200_000)
+    parser.add_argument("--pps", default="10000,25000,50000,100000,200000",
+                        help="comma-separated tcpreplay --pps steps; --topspeed is always tried last")
+    args = parser.parse_args(argv)
+    if not args.mix.exists():
+        if args.mix != DEFAULT_MIX:
+            parser.error(f"{args.mix}: no such file")
+        subprocess.run([sys.executable, str(ROOT / "bench" / "make_mix.py")], check=True)
+    for tool in ("tcpdump",) + (() if args.no_tshark else ("tshark",)):
+        if shutil.which(tool) is None:
+            parser.error(f"{tool} is not installed")
+    offline(args.mix, args.repeat, args.no_tshark, args.no_plain)
+    if args.live:
+        live(args.mix, args.live_packets, [s for s in args.pps.split(",") if s] + ["topspeed"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""``purge-sensor run`` on a real interface finds what ``read`` finds in the same capture.
+
+Root only: two private network namespaces joined by a veth pair (bench/veth.py); tcpreplay
+sends a sample capture into one end, the sensor captures on the other with the kernel BPF
+prefilter, and is stopped with SIGTERM.  Its alerts ((action, host.ip, destination.domain)
+multiset) and its inventory (verdicts, evidence, indicators; not the times, which are the
+replay's) must equal those of ``read``.  Nothing is routed: neither end has an address.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import veth  # noqa: E402
+
+pytest.importorskip("pcapy")
+if veth.available():
+    pytest.skip(veth.available(), allow_module_level=True)
+
+CAPTURES = ["demo.pcap", "vlan_qinq.pcap", "tls_ooo.pcap", "dns_tcp.pcap", "ipv6.pcap",
+            "vxlan.pcap", "duplicates.pcap", "erspan2.pcap"]
+PPS = 400
+TIME_KEYS = ("first_seen", "last_seen", "detected_at", "first_seen_ts", "last_seen_ts", "state")
+
+
+def _sensor(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sensor.cli", *args]
+
+
+def _alerts(path: Path) -> Counter:
+    keys = Counter()
+    for line in path.read_text().splitlines():
+        doc = json.loads(line)
+        keys[(doc["event"]["action"], doc.get("host", {}).get("ip"),
+              doc.get("destination", {}).get("domain"))] += 1
+    return keys
+
+
+def _hosts(state: Path) -> list[dict]:
+    out = subprocess.run(_sensor("hosts", "--state", str(state), "--format", "json", "--all"),
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    hosts = json.loads(out)
+    for host in hosts:
+        for key in TIME_KEYS:
+            host.pop(key, None)
+    return sorted(hosts, key=lambda h: json.dumps(h, sort_keys=True))
+
+
+def _read(capture: Path, tmp: Path):
+    alerts, state = tmp / "read.json", tmp / "read.sqlite"
+    subprocess.run(_sensor("read", "-q", "--state", str(state), "-o", f"file:{alerts}", str(capture)),
+                   cwd=ROOT, check=True, capture_output=True)
+    return _alerts(alerts), _hosts(state)
+
+
+def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 30.0) -> str:
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        if text in line:
+            return line
+    raise AssertionError(f"sensor did not say {text!r}: {''.join(seen)}")
+
+
+def _live(capture: Path, tmp: Path):
+    alerts, state = tmp / "live.json", tmp / "live.sqlite"
+    with veth.veth_pair(f"t{os.getpid() % 10000}") as (tx_ns, tx_if, rx_ns, rx_if):
+        proc = subprocess.Popen(
+            veth.in_netns(rx_ns, _sensor("run", "-i", rx_if, "--state", str(state), "-o", f"file:{alerts}",
+                                         "--metrics", "127.0.0.1:0", "--status-interval", "1")),
+            cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        try:
+            _wait_for(proc, "capturing on")
+            subprocess.run(veth.in_netns(tx_ns, ["tcpreplay", f"--intf1={tx_if}", f"--pps={PPS}", str(capture)]),
+                           check=True, capture_output=True, timeout=120)
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGTERM)
+            last = _wait_for(proc, "stopped:")
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert " 0 dropped by kernel" in last, last
+    return _alerts(alerts), _hosts(state)
+
+
+@pytest.mark.parametrize("name", CAPTURES)
+def test_live_capture_equals_read(tmp_path, name):
+    capture = ROOT / "pcaps" / name
+    read_alerts, read_hosts = _read(capture, tmp_path)
+    live_alerts, live_hosts = _live(capture, tmp_path)
+    assert read_alerts, "the sample must produce detections"
+    assert live_alerts == read_alerts
+    assert live_hosts == read_hosts
+
+
+def test_sighup_reloads_and_keeps_the_old_set_when_the_new_one_is_invalid(tmp_path):
+    import shutil
+
+    signatures = tmp_path / "signatures"
+    shutil.copytree(ROOT / "signatures", signatures)
+    with veth.veth_pair(f"h{os.getpid() % 10000}") as (_tx_ns, _tx_if, rx_ns, rx_if):
+        proc = subprocess.Popen(
+            veth.in_netns(rx_ns, _sensor("run", "-i", rx_if, "--no-state", "-s", str(signatures),
+                                         "-o", f"file:{tmp_path / 'a.json'}",
+                                         "--metrics", "127.0.0.1:0", "--status-interval", "60")),
+            cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        try:
+            _wait_for(proc, "capturing on")
+            proc.send_signal(signal.SIGHUP)
+            _wait_for(proc, "reloaded")
+            victim = sorted(signatures.glob("*.yaml"))[0]
+            victim.write_text("indicators: [\n")
+            proc.send_signal(signal.SIGHUP)
+            line = _wait_for(proc, "reload failed")
+            assert victim.name in line
+            proc.send_signal(signal.SIGTERM)
+            _wait_for(proc, "stopped:")
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
