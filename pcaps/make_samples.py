@@ -1381,6 +1381,10 @@ def main(argv=None) -> int:
     for filename, (data, _) in built.items():
         (args.out / filename).write_bytes(data)
     (args.out / "README.md").write_text(readme(built))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import make_quic_samples
+
+    make_quic_samples.main(["--out", str(args.out)])
     total = sum(len(data) for data, _ in built.values())
     print(f"wrote {len(built)} captures ({total} bytes) and README.md to {args.out}", file=sys.stderr)
     return 0

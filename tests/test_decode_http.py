@@ -210,6 +210,7 @@ def test_not_http(buf):
 def test_binary_rejected_on_first_bytes():
     assert http_request_status(b"\x17" + bytes(5000)) == NOT_HTTP
     assert http_request_status(b"POST /upload" + b"\x00" * 5000) == NOT_HTTP
+    assert http_request_status(b"GET /" + b"\x00" * (MAX_HEAD * 2)) == NOT_HTTP
 
 
 @pytest.mark.parametrize("buf", [

@@ -19,7 +19,7 @@ ISN = 0xFFFFF000  # close to wrap-around on purpose
 
 
 def seg(payload=b"", seq=ISN + 1, flags="PA", sport=50000, dport=443, src=CLIENT, dst=SERVER):
-    return bytes(Ether() / IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, seq=seq % (1 << 32),
+    return bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, seq=seq % (1 << 32),
                                                       flags=flags) / Raw(payload))
 
 
@@ -144,3 +144,17 @@ def test_random_segments_never_raise_and_stay_bounded(pieces, rnd):
     out, dec = run(frames)
     assert dec.streams.bytes >= 0
     assert len(dec.streams.streams) <= 1
+
+
+def test_http_update_path_on_a_lookalike_host_is_not_evidence():
+    from sensor.detect.engine import Detector
+    from sensor.detect.signatures import default_signature_paths, load_signatures
+
+    detector = Detector(load_signatures(default_signature_paths()), Stats())
+    req = b"GET /index/u0607g.xml HTTP/1.1\r\nHost: %s\r\n\r\n"
+    found = {}
+    for host in (b"notkaspersky.com", b"dnl-03.geo.kaspersky.com", b"10.10.0.20"):
+        out, _ = run([seg(flags="S", seq=ISN, dport=80), seg(req % host, ISN + 1, dport=80)])
+        found[host] = [d.signature.id for r in out for d in detector.detect(r)]
+    assert found[b"notkaspersky.com"] == []
+    assert found[b"dnl-03.geo.kaspersky.com"] and found[b"10.10.0.20"]

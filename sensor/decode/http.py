@@ -54,9 +54,9 @@ def http_request_status(buf: bytes) -> int:
         return NOT_HTTP
     line_end = buf.find(b"\n", 0, MAX_HEAD)
     if line_end < 0:
-        if len(buf) >= MAX_HEAD:
-            return COMPLETE
-        return NEED_MORE if _PARTIAL_REQUEST_LINE.match(buf) else NOT_HTTP
+        if not _PARTIAL_REQUEST_LINE.match(buf, 0, MAX_HEAD):
+            return NOT_HTTP
+        return COMPLETE if len(buf) >= MAX_HEAD else NEED_MORE
     if not _REQUEST_LINE.match(buf, 0, line_end):
         return NOT_HTTP
     if _HEAD_END.search(buf, line_end, MAX_HEAD) is not None or len(buf) >= MAX_HEAD:

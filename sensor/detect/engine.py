@@ -13,6 +13,13 @@ from ..records import ClientHello, Detection, DnsMessage, HttpRequest, Signature
 from ..stats import Stats
 
 
+def _is_ip_literal(name) -> bool:
+    labels = name.labels
+    if len(labels) == 4 and all(label.isdigit() for label in labels):
+        return True
+    return len(labels) == 1 and b":" in labels[0]
+
+
 class Detector:
     def __init__(self, signatures, stats: Stats, query_window: float = 10.0,
                  max_queries: int = 65536):
@@ -92,7 +99,10 @@ class Detector:
         if req.host is None:
             return []
         sig = self.signatures.match_name(req.host)
-        path_sig = self.signatures.match_path(req.path, sig)
+        # A path only refines a Kaspersky name, or an IP-literal Host (an internal update
+        # mirror such as the KSC server): on any other name it would make look-alikes fire.
+        path_sig = (self.signatures.match_path(req.path, sig)
+                    if sig is not None or _is_ip_literal(req.host) else None)
         if path_sig is not None:
             return [self._hit(req, "http_host", req.ctx.src_ip, req.host.text, path_sig,
                               name_rule=sig.id if sig else None)]

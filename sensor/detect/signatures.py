@@ -35,6 +35,7 @@ Exactly one matcher per indicator:
 from __future__ import annotations
 
 import os
+import sys
 import re
 import warnings
 from pathlib import Path
@@ -409,7 +410,8 @@ def load_signatures(paths: list[str]) -> SignatureSet:
 
 def default_signature_paths() -> list[str]:
     """``$PURGE_SENSOR_SIGNATURES`` (``os.pathsep``-separated), else the repository's
-    ``signatures/`` directory, else the copy packaged under ``sensor/data``."""
+    ``signatures/`` directory (editable install, checkout), else the copy a wheel installs
+    under ``<prefix>/share/purge-sensor/signatures``."""
     configured = os.environ.get(ENV_PATHS, "")
     if configured.strip():
         return [part for part in configured.split(os.pathsep) if part.strip()]
@@ -417,7 +419,7 @@ def default_signature_paths() -> list[str]:
     repo = package.parent / "signatures"
     if repo.is_dir():
         return [str(repo)]
-    packaged = package / "data"
+    packaged = Path(sys.prefix) / "share" / "purge-sensor" / "signatures"
     if packaged.is_dir():
         return [str(packaged)]
     return [str(repo)]

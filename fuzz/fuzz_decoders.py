@@ -1,0 +1,174 @@
+"""Coverage-guided fuzzing of every decoder entry point with atheris (libFuzzer).
+
+    python3 fuzz/fuzz_decoders.py TARGET [libFuzzer options]
+    python3 fuzz/fuzz_decoders.py frame -runs=1000000          # one target
+    python3 fuzz/fuzz_decoders.py all -runs=20000              # every target in turn
+
+Targets: frame (whole frames through PacketDecoder, every link type), capture (pcap/pcapng
+files), dns, dns_tcp, http, tls, quic, dhcp.  Seeds come from the sample captures in
+pcaps/ (written to fuzz/corpus/TARGET on first use).  A crash is any exception other than
+the decoder's own DecodeError / CaptureError, or a state table above its cap.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import atheris  # noqa: E402
+
+with atheris.instrument_imports():
+    from sensor.capture.pcapfile import CaptureError, CaptureFile
+    from sensor.decode import dhcp, dns, http, tls
+    from sensor.decode.link import LINK_DECODERS
+    from sensor.decode.packet import DecoderConfig, PacketDecoder
+    from sensor.decode.quic import QuicInitialTable
+    from sensor.records import DecodeError, PacketContext
+    from sensor.stats import Stats
+
+TARGETS = ("frame", "capture", "dns", "dns_tcp", "http", "tls", "quic", "dhcp")
+LINKTYPES = sorted(LINK_DECODERS)
+CTX = PacketContext(1.0, "10.0.0.1", "10.0.0.2", 50000, 443, "udp")
+STATS = Stats()
+DECODER = PacketDecoder(STATS, DecoderConfig(dedup_window=0.0))
+QUIC = QuicInitialTable(STATS, max_connections=64)
+
+
+def one_frame(data: bytes) -> None:
+    if not data:
+        return
+    DECODER.decode(1.0, LINKTYPES[data[0] % len(LINKTYPES)], data[1:])
+    assert len(DECODER.streams.streams) <= DECODER.streams.max_streams
+    assert len(DECODER.fragments.pending) <= DECODER.fragments.max_datagrams
+    assert len(DECODER.udp_flows) <= DECODER.config.udp_flow_table
+
+
+def one_capture(data: bytes) -> None:
+    try:
+        capture = CaptureFile("fuzz", io.BytesIO(data), len(data))
+    except CaptureError:
+        return
+    for _ in capture:
+        pass
+
+
+def one_dns(data: bytes) -> None:
+    dns.parse_dns(data, CTX)
+
+
+def one_dns_tcp(data: bytes) -> None:
+    messages, used = dns.split_tcp_dns(data)
+    assert used <= len(data)
+
+
+def one_http(data: bytes) -> None:
+    if http.http_request_status(data) != http.NOT_HTTP:
+        http.parse_http_request(data, CTX)
+
+
+def one_tls(data: bytes) -> None:
+    if tls.client_hello_status(data) == tls.COMPLETE:
+        tls.parse_client_hello_stream(data, CTX)
+    if data[:1] == b"\x01":
+        tls.parse_client_hello_message(data, CTX, "quic")
+
+
+def one_quic(data: bytes) -> None:
+    QUIC.feed(data, CTX)
+
+
+def one_dhcp(data: bytes) -> None:
+    dhcp.parse_dhcp(data, CTX)
+
+
+HANDLERS = {"frame": one_frame, "capture": one_capture, "dns": one_dns, "dns_tcp": one_dns_tcp,
+            "http": one_http, "tls": one_tls, "quic": one_quic, "dhcp": one_dhcp}
+
+
+def seeds(target: str) -> list[bytes]:
+    """Inputs for ``target`` taken from the sample captures (dpkt is fine off the hot path)."""
+    import dpkt
+
+    out: list[bytes] = []
+    for path in sorted((ROOT / "pcaps").glob("*.pcap*")):
+        data = path.read_bytes()
+        if target == "capture":
+            out.append(data[:65536])
+            continue
+        try:
+            frames = list(CaptureFile(str(path), io.BytesIO(data), len(data)))
+        except CaptureError:
+            continue
+        for _, linktype, frame, _, _ in frames:
+            if target == "frame":
+                out.append(bytes([LINKTYPES.index(linktype) if linktype in LINKTYPES else 0]) + frame)
+                continue
+            if linktype != 1:
+                continue
+            try:
+                ip = dpkt.ethernet.Ethernet(frame).data
+                l4 = ip.data
+            except Exception:
+                continue
+            payload = bytes(getattr(l4, "data", b""))
+            if not payload or not hasattr(l4, "sport"):
+                continue
+            is_udp = isinstance(l4, dpkt.udp.UDP)
+            ports = {l4.sport, l4.dport}
+            if target == "dns" and is_udp and 53 in ports:
+                out.append(payload)
+            elif target == "dns_tcp" and not is_udp and 53 in ports:
+                out.append(payload)
+            elif target == "http" and not is_udp and payload[:1] in b"GHPDCO":
+                out.append(payload)
+            elif target == "tls" and not is_udp and payload[:1] == b"\x16":
+                out.append(payload)
+            elif target == "quic" and is_udp and payload[0] & 0xC0 == 0xC0:
+                out.append(payload)
+            elif target == "dhcp" and is_udp and ports & {67, 68, 546, 547}:
+                out.append(payload)
+    return out[:500]
+
+
+def corpus_dir(target: str) -> Path:
+    directory = ROOT / "fuzz" / "corpus" / target
+    if not directory.is_dir() or not any(directory.iterdir()):
+        directory.mkdir(parents=True, exist_ok=True)
+        for i, seed in enumerate(seeds(target)):
+            (directory / f"seed-{i:04d}").write_bytes(seed)
+    return directory
+
+
+def main() -> int:
+    if len(sys.argv) < 2 or sys.argv[1] not in TARGETS + ("all",):
+        print(__doc__, file=sys.stderr)
+        return 2
+    target, options = sys.argv[1], sys.argv[2:]
+    if target == "all":
+        failed = 0
+        for name in TARGETS:
+            print(f"== {name}", file=sys.stderr, flush=True)
+            failed |= subprocess.call([sys.executable, __file__, name, *options])
+        return 1 if failed else 0
+    handler = HANDLERS[target]
+
+    def test_one_input(data: bytes) -> None:
+        try:
+            handler(data)
+        except DecodeError:
+            pass
+
+    corpus = corpus_dir(target)
+    atheris.Setup([sys.argv[0], *options, str(corpus)], test_one_input)
+    atheris.Fuzz()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

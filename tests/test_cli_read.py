@@ -1,0 +1,125 @@
+"""`purge-sensor read` end to end, as a user runs it: alerts, summary, exit codes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PCAPS = ROOT / "pcaps"
+
+
+def sensor(*args, stdin=None, check=None):
+    proc = subprocess.run([sys.executable, "-m", "sensor.cli", *args], cwd=ROOT, input=stdin,
+                          capture_output=True, timeout=120)
+    if check is not None:
+        assert proc.returncode == check, proc.stderr.decode()
+    return proc
+
+
+def alerts(proc):
+    return [json.loads(line) for line in proc.stdout.decode().splitlines()]
+
+
+def test_demo_alerts_are_ecs_and_attributed(tmp_path):
+    proc = sensor("read", "--state", str(tmp_path / "s.sqlite"), str(PCAPS / "demo.pcap"), check=0)
+    docs = alerts(proc)
+    detections = [d for d in docs if d["event"]["kind"] == "alert" and d["event"]["action"] != "host_detected"]
+    assert detections
+    for doc in detections:
+        assert doc["@timestamp"].endswith("Z") and doc["event"]["category"] == ["network"]
+        assert doc["rule"]["ruleset"] and doc["rule"]["version"] and doc["observer"]["name"]
+        assert doc["host"]["ip"]
+    dns = [d for d in detections if d["event"]["action"] == "dns_query"]
+    for d in dns:
+        forwarder = d["purge_sensor"].get("detail", {}).get("forwarded_by")
+        # A resolver's forwarded query is attributed to the client that asked it.
+        assert d["host"]["ip"] == d["source"]["ip"] if forwarder is None else \
+            (d["source"]["ip"] == forwarder and d["host"]["ip"] != forwarder)
+    assert {d["dns"]["question"]["name"] for d in dns} >= {"s07.upd.kaspersky.com"}
+    tls = [d for d in detections if d["event"]["action"] == "tls_sni"]
+    assert all(d["tls"]["client"]["server_name"] == d["destination"]["domain"] for d in tls)
+    http = [d for d in detections if d["event"]["action"] == "http_host"]
+    assert all(d["url"]["domain"] and d["user_agent"]["original"] for d in http)
+    browsing = [d for d in detections if d["rule"]["category"] == "website"]
+    assert browsing and {d["host"]["ip"] for d in browsing}.isdisjoint(
+        {d["host"]["ip"] for d in docs if d["event"]["action"] == "host_detected"})
+    err = proc.stderr.decode()
+    assert "packets" in err and "matches by category" in err and "\r" not in err
+
+
+def test_lookalikes_never_match():
+    proc = sensor("read", "--no-state", str(PCAPS / "lookalikes.pcap"), check=0)
+    assert alerts(proc) == []
+
+
+def test_case_and_trailing_dot_match():
+    docs = alerts(sensor("read", "--no-state", "-q", str(PCAPS / "case_trailing_dot.pcap"), check=0))
+    assert {d["rule"]["id"] for d in docs if d["event"]["action"] != "host_detected"} >= {"ksp-upd-s-nn"}
+
+
+def test_truncated_capture_is_reported_and_earlier_records_processed():
+    proc = sensor("read", "--no-state", str(PCAPS / "truncated.pcap"), check=0)
+    assert "truncated" in proc.stderr.decode()
+    assert any(d.get("dns", {}).get("question", {}).get("name") == "s14.upd.kaspersky.com"
+               for d in alerts(proc))
+
+
+def test_stdin_capture():
+    data = (PCAPS / "vlan_qinq.pcap").read_bytes()
+    proc = sensor("read", "--no-state", "-q", "-", stdin=data, check=0)
+    assert any(d["event"]["action"] == "tls_sni" for d in alerts(proc))
+
+
+def test_unreadable_capture_exits_1_but_reads_the_others(tmp_path):
+    bad = tmp_path / "bad.pcap"
+    bad.write_bytes(b"not a capture at all")
+    proc = sensor("read", "--no-state", "-q", str(bad), str(PCAPS / "gre.pcap"), check=1)
+    assert str(bad) in proc.stderr.decode()
+    assert alerts(proc)
+
+
+def test_invalid_signatures_refuse_to_start(tmp_path):
+    sig = tmp_path / "bad.yaml"
+    sig.write_text("version: 1\nruleset: t\nindicators:\n  - id: x\n    category: nope\n"
+                   "    strength: strong\n    exact: a.example\n    source: test\n")
+    proc = sensor("read", "--no-state", "--signatures", str(sig), str(PCAPS / "gre.pcap"), check=2)
+    err = proc.stderr.decode()
+    assert f"{sig}:5" in err and proc.stdout == b""
+
+
+def test_invalid_config_names_the_key(tmp_path):
+    conf = tmp_path / "c.toml"
+    conf.write_text("[sensor]\ninternal = ['10.0.0.0/8']\nbogus = 1\n")
+    proc = sensor("read", "--no-state", "--config", str(conf), str(PCAPS / "gre.pcap"), check=2)
+    assert "sensor.bogus" in proc.stderr.decode() and str(conf) in proc.stderr.decode()
+
+
+def test_bad_sink_spec_is_a_usage_error():
+    sensor("read", "--no-state", "-o", "syslog+carrier-pigeon://x", str(PCAPS / "gre.pcap"), check=2)
+
+
+@pytest.mark.parametrize("argv", [[], ["read"], ["names"], ["signatures"], ["signatures", "check"],
+                                  ["hosts"], ["report"], ["run"], ["metrics-password"]])
+def test_every_command_has_help(argv):
+    proc = sensor(*argv, "--help", check=0)
+    assert b"usage:" in proc.stdout
+
+
+def test_usage_error_exit_code():
+    sensor("read", check=2)
+
+
+def test_reading_twice_does_not_double_evidence(tmp_path):
+    state = str(tmp_path / "s.sqlite")
+    sensor("read", "-q", "--state", state, str(PCAPS / "demo.pcap"), check=0)
+    first = json.loads(sensor("hosts", "--state", state, "--format", "json", check=0).stdout)
+    sensor("read", "-q", "--state", state, str(PCAPS / "demo.pcap"), check=0)
+    second = json.loads(sensor("hosts", "--state", state, "--format", "json", check=0).stdout)
+    assert [h["evidence"] for h in first] == [h["evidence"] for h in second]
+    verdicts = {h["ip"]: h["verdict"] for h in first}
+    assert verdicts["10.10.1.40"] == "website_only"
+    assert verdicts["10.10.0.20"] == "management_server"
+    assert sum(v == "install" for v in verdicts.values()) >= 3

@@ -1,0 +1,22 @@
+"""A short, bounded coverage-guided pass over every decoder entry point (the long runs are
+`python3 fuzz/fuzz_decoders.py all -max_total_time=N`)."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = ("frame", "capture", "dns", "dns_tcp", "http", "tls", "quic", "dhcp")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason="atheris not installed")
+@pytest.mark.parametrize("target", TARGETS)
+def test_fuzz_target_runs_clean(target):
+    proc = subprocess.run([sys.executable, str(ROOT / "fuzz" / "fuzz_decoders.py"), target,
+                           "-runs=3000", "-seed=1"], capture_output=True, timeout=300, cwd=ROOT)
+    log = proc.stderr.decode(errors="replace")
+    assert proc.returncode == 0, log[-3000:]
+    assert "Done 3000 runs" in log
