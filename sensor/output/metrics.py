@@ -76,29 +76,17 @@ class SensorCollector:
             yield GaugeMetricFamily("purge_sensor_removal_start_timestamp_seconds",
                                     "Configured date removal began (BOD 17-01).",
                                     value=_date_seconds(sensor.settings.removal_start))
-        fam = CounterMetricFamily("purge_sensor_decode_errors", "Malformed input by reason.",
-                                  labels=["reason"])
-        for reason, n in sorted(dict(s.malformed).items()):
-            fam.add_metric([reason], n)
-        yield fam
-        fam = CounterMetricFamily("purge_sensor_detections", "Detections by action and category.",
-                                  labels=["action", "category"])
-        for (action, category), n in sorted(dict(s.detections).items()):
-            fam.add_metric([action, category], n)
-        yield fam
-        fam = GaugeMetricFamily("purge_sensor_table_entries", "Current size of each state table.",
-                                labels=["table"])
-        for table, n in sorted(dict(s.table_sizes).items()):
-            fam.add_metric([table], n)
-        yield fam
-        fam = CounterMetricFamily("purge_sensor_table_evictions", "Entries evicted by each table's cap.",
-                                  labels=["table"])
+        yield _labelled(CounterMetricFamily, "decode_errors", "Malformed input by reason.",
+                        ["reason"], {(k,): v for k, v in dict(s.malformed).items()})
+        yield _labelled(CounterMetricFamily, "detections", "Detections by action and category.",
+                        ["action", "category"], dict(s.detections))
+        yield _labelled(GaugeMetricFamily, "table_entries", "Current size of each state table.",
+                        ["table"], {(k,): v for k, v in dict(s.table_sizes).items()})
         # Every known table gets a series from the first scrape, so rate() works before the first eviction.
         evictions = dict.fromkeys(s.table_sizes, 0)
         evictions.update(s.evictions)
-        for table, n in sorted(evictions.items()):
-            fam.add_metric([table], n)
-        yield fam
+        yield _labelled(CounterMetricFamily, "table_evictions", "Entries evicted by each table's cap.",
+                        ["table"], {(k,): v for k, v in evictions.items()})
         yield from self._sinks()
         yield from self._capture()
         yield from self._hosts()
@@ -175,6 +163,13 @@ def _date_seconds(day: str) -> float:
     from datetime import datetime, timezone
 
     return datetime.fromisoformat(day).replace(tzinfo=timezone.utc).timestamp()
+
+
+def _labelled(cls, name: str, doc: str, labels: list[str], values: dict):
+    fam = cls("purge_sensor_" + name, doc, labels=labels)
+    for key, n in sorted(values.items()):
+        fam.add_metric(list(key), n)
+    return fam
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
