@@ -26,7 +26,6 @@ Known, legitimate differences, each with its reason:
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -35,6 +34,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.helpers import load_make_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 PCAPS = ROOT / "pcaps"
@@ -58,15 +58,7 @@ TSHARK_ONLY = {
 }
 
 
-def _load_generator():
-    spec = importlib.util.spec_from_file_location("make_samples", PCAPS / "make_samples.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("make_samples", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-make_samples = _load_generator()
+make_samples = load_make_samples()
 
 
 def capture_id(path: Path) -> str:

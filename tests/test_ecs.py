@@ -2,10 +2,10 @@
 
 import hashlib
 import json
-import re
 
 from hypothesis import given, settings, strategies as st
 
+from tests.helpers import parse_cef
 from sensor.output.cef import ecs_to_cef
 from sensor.output.ecs import detection_to_ecs, host_event_to_ecs, iso_time, to_json_line
 from sensor.records import (ClientHello, Detection, DnsAnswer, DnsMessage, DnsQuestion,
@@ -209,26 +209,3 @@ CEF_KEYS = {"rt", "src", "spt", "smac", "shost", "dst", "dpt", "dmac", "dhost", 
             "cs4", "cs4Label", "cs5", "cs5Label", "cs6", "cs6Label"}
 
 
-def parse_cef(line: str) -> tuple[list[str], dict]:
-    """A strict reader: 7 header fields split on unescaped pipes, then ``key=value``
-    pairs where a value runs until the next unescaped `` key=``."""
-    fields, current, i = [], [], 0
-    while len(fields) < 7:
-        char = line[i]
-        if char == "\\":
-            current.append(line[i + 1])
-            i += 2
-            continue
-        if char == "|":
-            fields.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-        i += 1
-    extension, rest = {}, line[i:]
-    pairs = re.split(r"(?:^| )([A-Za-z0-9_]+)=", rest)
-    assert pairs[0] == ""
-    for key, raw in zip(pairs[1::2], pairs[2::2]):
-        assert key not in extension
-        extension[key] = re.sub(r"\\(.)", lambda m: {"n": "\n", "r": "\r"}.get(m.group(1), m.group(1)), raw)
-    return fields, extension

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -17,20 +16,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.helpers import load_make_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 PCAPS = ROOT / "pcaps"
 
 
-def _load_generator():
-    spec = importlib.util.spec_from_file_location("make_samples", PCAPS / "make_samples.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("make_samples", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-make_samples = _load_generator()
+make_samples = load_make_samples()
 SAMPLES = {sample.filename: sample for sample in make_samples.SAMPLES}
 TSHARK = shutil.which("tshark")
 needs_tshark = pytest.mark.skipif(TSHARK is None, reason="tshark is not installed")

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests.helpers import parse_cef
 from sensor.output.ecs import detection_to_ecs
 from sensor.output.sinks import AlertRouter, build_sinks
 from sensor.records import Detection, DnsMessage, DnsQuestion, DomainName, PacketContext, Signature
@@ -211,27 +212,6 @@ def parse_rfc5424(line: str) -> tuple[list[str], str, dict, str]:
     assert line[i:i + 2] == "] ", line[i:i + 20]
     return list(match.groups()), sd_id, params, line[i + 2:]
 
-
-def parse_cef(line: str) -> tuple[list[str], dict]:
-    fields, current, i = [], [], 0
-    while len(fields) < 7:
-        char = line[i]
-        if char == "\\":
-            current.append(line[i + 1])
-            i += 2
-            continue
-        if char == "|":
-            fields.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-        i += 1
-    pairs = re.split(r"(?:^| )([A-Za-z0-9_]+)=", line[i:])
-    extension = {}
-    for key, raw in zip(pairs[1::2], pairs[2::2]):
-        assert key not in extension
-        extension[key] = re.sub(r"\\(.)", lambda m: {"n": "\n", "r": "\r"}.get(m.group(1), m.group(1)), raw)
-    return fields, extension
 
 
 def detections(count: int) -> list[Detection]:

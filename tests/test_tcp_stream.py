@@ -1,7 +1,6 @@
 """TCP stream buffering through the real decoder: segments out of order, retransmitted,
 overlapping, missing SYN, HTTP keep-alive, DNS over TCP, and the caps."""
 
-import random
 import struct
 
 from hypothesis import given, settings

@@ -11,12 +11,12 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from ..records import DecodeError, DnsMessage, FlowStart, PacketContext
+from ..records import DecodeError, FlowStart, PacketContext
 from ..stats import Stats
 from . import dns, http, tls
 from .fragments import Reassembler
 from .link import ETH_IPV4, ETH_IPV6, ETH_TEB, LINK_DECODERS, ethernet, format_mac
-from .tcp_stream import KIND_DNS, KIND_HTTP, KIND_TLS, SEQ_MOD, SEQ_WINDOW, StreamTable
+from .tcp_stream import KIND_HTTP, KIND_TLS, SEQ_MOD, SEQ_WINDOW, StreamTable
 from .tunnels import GENEVE_PORT, VXLAN_PORT, geneve, gre, vxlan
 
 _u16 = struct.Struct("!H").unpack_from
