@@ -125,12 +125,25 @@ def cmd_read(args) -> int:
     try:
         for path, cap in _iterate(args.captures, progress, on_error, args.bpf_prefilter or bool(args.bpf),
                                   args.bpf):
-            count = 0
-            for ts, linktype, data, wire_len, iface in cap:
-                handle(ts, linktype, data, wire_len, iface)
-                count += 1
-                if not count & 0x3FFF:
-                    progress.update(path, cap.tell(), cap.size, stats.packets)
+            batches = getattr(cap, "batches", None)
+            if batches is not None:
+                handle_batch = sensor.handle_batch
+                count = 0
+                for item in batches():
+                    if len(item) == 3:
+                        handle_batch(*item)
+                    else:
+                        handle(*item)
+                    count += 1
+                    if not count & 0x3F:
+                        progress.update(path, cap.tell(), cap.size, stats.packets)
+            else:
+                count = 0
+                for ts, linktype, data, wire_len, iface in cap:
+                    handle(ts, linktype, data, wire_len, iface)
+                    count += 1
+                    if not count & 0x3FFF:
+                        progress.update(path, cap.tell(), cap.size, stats.packets)
             if cap.truncated:
                 stats.capture_errors.append(f"{path}: {cap.truncated}")
                 print(f"purge-sensor: warning: {path}: {cap.truncated}", file=sys.stderr)

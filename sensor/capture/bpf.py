@@ -188,6 +188,7 @@ class PrefilteredCapture:
                 self._fd = handle.getfd()
                 self.size = os.fstat(self._fd).st_size if self._fd >= 0 else None
                 self.format = "pcap"
+                self._linktype = linktype
                 self._records = self._libpcap_records(linktype)
         if linktype is None:
             self._capture = open_capture(path)
@@ -228,15 +229,47 @@ class PrefilteredCapture:
                 yielded += len(meta) >> 4
         except pcapy.PcapError as err:
             self.truncated = str(err)
-        # next_batch drops the packets of the batch it failed in: re-read them in Python.
+        yield from self._python_rest(yielded)
+
+    def _python_rest(self, done: int):
+        """next_batch drops the packets of the batch it failed in: re-read them in Python."""
         self._capture = open_capture(self.path)
         self.size = self._capture.size
-        skip = yielded
+        skip = done
         for record in self._python_records():
             if skip:
                 skip -= 1
                 continue
             yield record
+
+    def batches(self):
+        """The capture as libpcap ``next_batch`` batches, ``(linktype, buffer, meta)`` with
+        meta holding native (sec, usec, offset, caplen) records, so the reader can drop
+        bypassed flows without slicing each frame out.  Frames libpcap cannot read (other
+        formats, the rest of a file after a libpcap error) come as the 5-tuples iteration
+        yields.  Use this or iteration, not both."""
+        if self._handle is not None:
+            self._records.close()
+            self._records = self._batched_records()
+        return self._records
+
+    def _batched_records(self):
+        """``_libpcap_records`` by whole batches; records after a libpcap error one by one."""
+        import pcapy
+
+        linktype = self._linktype
+        next_batch = self._handle.next_batch
+        yielded = 0
+        try:
+            while True:
+                buf, meta = next_batch(BATCH)
+                if not meta:
+                    return
+                yield linktype, buf, meta
+                yielded += len(meta) >> 4
+        except pcapy.PcapError as err:
+            self.truncated = str(err)
+        yield from self._python_rest(yielded)
 
     def _python_records(self):
         capture = self._capture

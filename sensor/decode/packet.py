@@ -11,7 +11,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from ..records import DecodeError, FlowStart, PacketContext
+from ..records import DecodeError, DnsMessage, FlowStart, PacketContext
 from ..stats import Stats
 from . import dns, http, tls
 from .fragments import Reassembler
@@ -29,6 +29,13 @@ MAX_TUNNEL_DEPTH = 4
 
 TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
 
+_dns_header = struct.Struct("!HH").unpack_from  # id, flags
+_DNS_QR = 0x8000
+_DNS_HEADER_LEN = 12
+MDNS_PORT = 5353
+RESOLVER_REPORT_INTERVAL = 60.0  # seconds between two reports of one DNS server
+RESOLVER_REPORT_TABLE = 65536
+
 _IPV6_EXT = frozenset((0, 43, 60, 51, 135, 139, 140))
 _IPV6_FRAGMENT = 44
 _NO_RECORDS: tuple = ()
@@ -44,14 +51,55 @@ class DecoderConfig:
     fragment_timeout: float = 30.0
 
 
+@dataclass
+class Interest:
+    """What the later stages can use, so the decoder builds records only for that.
+
+    Without an Interest every DNS message, ClientHello and flow start becomes a record
+    (``purge-sensor names`` wants them all).  With one, the miss path costs a regex
+    search over the payload instead of a parse, a context and three stage calls:
+
+    * ``dns_screen`` / ``text_labels``: a byte regex that a DNS message (wire format) must
+      match, and lower-case labels one of which a ClientHello must contain, to hold a
+      signature name (SignatureSet.name_screen).
+      DNS messages that miss still tell the tracker who answers DNS: a header-only
+      DnsMessage goes out once per server and RESOLVER_REPORT_INTERVAL.
+    * ``fingerprints``: the signatures match JA3/JA4, so every ClientHello is parsed.
+    * ``flow_ports`` and ``flow_addresses``: a flow start is only evidence towards these
+      ports ((transport, port) pairs) or these addresses (packed bytes, the tracker's
+      answer cache, shared and updated in place); ``flow_addresses=None`` means every
+      flow start is reported (capture workers, which do not share the tracker's memory).
+    """
+
+    dns_screen: object = None
+    text_labels: tuple | None = None
+    fingerprints: bool = True
+    flow_ports: frozenset = frozenset()
+    flow_addresses: set | None = None
+
+    def hello_may_match(self, hello: bytes) -> bool:
+        """Substring tests on the lower-cased hello: a case-insensitive regex over 2 KB of
+        key shares costs a hundred times more."""
+        if self.fingerprints or self.text_labels is None:
+            return True
+        lowered = hello.lower()
+        for label in self.text_labels:
+            if label in lowered:
+                return True
+        return False
+
+
 class PacketDecoder:
-    def __init__(self, stats: Stats, config: DecoderConfig | None = None):
+    def __init__(self, stats: Stats, config: DecoderConfig | None = None,
+                 interest: Interest | None = None):
         self.stats = stats
         self.config = config or DecoderConfig()
+        self.interest = interest
         self.streams = StreamTable(stats, max_streams=self.config.max_streams,
                                    idle_timeout=self.config.stream_idle)
         self.fragments = Reassembler(stats, timeout=self.config.fragment_timeout)
-        self.udp_flows: dict[tuple, None] = {}
+        self.udp_flows: dict[bytes, None] = {}
+        self.resolver_reports: dict[bytes, float] = {}
         self.recent: dict[int, float] = {}
         self.quic = None
         self._next_expiry = 0.0
@@ -84,6 +132,66 @@ class PacketDecoder:
         except DecodeError as err:
             self.stats.bad(err.reason)
         return out
+
+    def skippable(self, buf, off: int, caplen: int, sec: int) -> bool:
+        """True for an Ethernet frame at ``buf[off:off + caplen]`` that ``decode`` would turn
+        into nothing, judged on the batch buffer before the frame is sliced out:
+
+        * a TCP segment (no SYN/FIN/RST) of a flow in the stream bypass: its hello is parsed
+          or it is known to carry nothing.  This is the client-to-server bulk that the
+          capture filter has to let through, as it cannot tell a hello's third segment from
+          an upload's;
+        * a DNS message on port 53 that the Interest's screen rules out, from a server
+          reported within RESOLVER_REPORT_INTERVAL (``sec``, whole seconds, is the frame's
+          time).
+
+        Untagged or single-tagged IPv4 without options or fragments and IPv6 without
+        extension headers; anything else answers False and takes the full path."""
+        end = off + caplen
+        b = buf[off + 12]
+        if b == 0x81 and buf[off + 13] == 0x00:
+            off += 4
+            b = buf[off + 12]
+        if b == 0x08:
+            if end < off + 42 or buf[off + 13] or buf[off + 14] != 0x45 or buf[off + 20] & 0x3F \
+                    or buf[off + 21]:
+                return False
+            proto = buf[off + 23]
+            addr, l4, width = off + 26, off + 34, 4
+            ip_end = off + 14 + ((buf[off + 16] << 8) | buf[off + 17])
+        elif b == 0x86:
+            if end < off + 62 or buf[off + 13] != 0xDD or buf[off + 14] >> 4 != 6:
+                return False
+            proto = buf[off + 20]
+            addr, l4, width = off + 22, off + 54, 16
+            ip_end = l4 + ((buf[off + 18] << 8) | buf[off + 19])
+        else:
+            return False
+        if proto == 6:
+            if end < l4 + 20 or buf[l4 + 13] & (TCP_SYN | TCP_FIN | TCP_RST):
+                return False
+            seen = self.streams.bypass.get(buf[addr:l4 + 4])
+            if seen is None:
+                return False
+            seq = int.from_bytes(buf[l4 + 4:l4 + 8], "big")
+            return (seen - seq) % SEQ_MOD >= SEQ_WINDOW or seen == seq
+        if proto != 17 or end < l4 + 8 + _DNS_HEADER_LEN:
+            return False
+        interest = self.interest
+        if interest is None or interest.dns_screen is None:
+            return False
+        if buf[l4 + 2] == 0 and buf[l4 + 3] == 53:
+            server = buf[addr + width:addr + 2 * width] + b"q"
+        elif buf[l4] == 0 and buf[l4 + 1] == 53:
+            server = buf[addr:addr + width] + b"r"
+        else:
+            return False
+        if (buf[l4 + 10] & 0x80) != (0x80 if server[-1] == 0x72 else 0):
+            return False
+        last = self.resolver_reports.get(server)
+        if last is None or not 0.0 <= sec - last < RESOLVER_REPORT_INTERVAL - 1:
+            return False
+        return interest.dns_screen.search(buf, l4 + 8, min(end, ip_end)) is None
 
     def expire(self, now: float) -> None:
         self._next_expiry = now + 1.0
@@ -216,6 +324,12 @@ class PacketDecoder:
         recent[digest] = ts
         return False
 
+    def _wants_flow(self, transport: str, dport: int, dst: bytes) -> bool:
+        interest = self.interest
+        if interest is None or interest.flow_addresses is None:
+            return True
+        return (transport, dport) in interest.flow_ports or dst in interest.flow_addresses
+
     def _tcp(self, out, ts, data, l4, end, src, dst, version, src_mac, dst_mac, vlans, tunnel,
              interface):
         if end - l4 < 20:
@@ -225,16 +339,16 @@ class PacketDecoder:
         flags = data[l4 + 13]
         if doff < 20:
             raise DecodeError("tcp_bad_offset")
-        key = (src, dst, sport, dport)
+        key = src + dst + data[l4:l4 + 4]
         streams = self.streams
         if flags & TCP_SYN:
             if flags & TCP_ACK:
                 if sport == 53:
                     streams.syn(key, seq, ts, True)
                 return
-            if self._duplicate(ts, data[l4:end] + src + dst):
-                return
             streams.syn(key, seq, ts, dport == 53)
+            if not self._wants_flow("tcp", dport, dst) or self._duplicate(ts, data[l4:end] + src + dst):
+                return
             out.append(FlowStart(self._context(ts, src, dst, sport, dport, "tcp", version,
                                                src_mac, dst_mac, vlans, tunnel, interface)))
             return
@@ -254,9 +368,14 @@ class PacketDecoder:
             streams.close(key)
         if not items:
             return
-        ctx = self._context(ts, src, dst, sport, dport, "tcp", version, src_mac, dst_mac, vlans,
-                            tunnel, interface)
+        interest = self.interest
+        ctx = None
         for kind, buf in items:
+            if kind == KIND_TLS and interest is not None and not interest.hello_may_match(buf):
+                continue
+            if ctx is None:
+                ctx = self._context(ts, src, dst, sport, dport, "tcp", version, src_mac, dst_mac,
+                                    vlans, tunnel, interface)
             try:
                 if kind == KIND_TLS:
                     out.append(tls.parse_client_hello_stream(buf, ctx))
@@ -279,12 +398,20 @@ class PacketDecoder:
             inner, pos, label = (vxlan if dport == VXLAN_PORT else geneve)(data, start, end)
             self._inner(out, ts, inner, data[pos:end], tunnel + (label,), interface, depth)
             return
-        key = (src, dst, sport, dport)
-        new_flow = key not in self.udp_flows and (dst, src, dport, sport) not in self.udp_flows
         is_dns = dport in DNS_PORTS or sport in DNS_PORTS
         is_dhcp = dport in DHCP_PORTS and sport in DHCP_PORTS
         quic = (self._looks_like_quic is not None and start < end and data[start] & 0xC0 == 0xC0
                 and not is_dns and not is_dhcp)
+        interest = self.interest
+        if is_dns and interest is not None and interest.dns_screen is not None \
+                and sport != MDNS_PORT and dport != MDNS_PORT \
+                and interest.dns_screen.search(data, start, end) is None:
+            self._dns_miss(out, ts, data, start, end, src, dst, sport, dport, version, src_mac,
+                           dst_mac, vlans, tunnel, interface)
+            return
+        key = src + dst + data[l4:l4 + 4]
+        new_flow = (key not in self.udp_flows and dst + src + data[l4 + 2:l4 + 4] + data[l4:l4 + 2]
+                    not in self.udp_flows and self._wants_flow("udp", dport, dst))
         if not (new_flow or is_dns or is_dhcp or quic):
             return
         payload = data[start:end]
@@ -311,6 +438,31 @@ class PacketDecoder:
                 if lease is not None:
                     out.append(lease)
         elif quic:
-            hello = self.quic.feed(payload, ctx)
+            hello = self.quic.feed(payload, ctx, interest.hello_may_match if interest else None)
             if hello is not None:
                 out.append(hello)
+
+    def _dns_miss(self, out, ts, data, start, end, src, dst, sport, dport, version, src_mac,
+                  dst_mac, vlans, tunnel, interface):
+        """A DNS message that cannot hold a signature name: only who serves DNS matters (the
+        tracker learns resolvers from it), reported once per server and interval."""
+        if end - start < _DNS_HEADER_LEN:
+            raise DecodeError("dns_truncated")
+        if sport != 53 and dport != 53:
+            return
+        ident, flags = _dns_header(data, start)
+        is_response = bool(flags & _DNS_QR)
+        pair = src + b"r" if is_response else dst + b"q"
+        reports = self.resolver_reports
+        last = reports.get(pair)
+        if last is not None and 0.0 <= ts - last < RESOLVER_REPORT_INTERVAL:
+            return
+        if last is None and len(reports) >= RESOLVER_REPORT_TABLE:
+            del reports[next(iter(reports))]
+            self.stats.evictions["resolver_reports"] += 1
+        reports.pop(pair, None)
+        reports[pair] = ts
+        ctx = self._context(ts, src, dst, sport, dport, "udp", version, src_mac, dst_mac, vlans,
+                            tunnel, interface)
+        out.append(DnsMessage(ctx=ctx, id=ident, is_response=is_response, opcode=(flags >> 11) & 0xF,
+                              rcode=flags & 0xF, questions=[], answers=[]))
