@@ -263,10 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "goes to stderr.")
     _add_sensor_options(p)
     p.add_argument("--linger", action="store_true", help="keep serving --metrics after the read")
-    p.add_argument("--bpf-prefilter", action="store_true",
-                   help="apply the live capture filter in libpcap first: same detections, faster")
+    p.add_argument("--bpf-prefilter", action=argparse.BooleanOptionalAction, default=True,
+                   help="apply the live capture filter in libpcap first, so packets that cannot carry "
+                        "evidence never reach Python: same detections, several times faster (default: on; "
+                        "--no-bpf-prefilter decodes every packet)")
     p.add_argument("--bpf", metavar="FILTER",
-                   help="only packets matching this filter (tcpdump syntax); implies --bpf-prefilter")
+                   help="only packets matching this filter (tcpdump syntax), ANDed with the prefilter")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress or summary on stderr")
     p.add_argument("captures", nargs="+", metavar="CAPTURE")
     p.set_defaults(func=cmd_read)

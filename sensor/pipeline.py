@@ -99,25 +99,18 @@ class Sensor:
 
     def handle_batch(self, linktype: int, buf: bytes, meta: bytes, interface: int = 0) -> None:
         """A libpcap batch (``next_batch``: one buffer, 16-byte (sec, usec, offset, caplen)
-        records).  Frames the decoder can rule out on the buffer (PacketDecoder.skippable)
-        are counted and dropped before they are sliced out; the rest go through ``handle``.
-        ``wire_len`` is the captured length here."""
+        records).  For Ethernet the decoder first drops what it can rule out on the buffer
+        (PacketDecoder.ethernet_batch).  ``wire_len`` is the captured length here."""
         handle = self.handle
+        if linktype == LINKTYPE_ETHERNET:
+            for ts, frame, caplen in self.decoder.ethernet_batch(buf, meta):
+                handle(ts, linktype, frame, caplen, interface)
+            return
         unpack_from = BATCH_META.unpack_from
-        skippable = self.decoder.skippable if linktype == LINKTYPE_ETHERNET else None
-        skipped = skipped_bytes = 0
         for pos in range(0, len(meta), 16):
             sec, usec, off, caplen = unpack_from(meta, pos)
-            if skippable is not None and caplen >= 42 and skippable(buf, off, caplen, sec):
-                skipped += 1
-                skipped_bytes += caplen
-                continue
             handle((sec * 1_000_000 + usec) / 1_000_000, linktype, buf[off:off + caplen], caplen,
                    interface)
-        stats = self.stats
-        stats.packets += skipped
-        stats.bytes += skipped_bytes
-        stats.decoded += skipped
 
     def tick(self, ts: float) -> None:
         """Periodic work driven by packet time, so pcap reads behave like live capture."""

@@ -28,7 +28,9 @@ cannot be undone for the rest of the expression.
 from __future__ import annotations
 
 import os
+import queue
 import struct
+import threading
 
 from .pcapfile import CaptureError, open_capture
 
@@ -118,6 +120,7 @@ REJECT = object()
 # the file, a program run on the raw frame cannot, so the sensor's filter passes these whole.
 _WRITER_ORDER_LINKTYPES = (0, 108)
 BATCH = 1024
+READ_AHEAD = 16  # batches libpcap's reader thread may have ready
 _PCAP_MICRO_MAGICS = (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4")
 _META = struct.Struct("=IIII")
 
@@ -254,21 +257,50 @@ class PrefilteredCapture:
         return self._records
 
     def _batched_records(self):
-        """``_libpcap_records`` by whole batches; records after a libpcap error one by one."""
+        """``_libpcap_records`` by whole batches; records after a libpcap error one by one.
+
+        libpcap reads and filters in a thread of its own: ``next_batch`` releases the GIL
+        while it runs, so on a machine with two cores reading the file and running the
+        filter overlap with the decoding of the previous batches instead of adding to it.
+        The queue is bounded, so the reader never runs more than READ_AHEAD batches ahead."""
         import pcapy
 
         linktype = self._linktype
-        next_batch = self._handle.next_batch
+        batches: queue.Queue = queue.Queue(READ_AHEAD)
+        stop = threading.Event()
+
+        def read() -> None:
+            next_batch = self._handle.next_batch
+            try:
+                while not stop.is_set():
+                    buf, meta = next_batch(BATCH)
+                    batches.put((buf, meta))
+                    if not meta:
+                        return
+            except pcapy.PcapError as err:
+                batches.put(err)
+
+        reader = threading.Thread(target=read, name="pcap-reader", daemon=True)
+        reader.start()
         yielded = 0
         try:
             while True:
-                buf, meta = next_batch(BATCH)
+                item = batches.get()
+                if isinstance(item, pcapy.PcapError):
+                    self.truncated = str(item)
+                    break
+                buf, meta = item
                 if not meta:
                     return
                 yield linktype, buf, meta
                 yielded += len(meta) >> 4
-        except pcapy.PcapError as err:
-            self.truncated = str(err)
+        finally:
+            stop.set()
+            while reader.is_alive():
+                try:
+                    batches.get(timeout=0.05)
+                except queue.Empty:
+                    pass
         yield from self._python_rest(yielded)
 
     def _python_records(self):

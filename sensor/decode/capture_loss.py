@@ -113,10 +113,9 @@ class CaptureLoss:
         self.max_flows = max_flows
         self.idle_timeout = idle_timeout
         self.flows: dict[bytes, _Flow] = {}
-        self.acks = 0
-        self.gap_events = 0
-        self.acked_bytes = 0
-        self.gap_bytes = 0
+        # The four judged counters live in Stats.capture_loss, so exporters and the
+        # capture workers' stats merging see them like every other counter.
+        self.counts = stats.capture_loss
         self.holes = 0
         self.merged_holes = 0
         self.resyncs = 0
@@ -127,6 +126,11 @@ class CaptureLoss:
         self._next_sweep = 0.0
         self._reported = LossInterval(0, 0, 0, 0)
         stats.table_sizes[TABLE] = 0
+
+    acks = property(lambda self: self.counts["acks"])
+    gap_events = property(lambda self: self.counts["gaps"])
+    acked_bytes = property(lambda self: self.counts["acked_bytes"])
+    gap_bytes = property(lambda self: self.counts["gap_bytes"])
 
     # -- hot path ----------------------------------------------------------------------
     def client_segment(self, key: bytes, seq: int, length: int) -> None:
@@ -297,8 +301,9 @@ class CaptureLoss:
             flow.expect = ack  # written off as lost; the stream goes on after it
         flow.judged = ack
         flow.last = self._clock
-        self.acks += 1
-        self.acked_bytes += covered
+        counts = self.counts
+        counts["acks"] += 1
+        counts["acked_bytes"] += covered
         if missing:
-            self.gap_events += 1
-            self.gap_bytes += missing
+            counts["gaps"] += 1
+            counts["gap_bytes"] += missing

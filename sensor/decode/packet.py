@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from ..records import DecodeError, DnsMessage, FlowStart, PacketContext
 from ..stats import Stats
 from . import dns, http, tls
+from .capture_loss import CaptureLoss, reverse_key
 from .fragments import Reassembler
 from .link import ETH_IPV4, ETH_IPV6, ETH_TEB, LINK_DECODERS, ethernet, format_mac
 from .tcp_stream import KIND_HTTP, KIND_TLS, SEQ_MOD, SEQ_WINDOW, StreamTable
@@ -30,6 +31,7 @@ MAX_TUNNEL_DEPTH = 4
 TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
 
 _dns_header = struct.Struct("!HH").unpack_from  # id, flags
+_BATCH_META = struct.Struct("=IIII")  # libpcap next_batch: sec, usec, offset, caplen
 _DNS_QR = 0x8000
 _DNS_HEADER_LEN = 12
 MDNS_PORT = 5353
@@ -98,6 +100,7 @@ class PacketDecoder:
         self.streams = StreamTable(stats, max_streams=self.config.max_streams,
                                    idle_timeout=self.config.stream_idle)
         self.fragments = Reassembler(stats, timeout=self.config.fragment_timeout)
+        self.loss = CaptureLoss(stats)
         self.udp_flows: dict[bytes, None] = {}
         self.resolver_reports: dict[bytes, float] = {}
         self.recent: dict[int, float] = {}
@@ -133,70 +136,103 @@ class PacketDecoder:
             self.stats.bad(err.reason)
         return out
 
-    def skippable(self, buf, off: int, caplen: int, sec: int) -> bool:
-        """True for an Ethernet frame at ``buf[off:off + caplen]`` that ``decode`` would turn
-        into nothing, judged on the batch buffer before the frame is sliced out:
+    def ethernet_batch(self, buf: bytes, meta: bytes):
+        """The frames of a libpcap batch (``next_batch``: one buffer, native (sec, usec,
+        offset, caplen) records) that ``decode`` could make something of, as
+        ``(ts, frame, caplen)``; the rest are counted here and never sliced out:
 
         * a TCP segment (no SYN/FIN/RST) of a flow in the stream bypass: its hello is parsed
           or it is known to carry nothing.  This is the client-to-server bulk that the
           capture filter has to let through, as it cannot tell a hello's third segment from
           an upload's;
         * a DNS message on port 53 that the Interest's screen rules out, from a server
-          reported within RESOLVER_REPORT_INTERVAL (``sec``, whole seconds, is the frame's
-          time).
+          reported within RESOLVER_REPORT_INTERVAL;
+        * a SYN-ACK (but DNS's) or a FIN/RST without payload: what ``_tcp`` does with them
+          (nothing, or closing the stream and judging capture loss) is done here.
 
         Untagged or single-tagged IPv4 without options or fragments and IPv6 without
-        extension headers; anything else answers False and takes the full path."""
-        end = off + caplen
-        b = buf[off + 12]
-        if b == 0x81 and buf[off + 13] == 0x00:
-            off += 4
-            b = buf[off + 12]
-        if b == 0x08:
-            if end < off + 42 or buf[off + 13] or buf[off + 14] != 0x45 or buf[off + 20] & 0x3F \
-                    or buf[off + 21]:
-                return False
-            proto = buf[off + 23]
-            addr, l4, width = off + 26, off + 34, 4
-            ip_end = off + 14 + ((buf[off + 16] << 8) | buf[off + 17])
-        elif b == 0x86:
-            if end < off + 62 or buf[off + 13] != 0xDD or buf[off + 14] >> 4 != 6:
-                return False
-            proto = buf[off + 20]
-            addr, l4, width = off + 22, off + 54, 16
-            ip_end = l4 + ((buf[off + 18] << 8) | buf[off + 19])
-        else:
-            return False
-        if proto == 6:
-            if end < l4 + 20 or buf[l4 + 13] & (TCP_SYN | TCP_FIN | TCP_RST):
-                return False
-            seen = self.streams.bypass.get(buf[addr:l4 + 4])
-            if seen is None:
-                return False
-            seq = int.from_bytes(buf[l4 + 4:l4 + 8], "big")
-            return (seen - seq) % SEQ_MOD >= SEQ_WINDOW or seen == seq
-        if proto != 17 or end < l4 + 8 + _DNS_HEADER_LEN:
-            return False
+        extension headers are judged here; anything else takes the full path.  This loop
+        is the read path's hot spot, so it is written out flat with local names."""
+        unpack_from = _BATCH_META.unpack_from
+        bypass = self.streams.bypass
+        close = self.streams.close
+        loss_flows = self.loss.flows
+        client_segment = self.loss.client_segment
+        reports = self.resolver_reports
         interest = self.interest
-        if interest is None or interest.dns_screen is None:
-            return False
-        if buf[l4 + 2] == 0 and buf[l4 + 3] == 53:
-            server = buf[addr + width:addr + 2 * width] + b"q"
-        elif buf[l4] == 0 and buf[l4 + 1] == 53:
-            server = buf[addr:addr + width] + b"r"
-        else:
-            return False
-        if (buf[l4 + 10] & 0x80) != (0x80 if server[-1] == 0x72 else 0):
-            return False
-        last = self.resolver_reports.get(server)
-        if last is None or not 0.0 <= sec - last < RESOLVER_REPORT_INTERVAL - 1:
-            return False
-        return interest.dns_screen.search(buf, l4 + 8, min(end, ip_end)) is None
+        screen = interest.dns_screen if interest is not None else None
+        report_gap = RESOLVER_REPORT_INTERVAL - 1
+        skipped = skipped_bytes = 0
+        for pos in range(0, len(meta), 16):
+            sec, usec, off, caplen = unpack_from(meta, pos)
+            end = off + caplen
+            if caplen >= 42:
+                tag = off + 4 if buf[off + 12] == 0x81 and buf[off + 13] == 0x00 else off
+                b = buf[tag + 12]
+                proto = 0
+                if b == 0x08:
+                    if end >= tag + 42 and not buf[tag + 13] and buf[tag + 14] == 0x45 \
+                            and not buf[tag + 20] & 0x3F and not buf[tag + 21]:
+                        proto = buf[tag + 23]
+                        addr, l4, width = tag + 26, tag + 34, 4
+                        ip_end = tag + 14 + ((buf[tag + 16] << 8) | buf[tag + 17])
+                elif b == 0x86:
+                    if end >= tag + 62 and buf[tag + 13] == 0xDD and buf[tag + 14] >> 4 == 6:
+                        proto = buf[tag + 20]
+                        addr, l4, width = tag + 22, tag + 54, 16
+                        ip_end = l4 + ((buf[tag + 18] << 8) | buf[tag + 19])
+                if proto == 6 and end >= l4 + 20:
+                    flags = buf[l4 + 13]
+                    if not flags & 0x07:
+                        key = buf[addr:l4 + 4]
+                        seen = bypass.get(key)
+                        if seen is not None:
+                            seq = int.from_bytes(buf[l4 + 4:l4 + 8], "big")
+                            if (seen - seq) % SEQ_MOD >= SEQ_WINDOW or seen == seq:
+                                if key in loss_flows:
+                                    client_segment(key, seq, ip_end - l4 - (buf[l4 + 12] >> 4 << 2))
+                                skipped += 1
+                                skipped_bytes += caplen
+                                continue
+                    elif flags & 0x12 == 0x12:
+                        if buf[l4] != 0 or buf[l4 + 1] != 53:
+                            skipped += 1
+                            skipped_bytes += caplen
+                            continue
+                    elif flags & 0x05 and not flags & 0x02 and l4 + (buf[l4 + 12] >> 4 << 2) == ip_end \
+                            and buf[l4 + 12] >= 0x50 and ip_end <= end:
+                        key = buf[addr:l4 + 4]
+                        if loss_flows:
+                            self._judge_loss(key, flags, buf, l4, 0)
+                        close(key)
+                        skipped += 1
+                        skipped_bytes += caplen
+                        continue
+                elif proto == 17 and screen is not None and end >= l4 + 20:
+                    if buf[l4 + 2] == 0 and buf[l4 + 3] == 53 and not buf[l4 + 10] & 0x80:
+                        server = buf[addr + width:addr + 2 * width] + b"q"
+                    elif buf[l4] == 0 and buf[l4 + 1] == 53 and buf[l4 + 10] & 0x80:
+                        server = buf[addr:addr + width] + b"r"
+                    else:
+                        server = None
+                    if server is not None:
+                        last = reports.get(server)
+                        if last is not None and 0.0 <= sec - last < report_gap \
+                                and screen.search(buf, l4 + 8, ip_end if ip_end < end else end) is None:
+                            skipped += 1
+                            skipped_bytes += caplen
+                            continue
+            yield (sec * 1_000_000 + usec) / 1_000_000, buf[off:end], caplen
+        stats = self.stats
+        stats.packets += skipped
+        stats.bytes += skipped_bytes
+        stats.decoded += skipped
 
     def expire(self, now: float) -> None:
         self._next_expiry = now + 1.0
         self.streams.expire(now)
         self.fragments.expire(now)
+        self.loss.expire(now)
         if self.quic is not None:
             self.quic.expire(now)
 
@@ -347,12 +383,15 @@ class PacketDecoder:
                     streams.syn(key, seq, ts, True)
                 return
             streams.syn(key, seq, ts, dport == 53)
+            self.loss.syn(key, seq)
             if not self._wants_flow("tcp", dport, dst) or self._duplicate(ts, data[l4:end] + src + dst):
                 return
             out.append(FlowStart(self._context(ts, src, dst, sport, dport, "tcp", version,
                                                src_mac, dst_mac, vlans, tunnel, interface)))
             return
         start = l4 + doff
+        if self.loss.flows and start <= end:
+            self._judge_loss(key, flags, data, l4, end - start)
         if start >= end:
             if start > end and end - l4 >= 20 and doff > 60:
                 raise DecodeError("tcp_bad_offset")
@@ -385,6 +424,25 @@ class PacketDecoder:
                     out.append(dns.parse_dns(buf, ctx))
             except DecodeError as err:
                 self.stats.bad(err.reason)
+
+    def _judge_loss(self, key: bytes, flags: int, data, l4: int, payload_len: int) -> None:
+        """Feed the capture-loss estimate: the client's bytes and FIN, the server's acks.
+        Only connections whose SYN was seen are judged, so the direction is known."""
+        loss = self.loss
+        seq = int.from_bytes(data[l4 + 4:l4 + 8], "big")
+        if key in loss.flows:
+            if payload_len:
+                loss.client_segment(key, seq, payload_len)
+            if flags & TCP_FIN:
+                loss.client_fin(key, seq + payload_len)
+            if flags & TCP_RST:
+                loss.close(key)
+        elif flags & TCP_ACK:
+            client = reverse_key(key)
+            if client in loss.flows:
+                loss.server_ack(client, int.from_bytes(data[l4 + 8:l4 + 12], "big"))
+                if flags & TCP_RST:
+                    loss.close(client)
 
     def _udp(self, out, ts, data, l4, end, src, dst, version, src_mac, dst_mac, vlans, tunnel,
              interface, depth):
