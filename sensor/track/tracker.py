@@ -326,6 +326,13 @@ class Tracker:
                      self.config.answer_cache_size, self.stats, "dns_answer_cache")
         self.stats.table_sizes["dns_answer_cache"] = len(self.answers)
 
+    @property
+    def answer_addresses(self) -> list[str]:
+        """The cached answer addresses a flow can still match, newest last: what the capture
+        filter must let through for UDP flows on any port (bpf.build_filter ``watch``)."""
+        now = self.last_ts
+        return [ip for ip, entry in self.answers.items() if entry.expiry >= now]
+
     # -- flows -------------------------------------------------------------------------
 
     def _flow(self, flow: FlowStart) -> list:
