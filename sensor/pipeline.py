@@ -82,6 +82,7 @@ class Sensor:
         self._next_flush = 0.0
         self._next_inventory = None
         self.last_ts = 0.0
+        self._watch_version = 0
 
     def handle(self, ts: float, linktype: int, data: bytes, wire_len: int, interface: int = 0):
         stats = self.stats
@@ -111,6 +112,17 @@ class Sensor:
             sec, usec, off, caplen = unpack_from(meta, pos)
             handle((sec * 1_000_000 + usec) / 1_000_000, linktype, buf[off:off + caplen], caplen,
                    interface)
+
+    def offer_watch(self, capture) -> None:
+        """Keep a capture's UDP watch list (bpf.build_filter ``watch``) in step with the
+        answer cache, so UDP flows to answered addresses pass the prefilter.  A capture
+        postpones recompiles it finds too frequent; the offer is then made again."""
+        version = self.tracker.answer_version
+        if version == self._watch_version:
+            return
+        capture.set_watch(self.tracker.answer_addresses)
+        if not capture.watch_updates.postponed:
+            self._watch_version = version
 
     def tick(self, ts: float) -> None:
         """Periodic work driven by packet time, so pcap reads behave like live capture."""

@@ -19,7 +19,7 @@ import sys
 import time
 
 from ..track.verdict import INSTALL_VERDICTS
-from .bpf import build_filter
+from .bpf import FilterError, WatchUpdates, build_filter
 
 _META = struct.Struct("=IIII")
 BATCH = 1024
@@ -34,6 +34,8 @@ class LiveSource:
         import pcapy
 
         self.interface = interface
+        self.user_filter = bpf
+        self.watch_updates = WatchUpdates(min_gap=1.0)
         try:
             handle = pcapy.create(interface)
             handle.set_snaplen(snaplen)
@@ -68,6 +70,22 @@ class LiveSource:
             for i in range(0, len(meta), 16):
                 sec, usec, off, caplen = unpack_from(meta, i)
                 yield (sec * 1_000_000 + usec) / 1_000_000, linktype, buf[off:off + caplen], caplen
+
+    def set_watch(self, addresses) -> bool:
+        """Also pass UDP towards these addresses (bpf.build_filter ``watch``); True when the
+        kernel filter was replaced.  Offer the tracker's list after every ``batch``: a
+        recompile happens only when it gains an address and at most once a second
+        (bpf.WatchUpdates), so a refused offer is applied by a later one.  Packets already
+        in the capture buffer were judged by the old filter.  Raises FilterError when
+        libpcap rejects the new filter (the old one stays)."""
+        watch = self.watch_updates.due(addresses, time.monotonic())
+        if watch is None:
+            return False
+        try:
+            self.handle.setfilter(build_filter(self.user_filter, self.linktype, watch))
+        except self._stats_error as err:
+            raise FilterError(f"{self.interface}: bad capture filter with a watch list: {err}") from None
+        return True
 
     def drops(self) -> tuple[int, int, int]:
         """(received, kernel drops, interface drops) as libpcap reports them."""
