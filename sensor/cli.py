@@ -185,6 +185,11 @@ def _summary(sensor) -> None:
     verdicts = Counter(h.get("verdict") or "none" for h in hosts)
     if verdicts:
         w("hosts by verdict: " + ", ".join(f"{k}={v}" for k, v in sorted(verdicts.items())) + "\n")
+    loss = s.capture_loss
+    if loss["acks"]:
+        w(f"capture loss: {loss['gaps']:,} of {loss['acks']:,} acks covered unseen bytes "
+          f"({100.0 * loss['gaps'] / loss['acks']:.2f}%), {loss['gap_bytes']:,} of "
+          f"{loss['acked_bytes']:,} bytes\n")
     for err in s.capture_errors:
         w(f"capture: {err}\n")
 

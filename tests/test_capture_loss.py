@@ -4,8 +4,10 @@ Unit cases for each rule, hypothesis properties over random segmentations (full
 delivery never gaps; drops are counted byte for byte), and a pcap-level check with a
 small header-parsing driver standing in for the decoder's TCP path."""
 
+import re
 import socket
 import struct
+from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,6 +16,8 @@ from scapy.all import IP, TCP, Ether, Raw, wrpcap
 from sensor.capture.pcapfile import open_capture
 from sensor.decode.capture_loss import MAX_HOLES, MAX_SEQ_JUMP, CaptureLoss, reverse_key
 from sensor.stats import Stats
+
+ROOT = Path(__file__).resolve().parents[1]
 
 MOD = 1 << 32
 
@@ -369,3 +373,51 @@ def test_pcap_flow_missing_one_client_segment(tmp_path):
     clean = estimator()
     drive(complete, clean)
     assert counters(clean) == (1, 0, total, 0)
+
+
+# -- end to end: the read pipeline on a span mix with client segments removed ----------
+
+def _loss_of_read(capture, capsys):
+    from sensor.cli import main
+
+    assert main(["read", "--no-state", "-o", "file:/dev/null", str(capture)]) == 0
+    err = capsys.readouterr().err
+    line = next((ln for ln in err.splitlines() if ln.startswith("capture loss:")), None)
+    assert line is not None, err
+    gaps, acks, gap_bytes, acked = (int(n.replace(",", "")) for n in
+                                    re.findall(r"[\d,]+(?=\s(?:of|acks|bytes))", line)[:4])
+    return gaps, acks, gap_bytes, acked
+
+
+def test_read_reports_no_loss_on_a_whole_mix_and_the_removed_bytes_on_a_thinned_one(tmp_path, capsys):
+    """Every 40th client data segment of the mix is removed: the pipeline (prefilter, batch
+    bypass and full path alike) must report gaps, and never more gap bytes than removed."""
+    import dpkt
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from make_mix import write_mix
+
+    whole = tmp_path / "mix.pcap"
+    write_mix(whole, 30_000)
+    gaps, acks, gap_bytes, _ = _loss_of_read(whole, capsys)
+    assert acks > 50 and gaps == 0 and gap_bytes == 0
+
+    thinned = tmp_path / "thinned.pcap"
+    removed_bytes = client_segments = 0
+    with open(whole, "rb") as src, open(thinned, "wb") as dst:
+        writer = dpkt.pcap.Writer(dst, snaplen=262144)
+        for ts, frame in dpkt.pcap.Reader(src):
+            eth = dpkt.ethernet.Ethernet(frame)
+            ip = eth.data
+            tcp = getattr(ip, "data", None)
+            if isinstance(tcp, dpkt.tcp.TCP) and tcp.data and tcp.dport < tcp.sport \
+                    and not tcp.flags & (dpkt.tcp.TH_SYN | dpkt.tcp.TH_FIN | dpkt.tcp.TH_RST):
+                client_segments += 1
+                if client_segments % 40 == 0:
+                    removed_bytes += len(tcp.data)
+                    continue
+            writer.writepkt(frame, ts)
+    gaps, acks, gap_bytes, acked = _loss_of_read(thinned, capsys)
+    assert gaps > 0 and 0 < gap_bytes <= removed_bytes
+    assert gaps <= acks and gap_bytes <= acked

@@ -123,6 +123,17 @@ class SensorCollector:
         for (iface, kind), n in sorted(getattr(self.sensor, "capture_drops", {}).items()):
             fam.add_metric([iface, kind], n)
         yield fam
+        # Zeek's capture_loss: the share of acknowledgements that covered bytes never seen,
+        # rate(gaps) / rate(acks), is loss upstream of the sensor (span port, TAP, NIC).
+        loss = self.sensor.stats.capture_loss
+        yield _counter("capture_loss_acks", "TCP acknowledgements of client data judged for capture loss.",
+                       loss["acks"])
+        yield _counter("capture_loss_gaps", "Judged acknowledgements that covered bytes the sensor never saw.",
+                       loss["gaps"])
+        yield _counter("capture_loss_acked_bytes", "Client bytes covered by judged acknowledgements.",
+                       loss["acked_bytes"])
+        yield _counter("capture_loss_gap_bytes", "Acknowledged client bytes the sensor never saw.",
+                       loss["gap_bytes"])
 
     def _hosts(self):
         snapshot = list(self.sensor.host_snapshot)
