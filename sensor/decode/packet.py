@@ -161,10 +161,10 @@ class PacketDecoder:
         reports = self.resolver_reports
         interest = self.interest
         screen = interest.dns_screen if interest is not None else None
-        report_gap = RESOLVER_REPORT_INTERVAL - 1
         skipped = skipped_bytes = 0
         for pos in range(0, len(meta), 16):
             sec, usec, off, caplen = unpack_from(meta, pos)
+            ts = (sec * 1_000_000 + usec) / 1_000_000
             end = off + caplen
             if caplen >= 42:
                 tag = off + 4 if buf[off + 12] == 0x81 and buf[off + 13] == 0x00 else off
@@ -181,16 +181,25 @@ class PacketDecoder:
                         proto = buf[tag + 20]
                         addr, l4, width = tag + 22, tag + 54, 16
                         ip_end = l4 + ((buf[tag + 18] << 8) | buf[tag + 19])
-                if proto == 6 and end >= l4 + 20:
+                if proto and not l4 + 8 <= ip_end <= end:
+                    proto = 0  # snapped or short: the full path counts it
+                if ts >= self._next_expiry:
+                    proto = 0  # the full path runs the table expiry first
+                if proto == 6 and ip_end >= l4 + 20 and buf[l4 + 12] >= 0x50:
                     flags = buf[l4 + 13]
+                    payload = ip_end - l4 - (buf[l4 + 12] >> 4 << 2)
                     if not flags & 0x07:
                         key = buf[addr:l4 + 4]
                         seen = bypass.get(key)
-                        if seen is not None:
+                        if seen is not None and payload >= 0:
                             seq = int.from_bytes(buf[l4 + 4:l4 + 8], "big")
                             if (seen - seq) % SEQ_MOD >= SEQ_WINDOW or seen == seq:
-                                if key in loss_flows:
-                                    client_segment(key, seq, ip_end - l4 - (buf[l4 + 12] >> 4 << 2))
+                                if loss_flows:
+                                    if key in loss_flows:
+                                        if payload:
+                                            client_segment(key, seq, payload)
+                                    elif flags & 0x10:
+                                        self._judge_loss(key, flags, buf, l4, payload)
                                 skipped += 1
                                 skipped_bytes += caplen
                                 continue
@@ -199,8 +208,7 @@ class PacketDecoder:
                             skipped += 1
                             skipped_bytes += caplen
                             continue
-                    elif flags & 0x05 and not flags & 0x02 and l4 + (buf[l4 + 12] >> 4 << 2) == ip_end \
-                            and buf[l4 + 12] >= 0x50 and ip_end <= end:
+                    elif flags & 0x05 and not flags & 0x02 and payload == 0:
                         key = buf[addr:l4 + 4]
                         if loss_flows:
                             self._judge_loss(key, flags, buf, l4, 0)
@@ -208,7 +216,7 @@ class PacketDecoder:
                         skipped += 1
                         skipped_bytes += caplen
                         continue
-                elif proto == 17 and screen is not None and end >= l4 + 20:
+                elif proto == 17 and screen is not None and ip_end >= l4 + 20:
                     if buf[l4 + 2] == 0 and buf[l4 + 3] == 53 and not buf[l4 + 10] & 0x80:
                         server = buf[addr + width:addr + 2 * width] + b"q"
                     elif buf[l4] == 0 and buf[l4 + 1] == 53 and buf[l4 + 10] & 0x80:
@@ -217,12 +225,12 @@ class PacketDecoder:
                         server = None
                     if server is not None:
                         last = reports.get(server)
-                        if last is not None and 0.0 <= sec - last < report_gap \
-                                and screen.search(buf, l4 + 8, ip_end if ip_end < end else end) is None:
+                        if last is not None and 0.0 <= ts - last < RESOLVER_REPORT_INTERVAL \
+                                and screen.search(buf, l4 + 8, ip_end) is None:
                             skipped += 1
                             skipped_bytes += caplen
                             continue
-            yield (sec * 1_000_000 + usec) / 1_000_000, buf[off:end], caplen
+            yield ts, buf[off:end], caplen
         stats = self.stats
         stats.packets += skipped
         stats.bytes += skipped_bytes
