@@ -8,8 +8,11 @@ signatures and config atomically (an invalid set keeps the old one), SIGTERM/SIG
 flush state and sinks and exit 0.
 
 With ``--workers N`` (N > 1) N processes capture: each opens every interface and joins
-that interface's PACKET_FANOUT group (flow hash, symmetric, with IPv4 defragmentation) so
-both directions of a flow and all fragments of a datagram reach the same worker.  Workers
+that interface's PACKET_FANOUT group.  The kernel's fanout hash is symmetric (addresses and
+ports sorted) and leaves the ports out for every IP fragment, so both directions of a flow
+reach the same worker, and so do all fragments of a datagram.  PACKET_FANOUT_FLAG_DEFRAG is
+deliberately not set: the kernel would then reassemble instead of the sensor, and it throws
+away datagrams with overlapping fragments that ``read`` decodes (BSD policy).  Workers
 decode and send their records to the main process, which alone owns the state store,
 the sinks and the metrics.  Records are merged in packet-time order (each worker also
 reports a watermark: it will send nothing older), so DNS answers are seen before the
@@ -36,7 +39,6 @@ from .bpf import build_filter
 _META = struct.Struct("=IIII")
 BATCH = 1024
 MAX_BATCHES = 64
-PACKET_FANOUT_FLAG_DEFRAG = 0x8000  # linux/if_packet.h; pcapy exports only the fanout types
 MAX_WORKERS = 64
 
 
@@ -57,7 +59,7 @@ class LiveSource:
             handle.set_buffer_size(buffer_mb << 20)
             handle.activate()
             if fanout_group is not None:
-                handle.set_fanout(fanout_group, pcapy.PACKET_FANOUT_HASH | PACKET_FANOUT_FLAG_DEFRAG)
+                handle.set_fanout(fanout_group, pcapy.PACKET_FANOUT_HASH)
             self.linktype = handle.datalink()
             handle.setfilter(build_filter(bpf, self.linktype))
             handle.setnonblock(1)
@@ -269,14 +271,24 @@ class _CaptureWorker:
                 self.send_records(min(self.watermarks))
             if now >= self.next_stats:
                 self.send_stats()
-        for _ in range(MAX_BATCHES):
-            self.gulp()
-            if all(source.drained for source in self.sources):
-                break
+        self.drain(fds)
         self.decoder.finish()
         self.send_records(math.inf)
         self.send_stats()
         self.conn.send(("bye",))
+
+    def drain(self, fds) -> None:
+        """Decode what arrived before the stop, including ring blocks not yet handed over."""
+        settled = time.monotonic() + max(source.hidden_for for source in self.sources)
+        deadline = settled + STOP_TIMEOUT / 2
+        while time.monotonic() < deadline:
+            self.gulp()
+            if time.monotonic() >= settled and all(source.drained for source in self.sources):
+                return
+            try:
+                select.select(fds, [], [], SEND_INTERVAL)
+            except InterruptedError:
+                pass
 
     def gulp(self) -> None:
         """Decode what every interface has ready and advance its watermark.
