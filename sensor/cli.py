@@ -125,12 +125,25 @@ def cmd_read(args) -> int:
     try:
         for path, cap in _iterate(args.captures, progress, on_error, args.bpf_prefilter or bool(args.bpf),
                                   args.bpf):
-            count = 0
-            for ts, linktype, data, wire_len, iface in cap:
-                handle(ts, linktype, data, wire_len, iface)
-                count += 1
-                if not count & 0x3FFF:
-                    progress.update(path, cap.tell(), cap.size, stats.packets)
+            batches = getattr(cap, "batches", None)
+            if batches is not None:
+                handle_batch = sensor.handle_batch
+                count = 0
+                for item in batches():
+                    if len(item) == 3:
+                        handle_batch(*item)
+                    else:
+                        handle(*item)
+                    count += 1
+                    if not count & 0x3F:
+                        progress.update(path, cap.tell(), cap.size, stats.packets)
+            else:
+                count = 0
+                for ts, linktype, data, wire_len, iface in cap:
+                    handle(ts, linktype, data, wire_len, iface)
+                    count += 1
+                    if not count & 0x3FFF:
+                        progress.update(path, cap.tell(), cap.size, stats.packets)
             if cap.truncated:
                 stats.capture_errors.append(f"{path}: {cap.truncated}")
                 print(f"purge-sensor: warning: {path}: {cap.truncated}", file=sys.stderr)
@@ -250,10 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "goes to stderr.")
     _add_sensor_options(p)
     p.add_argument("--linger", action="store_true", help="keep serving --metrics after the read")
-    p.add_argument("--bpf-prefilter", action="store_true",
-                   help="apply the live capture filter in libpcap first: same detections, faster")
+    p.add_argument("--bpf-prefilter", action=argparse.BooleanOptionalAction, default=True,
+                   help="apply the live capture filter in libpcap first, so packets that cannot carry "
+                        "evidence never reach Python: same detections, several times faster (default: on; "
+                        "--no-bpf-prefilter decodes every packet)")
     p.add_argument("--bpf", metavar="FILTER",
-                   help="only packets matching this filter (tcpdump syntax); implies --bpf-prefilter")
+                   help="only packets matching this filter (tcpdump syntax), ANDed with the prefilter")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress or summary on stderr")
     p.add_argument("captures", nargs="+", metavar="CAPTURE")
     p.set_defaults(func=cmd_read)

@@ -6,7 +6,6 @@ error naming the file and the key, and nothing starts.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field, fields
 
 DEFAULT_INTERNAL = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7"]
@@ -63,6 +62,8 @@ def _types() -> dict[str, type]:
 
 def load_config(path: str) -> dict:
     """Parse the file into Settings field values; raise ConfigError naming file and key."""
+    import tomllib
+
     try:
         with open(path, "rb") as fh:
             raw = tomllib.load(fh)

@@ -9,12 +9,13 @@ from __future__ import annotations
 import math
 import os
 import socket
+import struct
 import sys
 import time
 from datetime import date
 
 from .config import DEFAULT_INTERNAL, Settings
-from .decode.packet import DecoderConfig, PacketDecoder
+from .decode.packet import DecoderConfig, Interest, PacketDecoder
 from .detect.engine import Detector
 from .detect.signatures import default_signature_paths, load_signatures
 from .output.ecs import detection_to_ecs, host_event_to_ecs
@@ -23,9 +24,24 @@ from .output.sinks import AlertRouter, build_sinks
 from .records import Detection, HostEvent
 from .stats import Stats
 from .track.store import Store, default_state_path
-from .track.tracker import Tracker, TrackerConfig
+from .track.tracker import KSC_TCP_PORTS, KSC_UDP_PORTS, Tracker, TrackerConfig
 
+BATCH_META = struct.Struct("=IIII")  # libpcap next_batch: sec, usec, offset, caplen
+LINKTYPE_ETHERNET = 1
 FLUSH_INTERVAL = 5.0  # seconds of packet time between store commits and summary checks
+FLOW_EVIDENCE_PORTS = frozenset([("tcp", p) for p in KSC_TCP_PORTS] + [("udp", p) for p in KSC_UDP_PORTS])
+
+
+def decoder_interest(signatures, flow_addresses: set | None = None) -> Interest:
+    """What the detector and tracker can use of decoded packets (decode.packet.Interest).
+
+    ``flow_addresses`` is the tracker's live set of answered addresses; None (for capture
+    workers in other processes) reports every flow start."""
+    screen = signatures.name_screen()
+    return Interest(dns_screen=screen[0] if screen else None,
+                    text_labels=screen[1] if screen else None,
+                    fingerprints=signatures.has_fingerprints or screen is None,
+                    flow_ports=FLOW_EVIDENCE_PORTS, flow_addresses=flow_addresses)
 
 
 class Sensor:
@@ -51,6 +67,7 @@ class Sensor:
                                              dormant_days=settings.dormant_days,
                                              answer_grace=settings.answer_grace),
                                self.signatures, self.stats, self.store)
+        self.decoder.interest = decoder_interest(self.signatures, self.tracker.answer_keys)
         self.lifecycle = AlertLifecycle(window=settings.suppress_window)
         spool = settings.spool_dir or os.path.join(
             os.path.dirname(os.path.abspath(settings.state or default_state_path())), "spool")
@@ -88,6 +105,21 @@ class Sensor:
                 self.emit(event)
         if ts >= self._next_flush:
             self.tick(ts)
+
+    def handle_batch(self, linktype: int, buf: bytes, meta: bytes, interface: int = 0) -> None:
+        """A libpcap batch (``next_batch``: one buffer, 16-byte (sec, usec, offset, caplen)
+        records).  For Ethernet the decoder first drops what it can rule out on the buffer
+        (PacketDecoder.ethernet_batch).  ``wire_len`` is the captured length here."""
+        handle = self.handle
+        if linktype == LINKTYPE_ETHERNET:
+            for ts, frame, caplen in self.decoder.ethernet_batch(buf, meta):
+                handle(ts, linktype, frame, caplen, interface)
+            return
+        unpack_from = BATCH_META.unpack_from
+        for pos in range(0, len(meta), 16):
+            sec, usec, off, caplen = unpack_from(meta, pos)
+            handle((sec * 1_000_000 + usec) / 1_000_000, linktype, buf[off:off + caplen], caplen,
+                   interface)
 
     def tick(self, ts: float) -> None:
         """Periodic work driven by packet time, so pcap reads behave like live capture."""
@@ -136,6 +168,7 @@ class Sensor:
         self.signatures = signatures
         self.detector.signatures = signatures
         self.tracker.signatures = signatures
+        self.decoder.interest = decoder_interest(signatures, self.tracker.answer_keys)
 
     def reopen(self) -> None:
         self.router.reopen()

@@ -17,6 +17,8 @@ class Stats:
     evictions: Counter = field(default_factory=Counter)  # table -> count
     table_sizes: dict = field(default_factory=dict)  # table -> current size
     duplicates: int = 0
+    # Zeek-style capture-loss estimate (decode.capture_loss): acks, gaps, acked_bytes, gap_bytes
+    capture_loss: Counter = field(default_factory=Counter)
     capture_errors: list = field(default_factory=list)
 
     def bad(self, reason: str) -> None:

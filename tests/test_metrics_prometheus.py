@@ -73,10 +73,12 @@ def dns_query(name: str, query_id: int) -> bytes:
 
 
 class LoopbackTraffic:
-    """A Kaspersky update lookup and a DNS message with a dangling compression pointer,
-    both to 127.0.0.1:53, for the live sensor on lo. Nothing leaves the machine."""
+    """A Kaspersky update lookup and a DNS message whose name under a Kaspersky label loops
+    back on itself, both to 127.0.0.1:53, for the live sensor on lo. Nothing leaves the
+    machine. (A message without a signature label is screened, not parsed, so its
+    malformation would not be counted.)"""
 
-    MALFORMED = struct.pack("!6H", 0x1234, 0x0100, 1, 0, 0, 0) + b"\xc0\x0c"
+    MALFORMED = struct.pack("!6H", 0x1234, 0x0100, 1, 0, 0, 0) + b"\x09kaspersky\xc0\x0c"
 
     def __init__(self):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import textwrap
 from pathlib import Path
 
@@ -326,7 +327,10 @@ def test_tab_indentation_is_a_syntax_error(tmp_path):
 
 def test_deep_nesting_is_reported_not_raised(tmp_path):
     path = write(tmp_path, "[" * 20000)
-    assert errors_of([path]) == [f"{path}:1: YAML nesting too deep"]
+    errors = errors_of([path])
+    # libyaml calls it a syntax error where it gives up, pure-Python PyYAML a nesting error.
+    assert len(errors) == 1 and re.match(rf"{re.escape(str(path))}:[12]: YAML (nesting too deep|syntax error)",
+                                         errors[0]), errors
 
 
 def test_not_utf8(tmp_path):

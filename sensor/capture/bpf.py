@@ -28,7 +28,9 @@ cannot be undone for the rest of the expression.
 from __future__ import annotations
 
 import os
+import queue
 import struct
+import threading
 
 from .pcapfile import CaptureError, open_capture
 
@@ -118,6 +120,7 @@ REJECT = object()
 # the file, a program run on the raw frame cannot, so the sensor's filter passes these whole.
 _WRITER_ORDER_LINKTYPES = (0, 108)
 BATCH = 1024
+READ_AHEAD = 16  # batches libpcap's reader thread may have ready
 _PCAP_MICRO_MAGICS = (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4")
 _META = struct.Struct("=IIII")
 
@@ -188,6 +191,7 @@ class PrefilteredCapture:
                 self._fd = handle.getfd()
                 self.size = os.fstat(self._fd).st_size if self._fd >= 0 else None
                 self.format = "pcap"
+                self._linktype = linktype
                 self._records = self._libpcap_records(linktype)
         if linktype is None:
             self._capture = open_capture(path)
@@ -228,15 +232,76 @@ class PrefilteredCapture:
                 yielded += len(meta) >> 4
         except pcapy.PcapError as err:
             self.truncated = str(err)
-        # next_batch drops the packets of the batch it failed in: re-read them in Python.
+        yield from self._python_rest(yielded)
+
+    def _python_rest(self, done: int):
+        """next_batch drops the packets of the batch it failed in: re-read them in Python."""
         self._capture = open_capture(self.path)
         self.size = self._capture.size
-        skip = yielded
+        skip = done
         for record in self._python_records():
             if skip:
                 skip -= 1
                 continue
             yield record
+
+    def batches(self):
+        """The capture as libpcap ``next_batch`` batches, ``(linktype, buffer, meta)`` with
+        meta holding native (sec, usec, offset, caplen) records, so the reader can drop
+        bypassed flows without slicing each frame out.  Frames libpcap cannot read (other
+        formats, the rest of a file after a libpcap error) come as the 5-tuples iteration
+        yields.  Use this or iteration, not both."""
+        if self._handle is not None:
+            self._records.close()
+            self._records = self._batched_records()
+        return self._records
+
+    def _batched_records(self):
+        """``_libpcap_records`` by whole batches; records after a libpcap error one by one.
+
+        libpcap reads and filters in a thread of its own: ``next_batch`` releases the GIL
+        while it runs, so on a machine with two cores reading the file and running the
+        filter overlap with the decoding of the previous batches instead of adding to it.
+        The queue is bounded, so the reader never runs more than READ_AHEAD batches ahead."""
+        import pcapy
+
+        linktype = self._linktype
+        batches: queue.Queue = queue.Queue(READ_AHEAD)
+        stop = threading.Event()
+
+        def read() -> None:
+            next_batch = self._handle.next_batch
+            try:
+                while not stop.is_set():
+                    buf, meta = next_batch(BATCH)
+                    batches.put((buf, meta))
+                    if not meta:
+                        return
+            except pcapy.PcapError as err:
+                batches.put(err)
+
+        reader = threading.Thread(target=read, name="pcap-reader", daemon=True)
+        reader.start()
+        yielded = 0
+        try:
+            while True:
+                item = batches.get()
+                if isinstance(item, pcapy.PcapError):
+                    self.truncated = str(item)
+                    break
+                buf, meta = item
+                if not meta:
+                    return
+                yield linktype, buf, meta
+                yielded += len(meta) >> 4
+        finally:
+            stop.set()
+            while reader.is_alive():
+                try:
+                    batches.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+        yield from self._python_rest(yielded)
 
     def _python_records(self):
         capture = self._capture

@@ -11,9 +11,10 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from ..records import DecodeError, FlowStart, PacketContext
+from ..records import DecodeError, DnsMessage, FlowStart, PacketContext
 from ..stats import Stats
 from . import dns, http, tls
+from .capture_loss import CaptureLoss, reverse_key
 from .fragments import Reassembler
 from .link import ETH_IPV4, ETH_IPV6, ETH_TEB, LINK_DECODERS, ethernet, format_mac
 from .tcp_stream import KIND_HTTP, KIND_TLS, SEQ_MOD, SEQ_WINDOW, StreamTable
@@ -28,6 +29,14 @@ DHCP_PORTS = frozenset((67, 68, 546, 547))
 MAX_TUNNEL_DEPTH = 4
 
 TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
+
+_dns_header = struct.Struct("!HH").unpack_from  # id, flags
+_BATCH_META = struct.Struct("=IIII")  # libpcap next_batch: sec, usec, offset, caplen
+_DNS_QR = 0x8000
+_DNS_HEADER_LEN = 12
+MDNS_PORT = 5353
+RESOLVER_REPORT_INTERVAL = 60.0  # seconds between two reports of one DNS server
+RESOLVER_REPORT_TABLE = 65536
 
 _IPV6_EXT = frozenset((0, 43, 60, 51, 135, 139, 140))
 _IPV6_FRAGMENT = 44
@@ -44,14 +53,56 @@ class DecoderConfig:
     fragment_timeout: float = 30.0
 
 
+@dataclass
+class Interest:
+    """What the later stages can use, so the decoder builds records only for that.
+
+    Without an Interest every DNS message, ClientHello and flow start becomes a record
+    (``purge-sensor names`` wants them all).  With one, the miss path costs a regex
+    search over the payload instead of a parse, a context and three stage calls:
+
+    * ``dns_screen`` / ``text_labels``: a byte regex that a DNS message (wire format) must
+      match, and lower-case labels one of which a ClientHello must contain, to hold a
+      signature name (SignatureSet.name_screen).
+      DNS messages that miss still tell the tracker who answers DNS: a header-only
+      DnsMessage goes out once per server and RESOLVER_REPORT_INTERVAL.
+    * ``fingerprints``: the signatures match JA3/JA4, so every ClientHello is parsed.
+    * ``flow_ports`` and ``flow_addresses``: a flow start is only evidence towards these
+      ports ((transport, port) pairs) or these addresses (packed bytes, the tracker's
+      answer cache, shared and updated in place); ``flow_addresses=None`` means every
+      flow start is reported (capture workers, which do not share the tracker's memory).
+    """
+
+    dns_screen: object = None
+    text_labels: tuple | None = None
+    fingerprints: bool = True
+    flow_ports: frozenset = frozenset()
+    flow_addresses: set | None = None
+
+    def hello_may_match(self, hello: bytes) -> bool:
+        """Substring tests on the lower-cased hello: a case-insensitive regex over 2 KB of
+        key shares costs a hundred times more."""
+        if self.fingerprints or self.text_labels is None:
+            return True
+        lowered = hello.lower()
+        for label in self.text_labels:
+            if label in lowered:
+                return True
+        return False
+
+
 class PacketDecoder:
-    def __init__(self, stats: Stats, config: DecoderConfig | None = None):
+    def __init__(self, stats: Stats, config: DecoderConfig | None = None,
+                 interest: Interest | None = None):
         self.stats = stats
         self.config = config or DecoderConfig()
+        self.interest = interest
         self.streams = StreamTable(stats, max_streams=self.config.max_streams,
                                    idle_timeout=self.config.stream_idle)
         self.fragments = Reassembler(stats, timeout=self.config.fragment_timeout)
-        self.udp_flows: dict[tuple, None] = {}
+        self.loss = CaptureLoss(stats)
+        self.udp_flows: dict[bytes, None] = {}
+        self.resolver_reports: dict[bytes, float] = {}
         self.recent: dict[int, float] = {}
         self.quic = None
         self._next_expiry = 0.0
@@ -85,10 +136,103 @@ class PacketDecoder:
             self.stats.bad(err.reason)
         return out
 
+    def ethernet_batch(self, buf: bytes, meta: bytes):
+        """The frames of a libpcap batch (``next_batch``: one buffer, native (sec, usec,
+        offset, caplen) records) that ``decode`` could make something of, as
+        ``(ts, frame, caplen)``; the rest are counted here and never sliced out:
+
+        * a TCP segment (no SYN/FIN/RST) of a flow in the stream bypass: its hello is parsed
+          or it is known to carry nothing.  This is the client-to-server bulk that the
+          capture filter has to let through, as it cannot tell a hello's third segment from
+          an upload's;
+        * a DNS message on port 53 that the Interest's screen rules out, from a server
+          reported within RESOLVER_REPORT_INTERVAL;
+        * a SYN-ACK (but DNS's) or a FIN/RST without payload: what ``_tcp`` does with them
+          (nothing, or closing the stream and judging capture loss) is done here.
+
+        Untagged or single-tagged IPv4 without options or fragments and IPv6 without
+        extension headers are judged here; anything else takes the full path.  This loop
+        is the read path's hot spot, so it is written out flat with local names."""
+        unpack_from = _BATCH_META.unpack_from
+        bypass = self.streams.bypass
+        close = self.streams.close
+        loss_flows = self.loss.flows
+        client_segment = self.loss.client_segment
+        reports = self.resolver_reports
+        interest = self.interest
+        screen = interest.dns_screen if interest is not None else None
+        report_gap = RESOLVER_REPORT_INTERVAL - 1
+        skipped = skipped_bytes = 0
+        for pos in range(0, len(meta), 16):
+            sec, usec, off, caplen = unpack_from(meta, pos)
+            end = off + caplen
+            if caplen >= 42:
+                tag = off + 4 if buf[off + 12] == 0x81 and buf[off + 13] == 0x00 else off
+                b = buf[tag + 12]
+                proto = 0
+                if b == 0x08:
+                    if end >= tag + 42 and not buf[tag + 13] and buf[tag + 14] == 0x45 \
+                            and not buf[tag + 20] & 0x3F and not buf[tag + 21]:
+                        proto = buf[tag + 23]
+                        addr, l4, width = tag + 26, tag + 34, 4
+                        ip_end = tag + 14 + ((buf[tag + 16] << 8) | buf[tag + 17])
+                elif b == 0x86:
+                    if end >= tag + 62 and buf[tag + 13] == 0xDD and buf[tag + 14] >> 4 == 6:
+                        proto = buf[tag + 20]
+                        addr, l4, width = tag + 22, tag + 54, 16
+                        ip_end = l4 + ((buf[tag + 18] << 8) | buf[tag + 19])
+                if proto == 6 and end >= l4 + 20:
+                    flags = buf[l4 + 13]
+                    if not flags & 0x07:
+                        key = buf[addr:l4 + 4]
+                        seen = bypass.get(key)
+                        if seen is not None:
+                            seq = int.from_bytes(buf[l4 + 4:l4 + 8], "big")
+                            if (seen - seq) % SEQ_MOD >= SEQ_WINDOW or seen == seq:
+                                if key in loss_flows:
+                                    client_segment(key, seq, ip_end - l4 - (buf[l4 + 12] >> 4 << 2))
+                                skipped += 1
+                                skipped_bytes += caplen
+                                continue
+                    elif flags & 0x12 == 0x12:
+                        if buf[l4] != 0 or buf[l4 + 1] != 53:
+                            skipped += 1
+                            skipped_bytes += caplen
+                            continue
+                    elif flags & 0x05 and not flags & 0x02 and l4 + (buf[l4 + 12] >> 4 << 2) == ip_end \
+                            and buf[l4 + 12] >= 0x50 and ip_end <= end:
+                        key = buf[addr:l4 + 4]
+                        if loss_flows:
+                            self._judge_loss(key, flags, buf, l4, 0)
+                        close(key)
+                        skipped += 1
+                        skipped_bytes += caplen
+                        continue
+                elif proto == 17 and screen is not None and end >= l4 + 20:
+                    if buf[l4 + 2] == 0 and buf[l4 + 3] == 53 and not buf[l4 + 10] & 0x80:
+                        server = buf[addr + width:addr + 2 * width] + b"q"
+                    elif buf[l4] == 0 and buf[l4 + 1] == 53 and buf[l4 + 10] & 0x80:
+                        server = buf[addr:addr + width] + b"r"
+                    else:
+                        server = None
+                    if server is not None:
+                        last = reports.get(server)
+                        if last is not None and 0.0 <= sec - last < report_gap \
+                                and screen.search(buf, l4 + 8, ip_end if ip_end < end else end) is None:
+                            skipped += 1
+                            skipped_bytes += caplen
+                            continue
+            yield (sec * 1_000_000 + usec) / 1_000_000, buf[off:end], caplen
+        stats = self.stats
+        stats.packets += skipped
+        stats.bytes += skipped_bytes
+        stats.decoded += skipped
+
     def expire(self, now: float) -> None:
         self._next_expiry = now + 1.0
         self.streams.expire(now)
         self.fragments.expire(now)
+        self.loss.expire(now)
         if self.quic is not None:
             self.quic.expire(now)
 
@@ -216,6 +360,12 @@ class PacketDecoder:
         recent[digest] = ts
         return False
 
+    def _wants_flow(self, transport: str, dport: int, dst: bytes) -> bool:
+        interest = self.interest
+        if interest is None or interest.flow_addresses is None:
+            return True
+        return (transport, dport) in interest.flow_ports or dst in interest.flow_addresses
+
     def _tcp(self, out, ts, data, l4, end, src, dst, version, src_mac, dst_mac, vlans, tunnel,
              interface):
         if end - l4 < 20:
@@ -225,20 +375,23 @@ class PacketDecoder:
         flags = data[l4 + 13]
         if doff < 20:
             raise DecodeError("tcp_bad_offset")
-        key = (src, dst, sport, dport)
+        key = src + dst + data[l4:l4 + 4]
         streams = self.streams
         if flags & TCP_SYN:
             if flags & TCP_ACK:
                 if sport == 53:
                     streams.syn(key, seq, ts, True)
                 return
-            if self._duplicate(ts, data[l4:end] + src + dst):
-                return
             streams.syn(key, seq, ts, dport == 53)
+            self.loss.syn(key, seq)
+            if not self._wants_flow("tcp", dport, dst) or self._duplicate(ts, data[l4:end] + src + dst):
+                return
             out.append(FlowStart(self._context(ts, src, dst, sport, dport, "tcp", version,
                                                src_mac, dst_mac, vlans, tunnel, interface)))
             return
         start = l4 + doff
+        if self.loss.flows and start <= end:
+            self._judge_loss(key, flags, data, l4, end - start)
         if start >= end:
             if start > end and end - l4 >= 20 and doff > 60:
                 raise DecodeError("tcp_bad_offset")
@@ -254,9 +407,14 @@ class PacketDecoder:
             streams.close(key)
         if not items:
             return
-        ctx = self._context(ts, src, dst, sport, dport, "tcp", version, src_mac, dst_mac, vlans,
-                            tunnel, interface)
+        interest = self.interest
+        ctx = None
         for kind, buf in items:
+            if kind == KIND_TLS and interest is not None and not interest.hello_may_match(buf):
+                continue
+            if ctx is None:
+                ctx = self._context(ts, src, dst, sport, dport, "tcp", version, src_mac, dst_mac,
+                                    vlans, tunnel, interface)
             try:
                 if kind == KIND_TLS:
                     out.append(tls.parse_client_hello_stream(buf, ctx))
@@ -266,6 +424,25 @@ class PacketDecoder:
                     out.append(dns.parse_dns(buf, ctx))
             except DecodeError as err:
                 self.stats.bad(err.reason)
+
+    def _judge_loss(self, key: bytes, flags: int, data, l4: int, payload_len: int) -> None:
+        """Feed the capture-loss estimate: the client's bytes and FIN, the server's acks.
+        Only connections whose SYN was seen are judged, so the direction is known."""
+        loss = self.loss
+        seq = int.from_bytes(data[l4 + 4:l4 + 8], "big")
+        if key in loss.flows:
+            if payload_len:
+                loss.client_segment(key, seq, payload_len)
+            if flags & TCP_FIN:
+                loss.client_fin(key, seq + payload_len)
+            if flags & TCP_RST:
+                loss.close(key)
+        elif flags & TCP_ACK:
+            client = reverse_key(key)
+            if client in loss.flows:
+                loss.server_ack(client, int.from_bytes(data[l4 + 8:l4 + 12], "big"))
+                if flags & TCP_RST:
+                    loss.close(client)
 
     def _udp(self, out, ts, data, l4, end, src, dst, version, src_mac, dst_mac, vlans, tunnel,
              interface, depth):
@@ -279,12 +456,20 @@ class PacketDecoder:
             inner, pos, label = (vxlan if dport == VXLAN_PORT else geneve)(data, start, end)
             self._inner(out, ts, inner, data[pos:end], tunnel + (label,), interface, depth)
             return
-        key = (src, dst, sport, dport)
-        new_flow = key not in self.udp_flows and (dst, src, dport, sport) not in self.udp_flows
         is_dns = dport in DNS_PORTS or sport in DNS_PORTS
         is_dhcp = dport in DHCP_PORTS and sport in DHCP_PORTS
         quic = (self._looks_like_quic is not None and start < end and data[start] & 0xC0 == 0xC0
                 and not is_dns and not is_dhcp)
+        interest = self.interest
+        if is_dns and interest is not None and interest.dns_screen is not None \
+                and sport != MDNS_PORT and dport != MDNS_PORT \
+                and interest.dns_screen.search(data, start, end) is None:
+            self._dns_miss(out, ts, data, start, end, src, dst, sport, dport, version, src_mac,
+                           dst_mac, vlans, tunnel, interface)
+            return
+        key = src + dst + data[l4:l4 + 4]
+        new_flow = (key not in self.udp_flows and dst + src + data[l4 + 2:l4 + 4] + data[l4:l4 + 2]
+                    not in self.udp_flows and self._wants_flow("udp", dport, dst))
         if not (new_flow or is_dns or is_dhcp or quic):
             return
         payload = data[start:end]
@@ -311,6 +496,31 @@ class PacketDecoder:
                 if lease is not None:
                     out.append(lease)
         elif quic:
-            hello = self.quic.feed(payload, ctx)
+            hello = self.quic.feed(payload, ctx, interest.hello_may_match if interest else None)
             if hello is not None:
                 out.append(hello)
+
+    def _dns_miss(self, out, ts, data, start, end, src, dst, sport, dport, version, src_mac,
+                  dst_mac, vlans, tunnel, interface):
+        """A DNS message that cannot hold a signature name: only who serves DNS matters (the
+        tracker learns resolvers from it), reported once per server and interval."""
+        if end - start < _DNS_HEADER_LEN:
+            raise DecodeError("dns_truncated")
+        if sport != 53 and dport != 53:
+            return
+        ident, flags = _dns_header(data, start)
+        is_response = bool(flags & _DNS_QR)
+        pair = src + b"r" if is_response else dst + b"q"
+        reports = self.resolver_reports
+        last = reports.get(pair)
+        if last is not None and 0.0 <= ts - last < RESOLVER_REPORT_INTERVAL:
+            return
+        if last is None and len(reports) >= RESOLVER_REPORT_TABLE:
+            del reports[next(iter(reports))]
+            self.stats.evictions["resolver_reports"] += 1
+        reports.pop(pair, None)
+        reports[pair] = ts
+        ctx = self._context(ts, src, dst, sport, dport, "udp", version, src_mac, dst_mac, vlans,
+                            tunnel, interface)
+        out.append(DnsMessage(ctx=ctx, id=ident, is_response=is_response, opcode=(flags >> 11) & 0xF,
+                              rcode=flags & 0xF, questions=[], answers=[]))

@@ -28,10 +28,6 @@ import hmac
 import re
 import struct
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from ..records import ClientHello, DecodeError, PacketContext
 from ..stats import Stats
 from . import tls
@@ -112,6 +108,11 @@ class InitialKeys:
     __slots__ = ("aead", "iv", "header_mask")
 
     def __init__(self, dcid: bytes, version: int):
+        # Imported on the first QUIC Initial, not at start-up: cryptography's bindings cost
+        # more to load than a whole short pcap read.
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
         key, iv, hp = derive_initial_keys(dcid, version)
         self.aead = AESGCM(key)
         self.iv = int.from_bytes(iv, "big")
@@ -180,6 +181,8 @@ def decrypt_initial(payload: bytes, pn_offset: int, packet_end: int, keys: Initi
     header = (bytes((first,)) + payload[1:pn_offset]
               + packet_number.to_bytes(pn_len, "big"))
     nonce = (keys.iv ^ packet_number).to_bytes(12, "big")
+    from cryptography.exceptions import InvalidTag
+
     try:
         return keys.aead.decrypt(nonce, payload[pn_end:packet_end], header)
     except InvalidTag:
@@ -293,9 +296,10 @@ class QuicInitialTable:
         self.total_bytes = 0
         stats.table_sizes["quic_initial"] = 0
 
-    def feed(self, payload: bytes, ctx: PacketContext) -> ClientHello | None:
+    def feed(self, payload: bytes, ctx: PacketContext, screen=None) -> ClientHello | None:
         """Decrypt one datagram's Initial and add its CRYPTO frames; the ClientHello comes
-        back once, when its last byte arrives."""
+        back once, when its last byte arrives, and only if ``screen`` (see
+        decode.packet.Interest.hello_may_match) lets it through."""
         version, dcid, pn_offset, packet_end = parse_initial_header(payload)
         if len(dcid) < MIN_CLIENT_DCID_LEN or ctx.src_port < SERVER_PORT_LIMIT <= ctx.dst_port:
             return None
@@ -323,6 +327,8 @@ class QuicInitialTable:
             self._enforce_budget(key)
             return None
         self._finish(conn, conn.size)
+        if screen is not None and not screen(message):
+            return None
         return tls.parse_client_hello_message(message, ctx, "quic")
 
     def expire(self, now: float) -> None:

@@ -209,6 +209,41 @@ class SignatureSet:
                 best, best_rank = sig, rank
         return best
 
+    @property
+    def has_fingerprints(self) -> bool:
+        return bool(self._ja3 or self._ja4)
+
+    def name_screen(self) -> tuple[re.Pattern, tuple[bytes, ...]] | None:
+        """What any payload holding a matching name must contain: a byte regex for DNS wire
+        format (length-prefixed labels) and lower-case labels for text (SNI, Host), each of
+        which a matching text name has followed by a dot.
+
+        Every exact, suffix and pattern indicator sits at least two labels deep, so a
+        matching name carries the indicator's longest label below the top level
+        ("kaspersky" for ``kaspersky.com.tr`` and ``*.upd.kaspersky.com``).  In wire format
+        that label is preceded by its length byte, also under compression, which points at
+        an earlier literal copy.  A payload with none of them cannot match, and the decoder
+        skips building records for it: the cheap miss path for the 99% of DNS and
+        ClientHellos that are not Kaspersky's.  None when an indicator sits on a top-level
+        label alone, which no screen can cover."""
+        root = self._root
+        if root.exact or root.suffix or root.patterns:
+            return None
+        labels = set()
+        pending = [(tld, ()) for tld in root.children.values()]
+        while pending:
+            node, path = pending.pop()
+            if node.exact or node.suffix or node.patterns:
+                if not path:
+                    return None
+                labels.add(max(path, key=len))
+            pending.extend((child, path + (label,)) for label, child in node.children.items())
+        if not labels:
+            return None
+        ordered = sorted(labels, key=lambda label: (-len(label), label))
+        wire = b"|".join(re.escape(bytes((len(label),)) + label) for label in ordered)
+        return re.compile(wire, re.IGNORECASE), tuple(label + b"." for label in ordered)
+
     def match_path(self, path: str, name_sig: Signature | None) -> Signature | None:
         """Strongest path indicator matching at the start of ``path``; a path tied to name
         indicators (``with:``) only counts when the host matched one of them."""

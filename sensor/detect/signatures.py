@@ -263,9 +263,14 @@ def _string_list(pair, key: str, path: str, errors: _Collector) -> tuple[list[st
     return values, _line(node)
 
 
+# libyaml's parser, when PyYAML was built with it, is ten times faster at start-up and
+# reports the same marks; the pure-Python one is the fallback.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def _parse_text(text: str, path: str, errors: _Collector):
     try:
-        return yaml.compose(text, Loader=yaml.SafeLoader)
+        return yaml.compose(text, Loader=_YAML_LOADER)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         line = mark.line + 1 if mark is not None else 1

@@ -37,6 +37,7 @@ the inventory.  Every table is capped and its evictions counted in ``stats.evict
 from __future__ import annotations
 
 import json
+import socket
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -186,6 +187,10 @@ def _flow_key(ctx) -> str:
     return f"{ctx.transport} {ctx.src_ip}:{ctx.src_port} > {ctx.dst_ip}:{ctx.dst_port}"
 
 
+def _packed(address: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
+
+
 def _put(table: OrderedDict, key, value, cap: int, stats: Stats, name: str) -> None:
     if key in table:
         table.move_to_end(key)
@@ -205,6 +210,9 @@ class Tracker:
         self.declared = {canonical_ip(ip) for ip in config.resolvers}
         self.resolvers: OrderedDict[str, str] = OrderedDict()
         self.answers: OrderedDict[str, _Answer] = OrderedDict()
+        # Packed forms of the answer cache's addresses, for the decoder's flow screen
+        # (decode.packet.Interest.flow_addresses): a superset, pruned as the cache turns over.
+        self.answer_keys: set[bytes] = set()
         self.client_queries: OrderedDict[tuple[str, str], tuple[str, float]] = OrderedDict()
         self.hosts: OrderedDict[str, Host] = OrderedDict()
         self.ip_index: dict[str, str] = {}
@@ -324,7 +332,16 @@ class Tracker:
                 window = min(max(ans.ttl, 0), MAX_ANSWER_TTL) + grace
                 _put(self.answers, ans.data, _Answer(name, sig, ctx.ts + window, window, lookup),
                      self.config.answer_cache_size, self.stats, "dns_answer_cache")
+                self._add_answer_key(ans.data)
         self.stats.table_sizes["dns_answer_cache"] = len(self.answers)
+
+    def _add_answer_key(self, address: str) -> None:
+        keys = self.answer_keys
+        if len(keys) > 2 * len(self.answers) + 64:
+            keys.clear()
+            for known in self.answers:
+                keys.add(_packed(known))
+        keys.add(_packed(address))
 
     # -- flows -------------------------------------------------------------------------
 
