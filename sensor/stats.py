@@ -27,7 +27,7 @@ class Stats:
     # Capture workers decode in their own process with their own Stats; the process that owns
     # the sinks and metrics adds what they counted since their last report.
     _TOTALS = ("packets", "bytes", "decoded", "duplicates")
-    _COUNTERS = ("malformed", "matches", "detections", "evictions")
+    _COUNTERS = ("malformed", "matches", "detections", "evictions", "capture_loss")
 
     def counters(self) -> dict:
         """A picklable copy of every cumulative counter (not the gauges in table_sizes)."""

@@ -37,6 +37,7 @@ from ..track.verdict import INSTALL_VERDICTS
 from .bpf import build_filter
 
 _META = struct.Struct("=IIII")
+LINKTYPE_ETHERNET = 1
 BATCH = 1024
 MAX_BATCHES = 64
 MAX_WORKERS = 64
@@ -84,26 +85,29 @@ class LiveSource:
         while self.handle.next_batch(BATCH)[1]:
             pass
 
-    def batch(self):
-        """Yield (ts, linktype, data, wire_len) for what is ready now, without blocking.
+    def batches(self):
+        """Yield the libpcap batches (buffer, 16-byte records) ready now, without blocking.
 
         Drains up to MAX_BATCHES batches, so a busy link is read in large gulps while
         signals and the status line are still looked at between gulps; ``drained`` tells
-        afterwards whether the ring was emptied.  ``next_batch`` does not report wire
-        lengths; the captured length stands in for it.
-        """
+        afterwards whether the ring was emptied."""
         next_batch = self.handle.next_batch
-        unpack_from = _META.unpack_from
-        linktype = self.linktype
         self.drained = False
         for _ in range(MAX_BATCHES):
             buf, meta = next_batch(BATCH)
             if not meta:
                 self.drained = True
                 return
-            for i in range(0, len(meta), 16):
-                sec, usec, off, caplen = unpack_from(meta, i)
-                yield (sec * 1_000_000 + usec) / 1_000_000, linktype, buf[off:off + caplen], caplen
+            yield buf, meta
+
+    def batch(self):
+        """Yield (ts, linktype, data, wire_len) for what is ready now, without blocking.
+
+        ``next_batch`` does not report wire lengths; the captured length stands in for it."""
+        linktype = self.linktype
+        for buf, meta in self.batches():
+            for ts, data, caplen in _frames(buf, meta):
+                yield ts, linktype, data, caplen
 
     def drops(self) -> tuple[int, int, int]:
         """(received, kernel drops, interface drops) as libpcap reports them."""
@@ -115,6 +119,14 @@ class LiveSource:
 
     def close(self) -> None:
         self.handle.close()
+
+
+def _frames(buf: bytes, meta: bytes):
+    """(ts, frame, caplen) of every record of a libpcap batch."""
+    unpack_from = _META.unpack_from
+    for i in range(0, len(meta), 16):
+        sec, usec, off, caplen = unpack_from(meta, i)
+        yield (sec * 1_000_000 + usec) / 1_000_000, buf[off:off + caplen], caplen
 
 
 def drop_privileges(user: str) -> None:
@@ -237,21 +249,27 @@ def fanout_groups(interfaces: int) -> list[int]:
 
 
 def _worker_decoder(settings, signatures):
-    """The one place a worker builds its decoder."""
+    """The one place a worker builds its decoder.
+
+    Its interest has no answered addresses (the tracker that knows them is in the main
+    process), so it reports every flow start and the main process judges them."""
     from ..decode.packet import DecoderConfig, PacketDecoder
+    from ..pipeline import decoder_interest
     from ..stats import Stats
 
-    return PacketDecoder(Stats(), DecoderConfig(dedup_window=settings.dedup_window))
+    return PacketDecoder(Stats(), DecoderConfig(dedup_window=settings.dedup_window),
+                         interest=decoder_interest(signatures))
 
 
 class _CaptureWorker:
     """The loop of one worker process: capture, decode, send records and counters."""
 
-    def __init__(self, sources, decoder, conn):
+    def __init__(self, sources, decoder, conn, control):
         self.sources = sources
         self.decoder = decoder
         self.stats = decoder.stats
         self.conn = conn
+        self.control = control
         self.groups: list = []  # (packet ts, records) not yet sent
         self.watermarks = [0.0] * len(sources)
         self.reported = self.stats.counters()
@@ -262,9 +280,11 @@ class _CaptureWorker:
         fds = [source.fd for source in self.sources]
         while not should_stop():
             try:
-                select.select(fds, [], [], SEND_INTERVAL)
+                select.select(fds + [self.control.fileno()], [], [], SEND_INTERVAL)
             except InterruptedError:
                 pass
+            while self.control.poll():
+                self.decoder.interest = self.control.recv()  # the main process reloaded signatures
             self.gulp()
             now = time.monotonic()
             if now >= self.next_send or len(self.groups) >= SEND_GROUPS:
@@ -297,19 +317,27 @@ class _CaptureWorker:
         less the time a packet can sit in a ring block not yet handed over; one read only
         in part has delivered everything up to its last packet."""
         stats = self.stats
-        decode = self.decoder.decode
+        decoder = self.decoder
+        decode = decoder.decode
         groups = self.groups
         for index, source in enumerate(self.sources):
             started = time.time() - source.hidden_for
-            last = None
-            for ts, linktype, data, wire_len in source.batch():
-                stats.packets += 1
-                stats.bytes += wire_len
-                records = decode(ts, linktype, data, index)
-                if records:
-                    groups.append((ts, records))
-                last = ts
-            self.watermarks[index] = started if source.drained or last is None else last
+            linktype = source.linktype
+            meta = None
+            for buf, meta in source.batches():
+                # On Ethernet the decoder first drops, on the buffer, what it can rule out.
+                frames = decoder.ethernet_batch(buf, meta) if linktype == LINKTYPE_ETHERNET else _frames(buf, meta)
+                for ts, data, caplen in frames:
+                    stats.packets += 1
+                    stats.bytes += caplen
+                    records = decode(ts, linktype, data, index)
+                    if records:
+                        groups.append((ts, records))
+            if source.drained or meta is None:
+                self.watermarks[index] = started
+            else:
+                sec, usec = _META.unpack_from(meta, len(meta) - 16)[:2]
+                self.watermarks[index] = (sec * 1_000_000 + usec) / 1_000_000
 
     def send_records(self, watermark: float) -> None:
         self.conn.send(("records", watermark, self.groups))
@@ -327,7 +355,7 @@ class _CaptureWorker:
         self.next_stats = time.monotonic() + STATS_INTERVAL
 
 
-def _worker_main(args, settings, signatures, groups, conn, stop_event) -> None:
+def _worker_main(args, settings, signatures, groups, conn, control, stop_event) -> None:
     """Entry point of a worker process (forked from the main one)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -348,7 +376,7 @@ def _worker_main(args, settings, signatures, groups, conn, stop_event) -> None:
             conn.send(("error", f"cannot switch to user {args.user!r}: {err}"))
             sys.exit(2)
     conn.send(("ready", os.getpid()))
-    worker = _CaptureWorker(sources, _worker_decoder(settings, signatures), conn)
+    worker = _CaptureWorker(sources, _worker_decoder(settings, signatures), conn, control)
     try:
         worker.run(lambda: bool(terminated) or stop_event.is_set() or os.getppid() != parent)
     except (BrokenPipeError, ConnectionResetError):
@@ -359,13 +387,14 @@ def _worker_main(args, settings, signatures, groups, conn, stop_event) -> None:
 
 
 class _WorkerState:
-    __slots__ = ("index", "process", "conn", "pid", "ready", "finished", "watermark", "packets",
+    __slots__ = ("index", "process", "conn", "control", "pid", "ready", "finished", "watermark", "packets",
                  "captures", "table_sizes")
 
-    def __init__(self, index, process, conn):
+    def __init__(self, index, process, conn, control):
         self.index = index
         self.process = process
         self.conn = conn
+        self.control = control
         self.pid = process.pid
         self.ready = False
         self.finished = False
@@ -395,12 +424,15 @@ class WorkerPool:
         groups = fanout_groups(len(args.interface))
         for index in range(count):
             receiver, sender = context.Pipe(duplex=False)
+            control_in, control_out = context.Pipe(duplex=False)
             process = context.Process(target=_worker_main, name=f"purge-sensor-worker-{index}",
-                                      args=(args, settings, signatures, groups, sender, self.stop_event),
+                                      args=(args, settings, signatures, groups, sender, control_in,
+                                            self.stop_event),
                                       daemon=True)
             process.start()
             sender.close()
-            self.workers.append(_WorkerState(index, process, receiver))
+            control_in.close()
+            self.workers.append(_WorkerState(index, process, receiver, control_out))
 
     @property
     def running(self) -> list[_WorkerState]:
@@ -518,7 +550,20 @@ class WorkerPool:
             if worker.conn is not None:
                 worker.conn.close()
                 worker.conn = None
+            worker.control.close()
         self._release(sensor, math.inf)
+
+    def replace_signatures(self, signatures) -> None:
+        """Send every worker the decoder interest of a reloaded signature set (a few hundred
+        bytes, so the send does not wait on a busy worker)."""
+        from ..pipeline import decoder_interest
+
+        interest = decoder_interest(signatures)
+        for worker in self.running:
+            try:
+                worker.control.send(interest)
+            except OSError:
+                pass  # the worker is leaving; its end of the pipe tells the main loop soon
 
     def describe(self) -> str:
         return ", ".join(f"#{w.index} {w.packets:,} packets" for w in self.workers)
@@ -595,7 +640,8 @@ def _serve_workers(args, pool: WorkerPool, sensor) -> int:
     while not flags["stop"] and pool.failure is None and not pool.stopped_by_signal:
         if flags["reload"]:
             flags["reload"] = False
-            _reload(sensor, args)
+            if _reload(sensor, args):
+                pool.replace_signatures(sensor.signatures)
         pool.poll(sensor, 0.2)
         now = time.monotonic()
         if now >= next_status:
@@ -626,7 +672,7 @@ def _status(sensor, prefix: str) -> None:
           file=sys.stderr, flush=True)
 
 
-def _reload(sensor, args) -> None:
+def _reload(sensor, args) -> bool:
     from ..cli import _settings
     from ..config import ConfigError
     from ..detect.signatures import SignatureError, default_signature_paths, load_signatures
@@ -637,11 +683,12 @@ def _reload(sensor, args) -> None:
     except (ConfigError, SignatureError) as err:
         print(f"purge-sensor: reload failed, keeping the old configuration: {err}",
               file=sys.stderr, flush=True)
-        return
+        return False
     sensor.replace_signatures(signatures)
     sensor.reopen()
     print(f"purge-sensor: reloaded {len(signatures.signatures)} indicators "
           f"(version {signatures.version})", file=sys.stderr, flush=True)
+    return True
 
 
 def register(sub) -> None:
