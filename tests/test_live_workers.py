@@ -179,3 +179,38 @@ def test_worker_count_is_validated(count):
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "--workers: must be a whole number from 1 to 64" in proc.stderr
+
+
+PLACEHOLDER_SIGNATURES = """\
+version: "1"
+ruleset: kaspersky
+indicators:
+  - id: nothing-in-the-samples
+    category: update
+    strength: strong
+    exact: update.example.invalid
+    source: "[C] test"
+"""
+
+
+def test_sighup_gives_the_workers_the_reloaded_signatures(live, tmp_path):
+    """The workers screen packets by the signature set's names, so after a reload they
+    must screen by the new set: a capture replayed after the SIGHUP finds what ``read``
+    finds with the new set, although the sensor started with a set matching none of it."""
+    capture = ROOT / "pcaps" / "demo.pcap"
+    signatures = tmp_path / "signatures"
+    signatures.mkdir()
+    (signatures / "kaspersky.yaml").write_text(PLACEHOLDER_SIGNATURES)
+    read_dir = tmp_path / "read"
+    read_dir.mkdir()
+    read_alerts, read_hosts = live._read(capture, read_dir)
+
+    def reload_the_full_set(proc, line):
+        (signatures / "kaspersky.yaml").write_text((ROOT / "signatures" / "kaspersky.yaml").read_text())
+        proc.send_signal(signal.SIGHUP)
+        live._wait_for(proc, "reloaded")
+
+    live_alerts, live_hosts, _ = live._live(capture, tmp_path, "--workers", "2", "-s", str(signatures),
+                                           while_capturing=reload_the_full_set)
+    assert live_alerts == read_alerts
+    assert live_hosts == read_hosts
