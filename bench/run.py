@@ -3,6 +3,7 @@
 
     python3 bench/run.py                 # offline: read vs tcpdump -r vs tshark -r
     python3 bench/run.py --live          # also live: tcpreplay into a veth (root)
+    python3 bench/run.py --live --workers 2   # live capture with two fanout workers
 
 Offline, each tool reads the mix (bench/out/mix.pcap, written by make_mix.py when
 missing) once from the page cache: ``purge-sensor read --bpf-prefilter`` (state in a
@@ -136,12 +137,12 @@ def wait_line(proc: subprocess.Popen, text: str, timeout: float = 60.0) -> str:
     return ""
 
 
-def live_step_sensor(veth_mod, capture: Path, rate: str, tmp: Path, expected: Counter):
+def live_step_sensor(veth_mod, capture: Path, rate: str, tmp: Path, expected: Counter, workers: int):
     alerts = tmp / f"live-{rate}.json"
     with veth_mod.veth_pair(f"b{os.getpid() % 10000}") as (tx_ns, tx_if, rx_ns, rx_if):
         proc = subprocess.Popen(veth_mod.in_netns(rx_ns, sensor_argv(
             "run", "-i", rx_if, "--no-state", "-o", f"file:{alerts}", "--metrics", "127.0.0.1:0",
-            "--status-interval", "3600")), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+            "--status-interval", "3600", "--workers", str(workers))), cwd=ROOT, stderr=subprocess.PIPE, text=True)
         try:
             wait_line(proc, "capturing on")
             achieved = replay(veth_mod, tx_ns, tx_if, capture, rate)
@@ -180,7 +181,7 @@ def live_step_tcpdump(veth_mod, capture: Path, rate: str):
     return achieved, int(captured.group(1)) if captured else 0, int(dropped.group(1)) if dropped else -1
 
 
-def live(mix: Path, packets: int, steps: list[str]) -> None:
+def live(mix: Path, packets: int, steps: list[str], workers: int) -> None:
     import veth as veth_mod
 
     why = veth_mod.available()
@@ -205,7 +206,7 @@ def live(mix: Path, packets: int, steps: list[str]) -> None:
               f"{dict(unfiltered - expected) or 'nothing'}")
         best_sensor = best_tcpdump = None
         for rate in steps:
-            achieved, seen, kernel, iface, same = live_step_sensor(veth_mod, capture, rate, tmp, expected)
+            achieved, seen, kernel, iface, same = live_step_sensor(veth_mod, capture, rate, tmp, expected, workers)
             clean = kernel == 0 and iface == 0 and same
             print(f"  {rate:>9}: purge-sensor run  replay {achieved:>26}, {seen:,} packets after filter, "
                   f"{kernel:,} kernel drops, detections {'equal' if same else 'DIFFER'}")
@@ -227,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plain", action="store_true", help="skip read without the prefilter")
     parser.add_argument("--live", action="store_true", help="also run the live veth benchmark (root)")
     parser.add_argument("--live-packets", type=int, default=200_000)
+    parser.add_argument("--workers", type=int, default=1, help="purge-sensor run --workers (live only)")
     parser.add_argument("--pps", default="10000,25000,50000,100000,200000",
                         help="comma-separated tcpreplay --pps steps; --topspeed is always tried last")
     args = parser.parse_args(argv)
@@ -239,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{tool} is not installed")
     offline(args.mix, args.repeat, args.no_tshark, args.no_plain)
     if args.live:
-        live(args.mix, args.live_packets, [s for s in args.pps.split(",") if s] + ["topspeed"])
+        live(args.mix, args.live_packets, [s for s in args.pps.split(",") if s] + ["topspeed"], args.workers)
     return 0
 
 

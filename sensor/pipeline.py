@@ -90,11 +90,20 @@ class Sensor:
         stats.bytes += wire_len
         records = self.decoder.decode(ts, linktype, data, interface)
         if records:
-            detect = self.detector.detect
-            observe = self.tracker.observe
-            for record in records:
-                for event in observe(record, detect(record)):
-                    self.emit(event)
+            self.handle_records(records, ts)
+        elif ts >= self._next_flush:
+            self.tick(ts)
+
+    def handle_records(self, records, ts: float) -> None:
+        """Records decoded here or by a capture worker, from packets up to time ``ts``.
+
+        Live capture workers decode in their own processes; this is where their records
+        join the one state store and the sinks, along the same path as ``handle``'s."""
+        detect = self.detector.detect
+        observe = self.tracker.observe
+        for record in records:
+            for event in observe(record, detect(record)):
+                self.emit(event)
         if ts >= self._next_flush:
             self.tick(ts)
 

@@ -23,3 +23,27 @@ class Stats:
 
     def bad(self, reason: str) -> None:
         self.malformed[reason] += 1
+
+    # Capture workers decode in their own process with their own Stats; the process that owns
+    # the sinks and metrics adds what they counted since their last report.
+    _TOTALS = ("packets", "bytes", "decoded", "duplicates")
+    _COUNTERS = ("malformed", "matches", "detections", "evictions", "capture_loss")
+
+    def counters(self) -> dict:
+        """A picklable copy of every cumulative counter (not the gauges in table_sizes)."""
+        copy: dict = {name: getattr(self, name) for name in self._TOTALS}
+        copy.update((name, Counter(getattr(self, name))) for name in self._COUNTERS)
+        return copy
+
+    @classmethod
+    def delta(cls, now: dict, before: dict) -> dict:
+        """What was counted between two ``counters()`` copies of the same Stats."""
+        change: dict = {name: now[name] - before[name] for name in cls._TOTALS}
+        change.update((name, now[name] - before[name]) for name in cls._COUNTERS)
+        return change
+
+    def merge(self, delta: dict) -> None:
+        for name in self._TOTALS:
+            setattr(self, name, getattr(self, name) + delta[name])
+        for name in self._COUNTERS:
+            getattr(self, name).update(delta[name])

@@ -78,34 +78,41 @@ def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 30.0) -> str:
     raise AssertionError(f"sensor did not say {text!r}: {''.join(seen)}")
 
 
-def _live(capture: Path, tmp: Path):
+def _live(capture: Path, tmp: Path, *options: str, while_capturing=None):
+    """(alerts, inventory, stderr from the stop line on) of ``run *options`` fed ``capture``.
+
+    ``while_capturing(proc, line)`` is called once the sensor said it captures, before
+    the replay."""
     alerts, state = tmp / "live.json", tmp / "live.sqlite"
     with veth.veth_pair(f"t{os.getpid() % 10000}") as (tx_ns, tx_if, rx_ns, rx_if):
         proc = subprocess.Popen(
             veth.in_netns(rx_ns, _sensor("run", "-i", rx_if, "--state", str(state), "-o", f"file:{alerts}",
-                                         "--metrics", "127.0.0.1:0", "--status-interval", "1")),
+                                         "--metrics", "127.0.0.1:0", "--status-interval", "1", *options)),
             cwd=ROOT, stderr=subprocess.PIPE, text=True)
         try:
-            _wait_for(proc, "capturing on")
+            started = _wait_for(proc, "capturing on")
+            if while_capturing is not None:
+                while_capturing(proc, started)
             subprocess.run(veth.in_netns(tx_ns, ["tcpreplay", f"--intf1={tx_if}", f"--pps={PPS}", str(capture)]),
                            check=True, capture_output=True, timeout=120)
             time.sleep(1.0)
             proc.send_signal(signal.SIGTERM)
             last = _wait_for(proc, "stopped:")
+            tail = last + proc.stderr.read()
             assert proc.wait(timeout=30) == 0
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
     assert " 0 dropped by kernel" in last, last
-    return _alerts(alerts), _hosts(state)
+    return _alerts(alerts), _hosts(state), tail
 
 
 @pytest.mark.parametrize("name", CAPTURES)
 def test_live_capture_equals_read(tmp_path, name):
     capture = ROOT / "pcaps" / name
     read_alerts, read_hosts = _read(capture, tmp_path)
-    live_alerts, live_hosts = _live(capture, tmp_path)
+    live_alerts, live_hosts, _ = _live(capture, tmp_path)
     assert read_alerts, "the sample must produce detections"
     assert live_alerts == read_alerts
     assert live_hosts == read_hosts

@@ -6,10 +6,24 @@ C/Python boundary.  The capture is opened first (needs CAP_NET_RAW), then privil
 are dropped to ``--user`` before the state store and sinks are opened.  SIGHUP reloads
 signatures and config atomically (an invalid set keeps the old one), SIGTERM/SIGINT
 flush state and sinks and exit 0.
+
+With ``--workers N`` (N > 1) N processes capture: each opens every interface and joins
+that interface's PACKET_FANOUT group.  The kernel's fanout hash is symmetric (addresses and
+ports sorted) and leaves the ports out for every IP fragment, so both directions of a flow
+reach the same worker, and so do all fragments of a datagram.  PACKET_FANOUT_FLAG_DEFRAG is
+deliberately not set: the kernel would then reassemble instead of the sensor, and it throws
+away datagrams with overlapping fragments that ``read`` decodes (BSD policy).  Workers
+decode and send their records to the main process, which alone owns the state store,
+the sinks and the metrics.  Records are merged in packet-time order (each worker also
+reports a watermark: it will send nothing older), so DNS answers are seen before the
+connections they explain even when another worker decoded them.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import math
 import os
 import pwd
 import select
@@ -17,20 +31,24 @@ import signal
 import struct
 import sys
 import time
+import traceback
 
 from ..track.verdict import INSTALL_VERDICTS
 from .bpf import FilterError, WatchUpdates, build_filter
 
 _META = struct.Struct("=IIII")
+LINKTYPE_ETHERNET = 1
 BATCH = 1024
 MAX_BATCHES = 64
+MAX_WORKERS = 64
 
 
 class LiveSource:
     """One interface opened through libpcap with the sensor's filter, read without blocking."""
 
     def __init__(self, interface: str, bpf: str | None, snaplen: int = 65535,
-                 buffer_mb: int = 64, promisc: bool = True):
+                 buffer_mb: int = 64, promisc: bool = True, fanout_group: int | None = None,
+                 timeout_ms: int = 100):
         import pcapy
 
         self.interface = interface
@@ -40,9 +58,11 @@ class LiveSource:
             handle = pcapy.create(interface)
             handle.set_snaplen(snaplen)
             handle.set_promisc(promisc)
-            handle.set_timeout(100)
+            handle.set_timeout(timeout_ms)
             handle.set_buffer_size(buffer_mb << 20)
             handle.activate()
+            if fanout_group is not None:
+                handle.set_fanout(fanout_group, pcapy.PACKET_FANOUT_HASH)
             self.linktype = handle.datalink()
             handle.setfilter(build_filter(bpf, self.linktype))
             handle.setnonblock(1)
@@ -52,24 +72,44 @@ class LiveSource:
         self.fd = handle.getfd()
         self._stats_error = pcapy.PcapError
         self._last = (0, 0, 0)
+        self.drained = True
+        # TPACKET_V3 hands a ring block to user space when it is full or its timeout
+        # expires, so a packet can stay invisible that long after the kernel stamped it.
+        self.hidden_for = 2 * timeout_ms / 1000 + 0.02
+        if fanout_group is not None:
+            self.discard_backlog()
+
+    def discard_backlog(self) -> None:
+        """Drop what the socket queued before it joined its fanout group.
+
+        Until the join it received every packet of the interface, so that backlog is also
+        in the other workers' rings; keeping it would decode those packets twice."""
+        while self.handle.next_batch(BATCH)[1]:
+            pass
+
+    def batches(self):
+        """Yield the libpcap batches (buffer, 16-byte records) ready now, without blocking.
+
+        Drains up to MAX_BATCHES batches, so a busy link is read in large gulps while
+        signals and the status line are still looked at between gulps; ``drained`` tells
+        afterwards whether the ring was emptied."""
+        next_batch = self.handle.next_batch
+        self.drained = False
+        for _ in range(MAX_BATCHES):
+            buf, meta = next_batch(BATCH)
+            if not meta:
+                self.drained = True
+                return
+            yield buf, meta
 
     def batch(self):
         """Yield (ts, linktype, data, wire_len) for what is ready now, without blocking.
 
-        Drains up to MAX_BATCHES batches, so a busy link is read in large gulps while
-        signals and the status line are still looked at between gulps.  ``next_batch``
-        does not report wire lengths; the captured length stands in for it.
-        """
-        next_batch = self.handle.next_batch
-        unpack_from = _META.unpack_from
+        ``next_batch`` does not report wire lengths; the captured length stands in for it."""
         linktype = self.linktype
-        for _ in range(MAX_BATCHES):
-            buf, meta = next_batch(BATCH)
-            if not meta:
-                return
-            for i in range(0, len(meta), 16):
-                sec, usec, off, caplen = unpack_from(meta, i)
-                yield (sec * 1_000_000 + usec) / 1_000_000, linktype, buf[off:off + caplen], caplen
+        for buf, meta in self.batches():
+            for ts, data, caplen in _frames(buf, meta):
+                yield ts, linktype, data, caplen
 
     def set_watch(self, addresses) -> bool:
         """Also pass UDP towards these addresses (bpf.build_filter ``watch``); True when the
@@ -99,14 +139,41 @@ class LiveSource:
         self.handle.close()
 
 
+def _frames(buf: bytes, meta: bytes):
+    """(ts, frame, caplen) of every record of a libpcap batch."""
+    unpack_from = _META.unpack_from
+    for i in range(0, len(meta), 16):
+        sec, usec, off, caplen = unpack_from(meta, i)
+        yield (sec * 1_000_000 + usec) / 1_000_000, buf[off:off + caplen], caplen
+
+
 def drop_privileges(user: str) -> None:
+    _import_what_runs_later()
     entry = pwd.getpwnam(user)
     os.setgroups([])
     os.setgid(entry.pw_gid)
     os.setuid(entry.pw_uid)
 
 
+def _import_what_runs_later() -> None:
+    """Import now the modules the sensor would otherwise load lazily after the switch.
+
+    The unprivileged user may not be able to read the interpreter's own library (a Python
+    installed under /root, say); whatever is imported before the switch keeps working."""
+    import importlib
+
+    # encodings.idna: socket calls encode host names with it
+    for name in ("encodings.idna", "sqlite3", "..output.metrics", "..pipeline"):
+        importlib.import_module(name, __package__)
+
+
 def cmd_run(args) -> int:
+    if args.workers > 1:
+        return _run_workers(args)
+    return _run_single(args)
+
+
+def _run_single(args) -> int:
     from ..cli import EXIT_OK, EXIT_USAGE, _settings
     from ..config import ConfigError
     from ..detect.signatures import SignatureError
@@ -180,6 +247,431 @@ def cmd_run(args) -> int:
     return EXIT_OK
 
 
+# -- capture workers ---------------------------------------------------------------------
+
+SEND_INTERVAL = 0.05  # seconds between a worker's messages: its records and its watermark
+SEND_GROUPS = 4096  # packets with records after which a worker sends without waiting
+STATS_INTERVAL = 1.0  # seconds between a worker's counter reports
+WORKER_RING_TIMEOUT_MS = 20  # short, so ring blocks reach the worker and the merge soon
+MAX_PENDING = 200_000  # records the main process holds back for ordering, at most
+STOP_TIMEOUT = 10.0  # seconds workers get to drain and report before they are killed
+
+
+def fanout_groups(interfaces: int) -> list[int]:
+    """One PACKET_FANOUT group id per interface, unique to this sensor instance.
+
+    The kernel joins sockets that name the same id on the same interface, whoever opened
+    them, so the ids come from our pid rather than a constant."""
+    base = os.getpid() * MAX_WORKERS
+    return [(base + index) & 0xFFFF for index in range(interfaces)]
+
+
+def _worker_decoder(settings, signatures):
+    """The one place a worker builds its decoder.
+
+    Its interest has no answered addresses (the tracker that knows them is in the main
+    process), so it reports every flow start and the main process judges them."""
+    from ..decode.packet import DecoderConfig, PacketDecoder
+    from ..pipeline import decoder_interest
+    from ..stats import Stats
+
+    return PacketDecoder(Stats(), DecoderConfig(dedup_window=settings.dedup_window),
+                         interest=decoder_interest(signatures))
+
+
+class _CaptureWorker:
+    """The loop of one worker process: capture, decode, send records and counters."""
+
+    def __init__(self, sources, decoder, conn, control):
+        self.sources = sources
+        self.decoder = decoder
+        self.stats = decoder.stats
+        self.conn = conn
+        self.control = control
+        self.groups: list = []  # (packet ts, records) not yet sent
+        self.watermarks = [0.0] * len(sources)
+        self.reported = self.stats.counters()
+        self.next_send = 0.0
+        self.next_stats = time.monotonic() + STATS_INTERVAL
+
+    def run(self, should_stop) -> None:
+        fds = [source.fd for source in self.sources]
+        while not should_stop():
+            try:
+                select.select(fds + [self.control.fileno()], [], [], SEND_INTERVAL)
+            except InterruptedError:
+                pass
+            while self.control.poll():
+                self.decoder.interest = self.control.recv()  # the main process reloaded signatures
+            self.gulp()
+            now = time.monotonic()
+            if now >= self.next_send or len(self.groups) >= SEND_GROUPS:
+                self.send_records(min(self.watermarks))
+            if now >= self.next_stats:
+                self.send_stats()
+        self.drain(fds)
+        self.decoder.finish()
+        self.send_records(math.inf)
+        self.send_stats()
+        self.conn.send(("bye",))
+
+    def drain(self, fds) -> None:
+        """Decode what arrived before the stop, including ring blocks not yet handed over."""
+        settled = time.monotonic() + max(source.hidden_for for source in self.sources)
+        deadline = settled + STOP_TIMEOUT / 2
+        while time.monotonic() < deadline:
+            self.gulp()
+            if time.monotonic() >= settled and all(source.drained for source in self.sources):
+                return
+            try:
+                select.select(fds, [], [], SEND_INTERVAL)
+            except InterruptedError:
+                pass
+
+    def gulp(self) -> None:
+        """Decode what every interface has ready and advance its watermark.
+
+        A drained interface cannot later yield a packet stamped before the drain began,
+        less the time a packet can sit in a ring block not yet handed over; one read only
+        in part has delivered everything up to its last packet."""
+        stats = self.stats
+        decoder = self.decoder
+        decode = decoder.decode
+        groups = self.groups
+        for index, source in enumerate(self.sources):
+            started = time.time() - source.hidden_for
+            linktype = source.linktype
+            meta = None
+            for buf, meta in source.batches():
+                # On Ethernet the decoder first drops, on the buffer, what it can rule out.
+                frames = decoder.ethernet_batch(buf, meta) if linktype == LINKTYPE_ETHERNET else _frames(buf, meta)
+                for ts, data, caplen in frames:
+                    stats.packets += 1
+                    stats.bytes += caplen
+                    records = decode(ts, linktype, data, index)
+                    if records:
+                        groups.append((ts, records))
+            if source.drained or meta is None:
+                self.watermarks[index] = started
+            else:
+                sec, usec = _META.unpack_from(meta, len(meta) - 16)[:2]
+                self.watermarks[index] = (sec * 1_000_000 + usec) / 1_000_000
+
+    def send_records(self, watermark: float) -> None:
+        self.conn.send(("records", watermark, self.groups))
+        self.groups = []
+        self.next_send = time.monotonic() + SEND_INTERVAL
+
+    def send_stats(self) -> None:
+        from ..stats import Stats
+
+        counters = self.stats.counters()
+        delta = Stats.delta(counters, self.reported)
+        self.reported = counters
+        captures = {source.interface: source.drops() for source in self.sources}
+        self.conn.send(("stats", delta, dict(self.stats.table_sizes), captures))
+        self.next_stats = time.monotonic() + STATS_INTERVAL
+
+
+def _worker_main(args, settings, signatures, groups, conn, control, stop_event) -> None:
+    """Entry point of a worker process (forked from the main one)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    terminated = []
+    signal.signal(signal.SIGTERM, lambda *_: terminated.append(True))
+    parent = os.getppid()
+    try:
+        sources = [LiveSource(iface, args.bpf, buffer_mb=args.buffer_mb, fanout_group=group,
+                              timeout_ms=WORKER_RING_TIMEOUT_MS)
+                   for iface, group in zip(args.interface, groups)]
+    except (OSError, ImportError) as err:
+        conn.send(("error", f"cannot open capture: {err}"))
+        sys.exit(2)
+    if args.user:
+        try:
+            drop_privileges(args.user)
+        except (KeyError, PermissionError) as err:
+            conn.send(("error", f"cannot switch to user {args.user!r}: {err}"))
+            sys.exit(2)
+    conn.send(("ready", os.getpid()))
+    worker = _CaptureWorker(sources, _worker_decoder(settings, signatures), conn, control)
+    try:
+        worker.run(lambda: bool(terminated) or stop_event.is_set() or os.getppid() != parent)
+    except (BrokenPipeError, ConnectionResetError):
+        sys.exit(1)  # the main process is gone; nobody is left to report to
+    except Exception:  # noqa: BLE001 - a worker reports any failure to the main before leaving
+        conn.send(("error", traceback.format_exc(limit=8).rstrip()))
+        sys.exit(1)
+
+
+class _WorkerState:
+    __slots__ = ("index", "process", "conn", "control", "pid", "ready", "finished", "watermark", "packets",
+                 "captures", "table_sizes")
+
+    def __init__(self, index, process, conn, control):
+        self.index = index
+        self.process = process
+        self.conn = conn
+        self.control = control
+        self.pid = process.pid
+        self.ready = False
+        self.finished = False
+        self.watermark = 0.0
+        self.packets = 0
+        self.captures: dict = {}
+        self.table_sizes: dict = {}
+
+
+class WorkerPool:
+    """The main process's side: start the workers, merge what they send, stop them.
+
+    Records wait in a heap until every worker still running has announced a watermark
+    past them, then reach ``Sensor.handle_records`` in packet-time order.  The heap is
+    capped: beyond MAX_PENDING records the oldest go through unordered, counted as
+    evictions of ``worker_merge``."""
+
+    def __init__(self, args, settings, signatures, count: int):
+        import multiprocessing
+
+        context = multiprocessing.get_context("fork")
+        self.stop_event = context.Event()
+        self.workers: list[_WorkerState] = []
+        self.failure: str | None = None
+        self.pending: list = []
+        self.sequence = itertools.count()
+        groups = fanout_groups(len(args.interface))
+        for index in range(count):
+            receiver, sender = context.Pipe(duplex=False)
+            control_in, control_out = context.Pipe(duplex=False)
+            process = context.Process(target=_worker_main, name=f"purge-sensor-worker-{index}",
+                                      args=(args, settings, signatures, groups, sender, control_in,
+                                            self.stop_event),
+                                      daemon=True)
+            process.start()
+            sender.close()
+            control_in.close()
+            self.workers.append(_WorkerState(index, process, receiver, control_out))
+
+    @property
+    def running(self) -> list[_WorkerState]:
+        return [w for w in self.workers if w.conn is not None]
+
+    @property
+    def stopped_by_signal(self) -> bool:
+        """A worker left cleanly on its own: someone sent it SIGTERM (systemd stops the whole
+        control group that way), which stops the sensor."""
+        return any(w.finished for w in self.workers) and not self.stop_event.is_set()
+
+    def wait_ready(self, timeout: float = 30.0) -> str | None:
+        """None once every worker has opened its captures, else why one could not."""
+        from multiprocessing.connection import wait
+
+        deadline = time.monotonic() + timeout
+        while not all(w.ready for w in self.workers):
+            waiting = {w.conn: w for w in self.workers if not w.ready}
+            ready = wait(list(waiting), max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return "capture workers did not start in time"
+            for conn in ready:
+                worker = waiting[conn]
+                try:
+                    message = conn.recv()
+                except (EOFError, OSError):
+                    return f"worker {worker.index} exited while starting"
+                if message[0] == "error":
+                    return message[1]
+                worker.ready = True
+        return None
+
+    def poll(self, sensor, timeout: float) -> None:
+        from multiprocessing.connection import wait
+
+        running = {w.conn: w for w in self.running}
+        if running:
+            for conn in wait(list(running), timeout):
+                self._receive(running[conn], sensor)
+        self._release(sensor, min((w.watermark for w in self.running), default=math.inf))
+
+    def _receive(self, worker: _WorkerState, sensor) -> None:
+        conn = worker.conn
+        for _ in range(64):  # then let the other workers and the main loop have a turn
+            try:
+                if not conn.poll():
+                    return
+                message = conn.recv()
+            except (EOFError, OSError):
+                self._lost(worker)
+                return
+            kind = message[0]
+            if kind == "records":
+                _, watermark, groups = message
+                for ts, records in groups:
+                    heapq.heappush(self.pending, (ts, next(self.sequence), records))
+                worker.watermark = max(worker.watermark, watermark)
+            elif kind == "stats":
+                _, delta, worker.table_sizes, worker.captures = message
+                sensor.stats.merge(delta)
+                worker.packets += delta["packets"]
+                self.record_capture(sensor)
+            elif kind == "bye":
+                worker.finished = True
+            elif kind == "error":
+                self.failure = self.failure or f"worker {worker.index} failed: {message[1]}"
+
+    def _lost(self, worker: _WorkerState) -> None:
+        worker.conn.close()
+        worker.conn = None
+        if not worker.finished and self.failure is None:
+            worker.process.join(1.0)
+            self.failure = (f"worker {worker.index} (pid {worker.pid}) exited unexpectedly "
+                            f"(exit code {worker.process.exitcode})")
+
+    def _release(self, sensor, watermark: float) -> None:
+        pending = self.pending
+        handle_records = sensor.handle_records
+        while pending and (pending[0][0] <= watermark or len(pending) > MAX_PENDING):
+            if pending[0][0] > watermark:
+                sensor.stats.evictions["worker_merge"] += 1
+            ts, _, records = heapq.heappop(pending)
+            handle_records(records, ts)
+        sensor.stats.table_sizes["worker_merge"] = len(pending)
+        if 0.0 < watermark < math.inf:
+            handle_records((), watermark)  # packet time moves on even when nothing matched
+
+    def record_capture(self, sensor) -> None:
+        """Kernel drops add up over the workers' sockets; interface drops are the device's
+        own counter, which every socket reports alike."""
+        interfaces = {iface for worker in self.workers for iface in worker.captures}
+        for iface in interfaces:
+            counts = [w.captures.get(iface, (0, 0, 0)) for w in self.workers]
+            sensor.capture_drops[(iface, "kernel")] = sum(kernel for _, kernel, _ in counts)
+            sensor.capture_drops[(iface, "interface")] = max(interface for _, _, interface in counts)
+        sizes: dict = {}
+        for worker in self.workers:
+            for table, size in worker.table_sizes.items():
+                sizes[table] = sizes.get(table, 0) + size
+        sensor.stats.table_sizes.update(sizes)
+
+    def stop(self, sensor) -> None:
+        """Ask every worker to drain and report, take all they send, then make sure they are gone."""
+        self.stop_event.set()
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while self.running and time.monotonic() < deadline:
+            self.poll(sensor, 0.2)
+        for worker in self.workers:
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                print(f"purge-sensor: worker {worker.index} (pid {worker.pid}) did not stop; killing it",
+                      file=sys.stderr, flush=True)
+                worker.process.kill()
+                worker.process.join()
+            if worker.conn is not None:
+                worker.conn.close()
+                worker.conn = None
+            worker.control.close()
+        self._release(sensor, math.inf)
+
+    def replace_signatures(self, signatures) -> None:
+        """Send every worker the decoder interest of a reloaded signature set (a few hundred
+        bytes, so the send does not wait on a busy worker)."""
+        from ..pipeline import decoder_interest
+
+        interest = decoder_interest(signatures)
+        for worker in self.running:
+            try:
+                worker.control.send(interest)
+            except OSError:
+                pass  # the worker is leaving; its end of the pipe tells the main loop soon
+
+    def describe(self) -> str:
+        return ", ".join(f"#{w.index} {w.packets:,} packets" for w in self.workers)
+
+
+def _run_workers(args) -> int:
+    from ..cli import EXIT_USAGE, _settings
+    from ..config import ConfigError
+    from ..detect.signatures import SignatureError, default_signature_paths, load_signatures
+    from ..pipeline import Sensor
+
+    try:
+        settings = _settings(args)
+        signatures = load_signatures(settings.signatures or default_signature_paths())
+    except (ConfigError, SignatureError, ValueError, OSError) as err:
+        print(f"purge-sensor: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    pool = WorkerPool(args, settings, signatures, args.workers)
+    sensor = metrics = None
+    try:
+        problem = pool.wait_ready()
+        if problem:
+            print(f"purge-sensor: {problem}", file=sys.stderr)
+            return EXIT_USAGE
+        if args.user:
+            try:
+                drop_privileges(args.user)
+            except (KeyError, PermissionError) as err:
+                print(f"purge-sensor: cannot switch to user {args.user!r}: {err}", file=sys.stderr)
+                return EXIT_USAGE
+        try:
+            if not settings.metrics:
+                settings.metrics = "127.0.0.1:9917"
+            sensor = Sensor(settings)
+            from ..output.metrics import start_metrics
+
+            metrics = start_metrics(settings, sensor)
+        except (ConfigError, SignatureError, ValueError, OSError) as err:
+            print(f"purge-sensor: {err}", file=sys.stderr)
+            return EXIT_USAGE
+        return _serve_workers(args, pool, sensor)
+    finally:
+        if sensor is None:
+            pool.stop_event.set()
+            for worker in pool.workers:
+                worker.conn.close()  # a worker blocked on sending gets EPIPE and leaves
+                worker.process.join(STOP_TIMEOUT)
+                if worker.process.is_alive():
+                    worker.process.kill()
+                    worker.process.join()
+        else:
+            pool.stop(sensor)
+            sensor.close()
+            if metrics is not None:
+                metrics.close()
+            _status(sensor, "stopped: ")
+            print(f"purge-sensor: workers: {pool.describe()}", file=sys.stderr, flush=True)
+            if pool.failure:
+                print(f"purge-sensor: {pool.failure}", file=sys.stderr, flush=True)
+
+
+def _serve_workers(args, pool: WorkerPool, sensor) -> int:
+    from ..cli import EXIT_CAPTURE, EXIT_OK
+
+    flags = {"stop": False, "reload": False}
+    signal.signal(signal.SIGTERM, lambda *_: flags.__setitem__("stop", True))
+    signal.signal(signal.SIGINT, lambda *_: flags.__setitem__("stop", True))
+    signal.signal(signal.SIGHUP, lambda *_: flags.__setitem__("reload", True))
+    pids = ", ".join(str(w.pid) for w in pool.workers)
+    print(f"purge-sensor: capturing on {', '.join(args.interface)} with {len(pool.workers)} workers "
+          f"(pids {pids}); metrics on {sensor.settings.metrics}", file=sys.stderr, flush=True)
+    next_status = time.monotonic() + args.status_interval
+    last_packets = 0
+    while not flags["stop"] and pool.failure is None and not pool.stopped_by_signal:
+        if flags["reload"]:
+            flags["reload"] = False
+            if _reload(sensor, args):
+                pool.replace_signatures(sensor.signatures)
+        pool.poll(sensor, 0.2)
+        now = time.monotonic()
+        if now >= next_status:
+            if sensor.last_ts:
+                sensor.tick(max(sensor.last_ts, time.time()))
+            rate = (sensor.stats.packets - last_packets) / args.status_interval
+            last_packets = sensor.stats.packets
+            _status(sensor, f"{rate:,.0f} pkt/s, ")
+            next_status = now + args.status_interval
+    return EXIT_CAPTURE if pool.failure else EXIT_OK
+
+
 def _record_drops(sensor, sources) -> None:
     for source in sources:
         _, dropped, ifdropped = source.drops()
@@ -198,7 +690,7 @@ def _status(sensor, prefix: str) -> None:
           file=sys.stderr, flush=True)
 
 
-def _reload(sensor, args) -> None:
+def _reload(sensor, args) -> bool:
     from ..cli import _settings
     from ..config import ConfigError
     from ..detect.signatures import SignatureError, default_signature_paths, load_signatures
@@ -209,11 +701,12 @@ def _reload(sensor, args) -> None:
     except (ConfigError, SignatureError) as err:
         print(f"purge-sensor: reload failed, keeping the old configuration: {err}",
               file=sys.stderr, flush=True)
-        return
+        return False
     sensor.replace_signatures(signatures)
     sensor.reopen()
     print(f"purge-sensor: reloaded {len(signatures.signatures)} indicators "
           f"(version {signatures.version})", file=sys.stderr, flush=True)
+    return True
 
 
 def register(sub) -> None:
@@ -230,7 +723,24 @@ def register(sub) -> None:
                    help="interface to capture on (repeatable)")
     p.add_argument("--bpf", metavar="FILTER", help="extra capture filter (tcpdump syntax), ANDed with the sensor's")
     p.add_argument("--user", metavar="USER", help="drop to this user after opening the capture")
-    p.add_argument("--buffer-mb", type=int, default=64, metavar="MB", help="kernel capture buffer (default 64)")
+    p.add_argument("--workers", type=_worker_count, default=1, metavar="N",
+                   help=f"capture and decode in N processes (1-{MAX_WORKERS}, default 1), one PACKET_FANOUT "
+                        "group per interface with a symmetric flow hash; the main process keeps the "
+                        "state, sinks and metrics")
+    p.add_argument("--buffer-mb", type=int, default=64, metavar="MB",
+                   help="kernel capture buffer per interface and worker (default 64)")
     p.add_argument("--status-interval", type=float, default=60.0, metavar="SECONDS",
                    help="period of the one-line status on stderr (default 60)")
     p.set_defaults(func=cmd_run)
+
+
+def _worker_count(text: str) -> int:
+    import argparse
+
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {MAX_WORKERS}, not {text!r}")
+    return count
