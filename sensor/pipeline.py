@@ -83,6 +83,7 @@ class Sensor:
         self._next_inventory = None
         self.last_ts = 0.0
         self._watch_version = 0
+        self._loss_reported = (0, 0)
 
     def handle(self, ts: float, linktype: int, data: bytes, wire_len: int, interface: int = 0):
         stats = self.stats
@@ -121,6 +122,14 @@ class Sensor:
             sec, usec, off, caplen = unpack_from(meta, pos)
             handle((sec * 1_000_000 + usec) / 1_000_000, linktype, buf[off:off + caplen], caplen,
                    interface)
+
+    def capture_loss_interval(self) -> tuple[int, int]:
+        """(gaps, acks) of the capture-loss estimate since the previous call: Zeek reports
+        capture loss per interval, so a loss burst is not averaged away by hours of calm."""
+        loss = self.stats.capture_loss
+        gaps, acks = loss["gaps"] - self._loss_reported[0], loss["acks"] - self._loss_reported[1]
+        self._loss_reported = (loss["gaps"], loss["acks"])
+        return gaps, acks
 
     def offer_watch(self, capture) -> None:
         """Keep a capture's UDP watch list (bpf.build_filter ``watch``) in step with the

@@ -78,11 +78,11 @@ def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 30.0) -> str:
     raise AssertionError(f"sensor did not say {text!r}: {''.join(seen)}")
 
 
-def _live(capture: Path, tmp: Path, *options: str, while_capturing=None):
+def _live(capture: Path, tmp: Path, *options: str, while_capturing=None, pps: int | None = PPS):
     """(alerts, inventory, stderr from the stop line on) of ``run *options`` fed ``capture``.
 
     ``while_capturing(proc, line)`` is called once the sensor said it captures, before
-    the replay."""
+    the replay.  ``pps=None`` replays at the capture's own pace."""
     alerts, state = tmp / "live.json", tmp / "live.sqlite"
     with veth.veth_pair(f"t{os.getpid() % 10000}") as (tx_ns, tx_if, rx_ns, rx_if):
         proc = subprocess.Popen(
@@ -93,7 +93,8 @@ def _live(capture: Path, tmp: Path, *options: str, while_capturing=None):
             started = _wait_for(proc, "capturing on")
             if while_capturing is not None:
                 while_capturing(proc, started)
-            subprocess.run(veth.in_netns(tx_ns, ["tcpreplay", f"--intf1={tx_if}", f"--pps={PPS}", str(capture)]),
+            pace = [f"--pps={pps}"] if pps else []
+            subprocess.run(veth.in_netns(tx_ns, ["tcpreplay", f"--intf1={tx_if}", *pace, str(capture)]),
                            check=True, capture_output=True, timeout=120)
             time.sleep(1.0)
             proc.send_signal(signal.SIGTERM)
@@ -145,3 +146,41 @@ def test_sighup_reloads_and_keeps_the_old_set_when_the_new_one_is_invalid(tmp_pa
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def _answer_then_udp_flow(path: Path) -> None:
+    """The internal resolver gets an upstream answer for a Kaspersky update name; 0.6 s
+    later a client (whose own lookup the span did not carry) sends UDP to the answered
+    address on a port the static filter does not know (not DNS, QUIC or KSC)."""
+    from scapy.layers.dns import DNS, DNSQR, DNSRR
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+    from scapy.utils import wrpcap
+
+    client, resolver, upstream, server = "10.20.0.5", "10.20.0.53", "192.0.2.53", "198.51.100.77"
+    eth = Ether(src="02:00:00:00:00:05", dst="02:00:00:00:00:01")
+    query = eth / IP(src=resolver, dst=upstream) / UDP(sport=53001, dport=53) / DNS(
+        id=7, rd=1, qd=DNSQR(qname="dnl-01.geo.kaspersky.com"))
+    answer = eth / IP(src=upstream, dst=resolver) / UDP(sport=53, dport=53001) / DNS(
+        id=7, qr=1, rd=1, ra=1, qd=DNSQR(qname="dnl-01.geo.kaspersky.com"),
+        an=DNSRR(rrname="dnl-01.geo.kaspersky.com", type="A", ttl=300, rdata=server))
+    packets = [query, answer]
+    for i in range(5):
+        packets.append(eth / IP(src=client, dst=server) / UDP(sport=41000, dport=38211) / (b"\x01" * 40))
+    for i, packet in enumerate(packets):
+        packet.time = 1_700_000_000 + (0.0 if i < 2 else 0.6 + 0.2 * i)
+    wrpcap(str(path), packets)
+
+
+def test_udp_flow_to_an_answered_address_passes_the_live_filter(tmp_path):
+    """The kernel filter only learns the address from the DNS answer (the watch list);
+    the UDP flow that follows must still reach the sensor and become dns_answer_flow."""
+    capture = tmp_path / "answer_udp.pcap"
+    _answer_then_udp_flow(capture)
+    unfiltered = tmp_path / "plain.json"
+    subprocess.run(_sensor("read", "-q", "--no-state", "--no-bpf-prefilter", "-o", f"file:{unfiltered}",
+                           str(capture)), cwd=ROOT, check=True, capture_output=True)
+    expected = ("dns_answer_flow", "10.20.0.5", "dnl-01.geo.kaspersky.com")
+    assert expected in _alerts(unfiltered)
+    live_alerts, _, _ = _live(capture, tmp_path, pps=None)
+    assert expected in live_alerts

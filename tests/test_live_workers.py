@@ -214,3 +214,12 @@ def test_sighup_gives_the_workers_the_reloaded_signatures(live, tmp_path):
                                            while_capturing=reload_the_full_set)
     assert live_alerts == read_alerts
     assert live_hosts == read_hosts
+
+
+def test_workers_get_the_watch_list_for_udp_flows_to_answered_addresses(live, tmp_path):
+    """The answer arrives in one worker, the UDP flow may hash to the other: the main
+    process must hand every worker the answered address for its kernel filter."""
+    capture = tmp_path / "answer_udp.pcap"
+    live._answer_then_udp_flow(capture)
+    alerts, _, _ = live._live(capture, tmp_path, "--workers", "2", pps=None)
+    assert ("dns_answer_flow", "10.20.0.5", "dnl-01.geo.kaspersky.com") in alerts

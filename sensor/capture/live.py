@@ -209,7 +209,7 @@ def _run_single(args) -> int:
     signal.signal(signal.SIGHUP, lambda *_: flags.__setitem__("reload", True))
     print(f"purge-sensor: capturing on {', '.join(args.interface)}; metrics on {settings.metrics}",
           file=sys.stderr, flush=True)
-    handle = sensor.handle
+    handle_batch = sensor.handle_batch
     next_status = time.monotonic() + args.status_interval
     last_packets = 0
     fds = [s.fd for s in sources]
@@ -223,8 +223,9 @@ def _run_single(args) -> int:
             except InterruptedError:
                 continue
             for index, source in enumerate(sources):
-                for ts, linktype, data, wire_len in source.batch():
-                    handle(ts, linktype, data, wire_len, index)
+                for buf, meta in source.batches():
+                    handle_batch(source.linktype, buf, meta, index)
+                sensor.offer_watch(source)
             now = time.monotonic()
             if now >= next_status:
                 _record_drops(sensor, sources)
@@ -236,8 +237,8 @@ def _run_single(args) -> int:
                 next_status = now + args.status_interval
     finally:
         for index, source in enumerate(sources):
-            for ts, linktype, data, wire_len in source.batch():
-                handle(ts, linktype, data, wire_len, index)
+            for buf, meta in source.batches():
+                handle_batch(source.linktype, buf, meta, index)
         _record_drops(sensor, sources)
         for source in sources:
             source.close()
@@ -289,6 +290,7 @@ class _CaptureWorker:
         self.conn = conn
         self.control = control
         self.groups: list = []  # (packet ts, records) not yet sent
+        self.watch: list | None = None  # a watch list not yet in every interface's filter
         self.watermarks = [0.0] * len(sources)
         self.reported = self.stats.counters()
         self.next_send = 0.0
@@ -302,7 +304,13 @@ class _CaptureWorker:
             except InterruptedError:
                 pass
             while self.control.poll():
-                self.decoder.interest = self.control.recv()  # the main process reloaded signatures
+                kind, value = self.control.recv()
+                if kind == "interest":
+                    self.decoder.interest = value  # the main process reloaded signatures
+                else:
+                    self.watch = value  # the main process's answer cache grew
+            if self.watch is not None:
+                self.apply_watch()
             self.gulp()
             now = time.monotonic()
             if now >= self.next_send or len(self.groups) >= SEND_GROUPS:
@@ -314,6 +322,16 @@ class _CaptureWorker:
         self.send_records(math.inf)
         self.send_stats()
         self.conn.send(("bye",))
+
+    def apply_watch(self) -> None:
+        """Put the watch list into every interface's filter; an interface that postpones
+        (recompiles are rate-limited) is offered it again on the next turn."""
+        postponed = False
+        for source in self.sources:
+            source.set_watch(self.watch)
+            postponed = postponed or source.watch_updates.postponed
+        if not postponed:
+            self.watch = None
 
     def drain(self, fds) -> None:
         """Decode what arrived before the stop, including ring blocks not yet handed over."""
@@ -439,6 +457,7 @@ class WorkerPool:
         self.failure: str | None = None
         self.pending: list = []
         self.sequence = itertools.count()
+        self.watch_version = 0
         groups = fanout_groups(len(args.interface))
         for index in range(count):
             receiver, sender = context.Pipe(duplex=False)
@@ -576,10 +595,20 @@ class WorkerPool:
         bytes, so the send does not wait on a busy worker)."""
         from ..pipeline import decoder_interest
 
-        interest = decoder_interest(signatures)
+        self._send_all(("interest", decoder_interest(signatures)))
+
+    def offer_watch(self, sensor) -> None:
+        """Send the workers the answer cache's addresses whenever it grew, for their filters'
+        UDP watch list (bpf.build_filter ``watch``); each worker rate-limits its recompiles."""
+        version = sensor.tracker.answer_version
+        if version != self.watch_version:
+            self.watch_version = version
+            self._send_all(("watch", sensor.tracker.answer_addresses))
+
+    def _send_all(self, message) -> None:
         for worker in self.running:
             try:
-                worker.control.send(interest)
+                worker.control.send(message)
             except OSError:
                 pass  # the worker is leaving; its end of the pipe tells the main loop soon
 
@@ -661,6 +690,7 @@ def _serve_workers(args, pool: WorkerPool, sensor) -> int:
             if _reload(sensor, args):
                 pool.replace_signatures(sensor.signatures)
         pool.poll(sensor, 0.2)
+        pool.offer_watch(sensor)
         now = time.monotonic()
         if now >= next_status:
             if sensor.last_ts:
@@ -685,9 +715,11 @@ def _status(sensor, prefix: str) -> None:
     kernel = sum(n for (_, kind), n in drops.items() if kind == "kernel")
     interface = sum(n for (_, kind), n in drops.items() if kind == "interface")
     hosts = sum(1 for h in sensor.host_snapshot if h.get("verdict") in INSTALL_VERDICTS)
+    gaps, acks = sensor.capture_loss_interval()
+    loss = f"{100.0 * gaps / acks:.2f}% ({gaps:,} of {acks:,} acks)" if acks else "n/a (no acks)"
     print(f"purge-sensor: {prefix}{sensor.stats.packets:,} packets, {kernel:,} dropped by kernel, "
-          f"{interface:,} by interface, {sensor.alerts:,} alerts, {hosts} install hosts",
-          file=sys.stderr, flush=True)
+          f"{interface:,} by interface, capture loss {loss}, {sensor.alerts:,} alerts, "
+          f"{hosts} install hosts", file=sys.stderr, flush=True)
 
 
 def _reload(sensor, args) -> bool:
