@@ -162,8 +162,11 @@ def _import_what_runs_later() -> None:
     installed under /root, say); whatever is imported before the switch keeps working."""
     import importlib
 
-    # encodings.idna: socket calls encode host names with it
-    for name in ("encodings.idna", "sqlite3", "..output.metrics", "..pipeline"):
+    # encodings.idna: socket calls encode host names with it; cryptography: the first QUIC
+    # Initial; tomllib: a SIGHUP reload of the config file.
+    for name in ("encodings.idna", "sqlite3", "tomllib", "cryptography.exceptions",
+                 "cryptography.hazmat.primitives.ciphers", "cryptography.hazmat.primitives.ciphers.aead",
+                 "..output.metrics", "..pipeline"):
         importlib.import_module(name, __package__)
 
 
@@ -173,11 +176,33 @@ def cmd_run(args) -> int:
     return _run_single(args)
 
 
+def _switch_user(user: str | None) -> bool:
+    """Drop to ``user`` when one is given; False, with the reason on stderr, if that fails."""
+    if not user:
+        return True
+    try:
+        drop_privileges(user)
+    except (KeyError, PermissionError) as err:
+        print(f"purge-sensor: cannot switch to user {user!r}: {err}", file=sys.stderr)
+        return False
+    return True
+
+
+def _start_sensor(settings):
+    """The Sensor and its metrics endpoint: ``run`` always serves metrics."""
+    from ..output.metrics import start_metrics
+    from ..pipeline import Sensor
+
+    if not settings.metrics:
+        settings.metrics = "127.0.0.1:9917"
+    sensor = Sensor(settings)
+    return sensor, start_metrics(settings, sensor)
+
+
 def _run_single(args) -> int:
     from ..cli import EXIT_OK, EXIT_USAGE, _settings
     from ..config import ConfigError
     from ..detect.signatures import SignatureError
-    from ..pipeline import Sensor
 
     sources = []
     try:
@@ -186,20 +211,11 @@ def _run_single(args) -> int:
     except (OSError, ImportError) as err:
         print(f"purge-sensor: cannot open capture: {err}", file=sys.stderr)
         return EXIT_USAGE
-    if args.user:
-        try:
-            drop_privileges(args.user)
-        except (KeyError, PermissionError) as err:
-            print(f"purge-sensor: cannot switch to user {args.user!r}: {err}", file=sys.stderr)
-            return EXIT_USAGE
+    if not _switch_user(args.user):
+        return EXIT_USAGE
     try:
         settings = _settings(args)
-        if not settings.metrics:
-            settings.metrics = "127.0.0.1:9917"
-        sensor = Sensor(settings)
-        from ..output.metrics import start_metrics
-
-        metrics = start_metrics(settings, sensor)
+        sensor, metrics = _start_sensor(settings)
     except (ConfigError, SignatureError, ValueError, OSError) as err:
         print(f"purge-sensor: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -620,7 +636,6 @@ def _run_workers(args) -> int:
     from ..cli import EXIT_USAGE, _settings
     from ..config import ConfigError
     from ..detect.signatures import SignatureError, default_signature_paths, load_signatures
-    from ..pipeline import Sensor
 
     try:
         settings = _settings(args)
@@ -635,19 +650,10 @@ def _run_workers(args) -> int:
         if problem:
             print(f"purge-sensor: {problem}", file=sys.stderr)
             return EXIT_USAGE
-        if args.user:
-            try:
-                drop_privileges(args.user)
-            except (KeyError, PermissionError) as err:
-                print(f"purge-sensor: cannot switch to user {args.user!r}: {err}", file=sys.stderr)
-                return EXIT_USAGE
+        if not _switch_user(args.user):
+            return EXIT_USAGE
         try:
-            if not settings.metrics:
-                settings.metrics = "127.0.0.1:9917"
-            sensor = Sensor(settings)
-            from ..output.metrics import start_metrics
-
-            metrics = start_metrics(settings, sensor)
+            sensor, metrics = _start_sensor(settings)
         except (ConfigError, SignatureError, ValueError, OSError) as err:
             print(f"purge-sensor: {err}", file=sys.stderr)
             return EXIT_USAGE
