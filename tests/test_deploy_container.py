@@ -209,9 +209,10 @@ def test_dashboard_has_the_panels_the_issue_asks_for():
     renamed = table["transformations"][0]["options"]["renameByName"]
     assert {"IP", "Hostname", "Verdict", "Last seen"} <= set(renamed.values())
     assert "sum by (action)" in exprs["Detections by action"]
-    health = " ".join(exprs[t] for t in ("Packets", "Capture drops", "Decode errors by reason", "Table sizes",
+    health = " ".join(exprs[t] for t in ("Packets", "Capture drops and loss", "Decode errors by reason", "Table sizes",
                                          "Table evictions", "Alert delivery", "Alert queue and spool"))
     for metric in ("purge_sensor_packets_total", "purge_sensor_capture_drops_total",
+                   "purge_sensor_capture_loss_gaps_total", "purge_sensor_capture_loss_acks_total",
                    "purge_sensor_decode_errors_total", "purge_sensor_table_entries",
                    "purge_sensor_table_evictions_total", "purge_sensor_alerts_delivered_total",
                    "purge_sensor_alert_delivery_failures_total", "purge_sensor_alert_spool_bytes"):
