@@ -257,7 +257,13 @@ def cmd_metrics_password(args) -> int:
     return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
+OWN_COMMANDS = ("read", "names", "signatures", "metrics-password")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line; given the command about to run, only the subparsers this module
+    defines are built when it is one of them, so ``read`` does not import the inventory
+    and live-capture modules just to describe their options."""
     parser = argparse.ArgumentParser(
         prog="purge-sensor",
         description="Passive sensor that finds internal hosts still running Kaspersky products "
@@ -307,20 +313,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "PBKDF2 hash to put in [metrics] basic_auth_hash.")
     p.set_defaults(func=cmd_metrics_password)
 
+    if command in OWN_COMMANDS:
+        return parser
+    from .capture import live
     from .output import inventory
 
     inventory.register(sub)
-    try:
-        from .capture import live
-    except ImportError:
-        live = None
-    if live is not None and hasattr(live, "register"):
-        live.register(sub)
+    live.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -154,7 +154,7 @@ class PacketDecoder:
         extension headers are judged here; anything else takes the full path.  This loop
         is the read path's hot spot, so it is written out flat with local names."""
         unpack_from = _BATCH_META.unpack_from
-        bypass = self.streams.bypass
+        bypass_get = self.streams.bypass.get
         close = self.streams.close
         loss_flows = self.loss.flows
         client_segment = self.loss.client_segment
@@ -162,61 +162,65 @@ class PacketDecoder:
         interest = self.interest
         screen = interest.dns_screen if interest is not None else None
         skipped = skipped_bytes = 0
+        next_expiry = self._next_expiry
         for pos in range(0, len(meta), 16):
             sec, usec, off, caplen = unpack_from(meta, pos)
             ts = (sec * 1_000_000 + usec) / 1_000_000
             end = off + caplen
-            if caplen >= 42:
+            # Before the next table expiry only: the full path runs it first.
+            if caplen >= 42 and ts < next_expiry:
                 tag = off + 4 if buf[off + 12] == 0x81 and buf[off + 13] == 0x00 else off
                 b = buf[tag + 12]
                 proto = 0
                 if b == 0x08:
-                    if end >= tag + 42 and not buf[tag + 13] and buf[tag + 14] == 0x45 \
+                    if end >= tag + 42 and buf[tag + 14] == 0x45 and not buf[tag + 13] \
                             and not buf[tag + 20] & 0x3F and not buf[tag + 21]:
                         proto = buf[tag + 23]
-                        addr, l4, width = tag + 26, tag + 34, 4
+                        addr = tag + 26
+                        l4 = tag + 34
+                        width = 4
                         ip_end = tag + 14 + ((buf[tag + 16] << 8) | buf[tag + 17])
                 elif b == 0x86:
                     if end >= tag + 62 and buf[tag + 13] == 0xDD and buf[tag + 14] >> 4 == 6:
                         proto = buf[tag + 20]
-                        addr, l4, width = tag + 22, tag + 54, 16
+                        addr = tag + 22
+                        l4 = tag + 54
+                        width = 16
                         ip_end = l4 + ((buf[tag + 18] << 8) | buf[tag + 19])
-                if proto and not l4 + 8 <= ip_end <= end:
-                    proto = 0  # snapped or short: the full path counts it
-                if ts >= self._next_expiry:
-                    proto = 0  # the full path runs the table expiry first
-                if proto == 6 and ip_end >= l4 + 20 and buf[l4 + 12] >= 0x50:
-                    flags = buf[l4 + 13]
-                    payload = ip_end - l4 - (buf[l4 + 12] >> 4 << 2)
-                    if not flags & 0x07:
-                        key = buf[addr:l4 + 4]
-                        seen = bypass.get(key)
-                        if seen is not None and payload >= 0:
-                            seq = int.from_bytes(buf[l4 + 4:l4 + 8], "big")
-                            if (seen - seq) % SEQ_MOD >= SEQ_WINDOW or seen == seq:
-                                if loss_flows:
-                                    if key in loss_flows:
-                                        if payload:
-                                            client_segment(key, seq, payload)
-                                    elif flags & 0x10:
-                                        self._judge_loss(key, flags, buf, l4, payload)
+                # Snapped or short datagrams take the full path, which counts them.
+                if proto == 6:
+                    if l4 + 20 <= ip_end <= end and buf[l4 + 12] >= 0x50:
+                        flags = buf[l4 + 13]
+                        payload = ip_end - l4 - (buf[l4 + 12] >> 2 & 0x3C)
+                        if not flags & 0x07:
+                            key = buf[addr:l4 + 4]
+                            seen = bypass_get(key)
+                            if seen is not None and payload >= 0:
+                                seq = int.from_bytes(buf[l4 + 4:l4 + 8], "big")
+                                if (seen - seq) % SEQ_MOD >= SEQ_WINDOW or seen == seq:
+                                    if loss_flows:
+                                        if key in loss_flows:
+                                            if payload:
+                                                client_segment(key, seq, payload)
+                                        elif flags & 0x10:
+                                            self._judge_loss(key, flags, buf, l4, payload)
+                                    skipped += 1
+                                    skipped_bytes += caplen
+                                    continue
+                        elif flags & 0x12 == 0x12:
+                            if buf[l4] != 0 or buf[l4 + 1] != 53:
                                 skipped += 1
                                 skipped_bytes += caplen
                                 continue
-                    elif flags & 0x12 == 0x12:
-                        if buf[l4] != 0 or buf[l4 + 1] != 53:
+                        elif flags & 0x05 and not flags & 0x02 and payload == 0:
+                            key = buf[addr:l4 + 4]
+                            if loss_flows:
+                                self._judge_loss(key, flags, buf, l4, 0)
+                            close(key)
                             skipped += 1
                             skipped_bytes += caplen
                             continue
-                    elif flags & 0x05 and not flags & 0x02 and payload == 0:
-                        key = buf[addr:l4 + 4]
-                        if loss_flows:
-                            self._judge_loss(key, flags, buf, l4, 0)
-                        close(key)
-                        skipped += 1
-                        skipped_bytes += caplen
-                        continue
-                elif proto == 17 and screen is not None and ip_end >= l4 + 20:
+                elif proto == 17 and screen is not None and l4 + 20 <= ip_end <= end:
                     if buf[l4 + 2] == 0 and buf[l4 + 3] == 53 and not buf[l4 + 10] & 0x80:
                         server = buf[addr + width:addr + 2 * width] + b"q"
                     elif buf[l4] == 0 and buf[l4 + 1] == 53 and buf[l4 + 10] & 0x80:
@@ -231,6 +235,7 @@ class PacketDecoder:
                             skipped_bytes += caplen
                             continue
             yield ts, buf[off:end], caplen
+            next_expiry = self._next_expiry
         stats = self.stats
         stats.packets += skipped
         stats.bytes += skipped_bytes
