@@ -44,6 +44,7 @@ from sensor.capture.bpf import build_filter  # noqa: E402
 
 DEFAULT_MIX = ROOT / "bench" / "out" / "mix.pcap"
 SENSOR_RUN = "purge-sensor read"
+PLAIN_RUN = "purge-sensor read --no-bpf-prefilter"
 TSHARK_FIELDS = ("dns.qry.name", "tls.handshake.extensions_server_name", "http.host")
 
 
@@ -79,11 +80,12 @@ def offline(mix: Path, repeat: int, skip_tshark: bool, skip_plain: bool) -> None
         runs = {
             "tcpdump -r (sensor filter)": ["tcpdump", "-r", str(mix), "-w", "/dev/null", build_filter()],
             SENSOR_RUN: sensor_argv(
-                "read", "-q", "--state", f"{tmp}/a.sqlite", "-o", "file:/dev/null", str(mix)),
+                "read", "-q", "--state", f"{tmp}/a.sqlite", "-o", f"file:{tmp}/a.json", str(mix)),
         }
         if not skip_plain:
-            runs["purge-sensor read --no-bpf-prefilter"] = sensor_argv(
-                "read", "-q", "--no-bpf-prefilter", "--state", f"{tmp}/b.sqlite", "-o", "file:/dev/null", str(mix))
+            runs[PLAIN_RUN] = sensor_argv(
+                "read", "-q", "--no-bpf-prefilter", "--state", f"{tmp}/b.sqlite", "-o", f"file:{tmp}/b.json",
+                str(mix))
         if not skip_tshark:
             fields = [arg for field in TSHARK_FIELDS for arg in ("-e", field)]
             runs["tshark -r (DNS, SNI, Host)"] = ["tshark", "-r", str(mix), "-n", "-T", "fields", *fields]
@@ -94,7 +96,7 @@ def offline(mix: Path, repeat: int, skip_tshark: bool, skip_plain: bool) -> None
         for name, argv in runs.items():
             best = None
             for _ in range(1 if name.startswith("tshark") else repeat):
-                for state in Path(tmp).glob("*.sqlite*"):
+                for state in [*Path(tmp).glob("*.sqlite*"), *Path(tmp).glob("*.json")]:
                     state.unlink()
                 seconds, code, rss = timed(argv)
                 if code != 0:
@@ -102,6 +104,8 @@ def offline(mix: Path, repeat: int, skip_tshark: bool, skip_plain: bool) -> None
                 if best is None or seconds < best[0]:
                     best = (seconds, code, rss)
             results[name] = best
+        filtered = alerts_of(Path(tmp) / "a.json")
+        unfiltered = alerts_of(Path(tmp) / "b.json") if not skip_plain else None
     base = results["tcpdump -r (sensor filter)"][0]
     tshark = results.get("tshark -r (DNS, SNI, Host)")
     print(f"{'tool':<36} {'seconds':>8} {'packets/s':>12} {'MB/s':>8} {'peak RSS MB':>12} {'x tcpdump':>10}")
@@ -111,6 +115,11 @@ def offline(mix: Path, repeat: int, skip_tshark: bool, skip_plain: bool) -> None
     sensor = results[SENSOR_RUN][0]
     if tshark:
         print(f"{SENSOR_RUN} is {tshark[0] / sensor:.1f}x faster than tshark")
+    if unfiltered is not None:
+        difference = (filtered - unfiltered) + (unfiltered - filtered)
+        print(f"detections with and without the prefilter: {sum(filtered.values()):,} and "
+              f"{sum(unfiltered.values()):,} alerts, "
+              + ("identical" if not difference else f"DIFFERENT: {dict(difference)}"))
 
 
 # -- live ---------------------------------------------------------------------------------

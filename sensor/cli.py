@@ -129,15 +129,11 @@ def cmd_read(args) -> int:
             if batches is not None:
                 handle_batch = sensor.handle_batch
                 count = 0
-                offer_watch = sensor.offer_watch
                 for item in batches():
                     if len(item) == 3:
                         handle_batch(*item)
-                        offer_watch(cap)
                     else:
                         handle(*item)
-                        if not count & 0x3F:
-                            offer_watch(cap)
                     count += 1
                     if not count & 0x3F:
                         progress.update(path, cap.tell(), cap.size, stats.packets)

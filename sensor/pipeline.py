@@ -82,7 +82,6 @@ class Sensor:
         self._next_flush = 0.0
         self._next_inventory = None
         self.last_ts = 0.0
-        self._watch_version = 0
         self._loss_reported = (0, 0)
 
     def handle(self, ts: float, linktype: int, data: bytes, wire_len: int, interface: int = 0):
@@ -130,17 +129,6 @@ class Sensor:
         gaps, acks = loss["gaps"] - self._loss_reported[0], loss["acks"] - self._loss_reported[1]
         self._loss_reported = (loss["gaps"], loss["acks"])
         return gaps, acks
-
-    def offer_watch(self, capture) -> None:
-        """Keep a capture's UDP watch list (bpf.build_filter ``watch``) in step with the
-        answer cache, so UDP flows to answered addresses pass the prefilter.  A capture
-        postpones recompiles it finds too frequent; the offer is then made again."""
-        version = self.tracker.answer_version
-        if version == self._watch_version:
-            return
-        capture.set_watch(self.tracker.answer_addresses)
-        if not capture.watch_updates.postponed:
-            self._watch_version = version
 
     def tick(self, ts: float) -> None:
         """Periodic work driven by packet time, so pcap reads behave like live capture."""

@@ -148,16 +148,16 @@ def test_sighup_reloads_and_keeps_the_old_set_when_the_new_one_is_invalid(tmp_pa
                 proc.wait()
 
 
-def _answer_then_udp_flow(path: Path) -> None:
-    """The internal resolver gets an upstream answer for a Kaspersky update name; 0.6 s
-    later a client (whose own lookup the span did not carry) sends UDP to the answered
-    address on a port the static filter does not know (not DNS, QUIC or KSC)."""
+def answer_then_udp_flows(path: Path) -> None:
+    """The internal resolver gets an upstream answer for a Kaspersky update name; then one
+    client sends QUIC (long header, which the capture filter passes) to the answered
+    address and another sends plain UDP on a port the filter does not know."""
     from scapy.layers.dns import DNS, DNSQR, DNSRR
     from scapy.layers.inet import IP, UDP
     from scapy.layers.l2 import Ether
     from scapy.utils import wrpcap
 
-    client, resolver, upstream, server = "10.20.0.5", "10.20.0.53", "192.0.2.53", "198.51.100.77"
+    resolver, upstream, server = "10.20.0.53", "192.0.2.53", "198.51.100.77"
     eth = Ether(src="02:00:00:00:00:05", dst="02:00:00:00:00:01")
     query = eth / IP(src=resolver, dst=upstream) / UDP(sport=53001, dport=53) / DNS(
         id=7, rd=1, qd=DNSQR(qname="dnl-01.geo.kaspersky.com"))
@@ -165,22 +165,30 @@ def _answer_then_udp_flow(path: Path) -> None:
         id=7, qr=1, rd=1, ra=1, qd=DNSQR(qname="dnl-01.geo.kaspersky.com"),
         an=DNSRR(rrname="dnl-01.geo.kaspersky.com", type="A", ttl=300, rdata=server))
     packets = [query, answer]
-    for i in range(5):
-        packets.append(eth / IP(src=client, dst=server) / UDP(sport=41000, dport=38211) / (b"\x01" * 40))
+    for i in range(4):
+        packets.append(eth / IP(src="10.20.0.6", dst=server) / UDP(sport=41001, dport=443)
+                       / (bytes.fromhex("c300000001") + bytes(40)))
+        packets.append(eth / IP(src="10.20.0.5", dst=server) / UDP(sport=41000, dport=38211) / (b"\x01" * 40))
     for i, packet in enumerate(packets):
-        packet.time = 1_700_000_000 + (0.0 if i < 2 else 0.6 + 0.2 * i)
+        packet.time = 1_700_000_000 + 0.2 * i
     wrpcap(str(path), packets)
 
 
-def test_udp_flow_to_an_answered_address_passes_the_live_filter(tmp_path):
-    """The kernel filter only learns the address from the DNS answer (the watch list);
-    the UDP flow that follows must still reach the sensor and become dns_answer_flow."""
+UDP_FLOW_EXPECTED = ("dns_answer_flow", "10.20.0.6", "dnl-01.geo.kaspersky.com")
+UDP_FLOW_NEVER = ("dns_answer_flow", "10.20.0.5", "dnl-01.geo.kaspersky.com")
+
+
+def test_udp_flows_to_an_answered_address_read_and_run_agree(tmp_path):
+    """A UDP flow starts with a packet the capture filter passes on its own (here QUIC's
+    long header), so read, read --no-bpf-prefilter and run judge UDP flows alike."""
     capture = tmp_path / "answer_udp.pcap"
-    _answer_then_udp_flow(capture)
+    answer_then_udp_flows(capture)
     unfiltered = tmp_path / "plain.json"
     subprocess.run(_sensor("read", "-q", "--no-state", "--no-bpf-prefilter", "-o", f"file:{unfiltered}",
                            str(capture)), cwd=ROOT, check=True, capture_output=True)
-    expected = ("dns_answer_flow", "10.20.0.5", "dnl-01.geo.kaspersky.com")
-    assert expected in _alerts(unfiltered)
-    live_alerts, _, _ = _live(capture, tmp_path, pps=None)
-    assert expected in live_alerts
+    plain = _alerts(unfiltered)
+    assert UDP_FLOW_EXPECTED in plain and UDP_FLOW_NEVER not in plain
+    read_alerts, read_hosts = _read(capture, tmp_path)
+    live_alerts, live_hosts, _ = _live(capture, tmp_path)
+    assert read_alerts == plain
+    assert live_alerts == read_alerts and live_hosts == read_hosts

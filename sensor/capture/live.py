@@ -34,7 +34,7 @@ import time
 import traceback
 
 from ..track.verdict import INSTALL_VERDICTS
-from .bpf import FilterError, WatchUpdates, build_filter
+from .bpf import build_filter
 
 _META = struct.Struct("=IIII")
 LINKTYPE_ETHERNET = 1
@@ -52,8 +52,6 @@ class LiveSource:
         import pcapy
 
         self.interface = interface
-        self.user_filter = bpf
-        self.watch_updates = WatchUpdates(min_gap=1.0)
         try:
             handle = pcapy.create(interface)
             handle.set_snaplen(snaplen)
@@ -110,22 +108,6 @@ class LiveSource:
         for buf, meta in self.batches():
             for ts, data, caplen in _frames(buf, meta):
                 yield ts, linktype, data, caplen
-
-    def set_watch(self, addresses) -> bool:
-        """Also pass UDP towards these addresses (bpf.build_filter ``watch``); True when the
-        kernel filter was replaced.  Offer the tracker's list after every ``batch``: a
-        recompile happens only when it gains an address and at most once a second
-        (bpf.WatchUpdates), so a refused offer is applied by a later one.  Packets already
-        in the capture buffer were judged by the old filter.  Raises FilterError when
-        libpcap rejects the new filter (the old one stays)."""
-        watch = self.watch_updates.due(addresses, time.monotonic())
-        if watch is None:
-            return False
-        try:
-            self.handle.setfilter(build_filter(self.user_filter, self.linktype, watch))
-        except self._stats_error as err:
-            raise FilterError(f"{self.interface}: bad capture filter with a watch list: {err}") from None
-        return True
 
     def drops(self) -> tuple[int, int, int]:
         """(received, kernel drops, interface drops) as libpcap reports them."""
@@ -241,7 +223,6 @@ def _run_single(args) -> int:
             for index, source in enumerate(sources):
                 for buf, meta in source.batches():
                     handle_batch(source.linktype, buf, meta, index)
-                sensor.offer_watch(source)
             now = time.monotonic()
             if now >= next_status:
                 _record_drops(sensor, sources)
@@ -306,7 +287,6 @@ class _CaptureWorker:
         self.conn = conn
         self.control = control
         self.groups: list = []  # (packet ts, records) not yet sent
-        self.watch: list | None = None  # a watch list not yet in every interface's filter
         self.watermarks = [0.0] * len(sources)
         self.reported = self.stats.counters()
         self.next_send = 0.0
@@ -320,13 +300,7 @@ class _CaptureWorker:
             except InterruptedError:
                 pass
             while self.control.poll():
-                kind, value = self.control.recv()
-                if kind == "interest":
-                    self.decoder.interest = value  # the main process reloaded signatures
-                else:
-                    self.watch = value  # the main process's answer cache grew
-            if self.watch is not None:
-                self.apply_watch()
+                self.decoder.interest = self.control.recv()  # the main process reloaded signatures
             self.gulp()
             now = time.monotonic()
             if now >= self.next_send or len(self.groups) >= SEND_GROUPS:
@@ -338,16 +312,6 @@ class _CaptureWorker:
         self.send_records(math.inf)
         self.send_stats()
         self.conn.send(("bye",))
-
-    def apply_watch(self) -> None:
-        """Put the watch list into every interface's filter; an interface that postpones
-        (recompiles are rate-limited) is offered it again on the next turn."""
-        postponed = False
-        for source in self.sources:
-            source.set_watch(self.watch)
-            postponed = postponed or source.watch_updates.postponed
-        if not postponed:
-            self.watch = None
 
     def drain(self, fds) -> None:
         """Decode what arrived before the stop, including ring blocks not yet handed over."""
@@ -473,7 +437,6 @@ class WorkerPool:
         self.failure: str | None = None
         self.pending: list = []
         self.sequence = itertools.count()
-        self.watch_version = 0
         groups = fanout_groups(len(args.interface))
         for index in range(count):
             receiver, sender = context.Pipe(duplex=False)
@@ -611,20 +574,10 @@ class WorkerPool:
         bytes, so the send does not wait on a busy worker)."""
         from ..pipeline import decoder_interest
 
-        self._send_all(("interest", decoder_interest(signatures)))
-
-    def offer_watch(self, sensor) -> None:
-        """Send the workers the answer cache's addresses whenever it grew, for their filters'
-        UDP watch list (bpf.build_filter ``watch``); each worker rate-limits its recompiles."""
-        version = sensor.tracker.answer_version
-        if version != self.watch_version:
-            self.watch_version = version
-            self._send_all(("watch", sensor.tracker.answer_addresses))
-
-    def _send_all(self, message) -> None:
+        interest = decoder_interest(signatures)
         for worker in self.running:
             try:
-                worker.control.send(message)
+                worker.control.send(interest)
             except OSError:
                 pass  # the worker is leaving; its end of the pipe tells the main loop soon
 
@@ -696,7 +649,6 @@ def _serve_workers(args, pool: WorkerPool, sensor) -> int:
             if _reload(sensor, args):
                 pool.replace_signatures(sensor.signatures)
         pool.poll(sensor, 0.2)
-        pool.offer_watch(sensor)
         now = time.monotonic()
         if now >= next_status:
             if sensor.last_ts:

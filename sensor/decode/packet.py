@@ -26,6 +26,7 @@ _tcp_hdr = struct.Struct("!HHI").unpack_from  # sport, dport, seq
 
 DNS_PORTS = frozenset((53, 5353, 5355))
 DHCP_PORTS = frozenset((67, 68, 546, 547))
+KSC_UDP_PORTS = frozenset((15000, 15001))  # track.tracker.KSC_UDP_PORTS; the capture filter passes them
 MAX_TUNNEL_DEPTH = 4
 
 TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
@@ -480,9 +481,15 @@ class PacketDecoder:
             self._dns_miss(out, ts, data, start, end, src, dst, sport, dport, version, src_mac,
                            dst_mac, vlans, tunnel, interface)
             return
+        # A UDP flow starts with a packet the capture filter passes on its own (DNS, DHCP,
+        # KSC, QUIC long header): other UDP reaches the sensor only unfiltered, and a later
+        # packet of a flow whose start was not seen must not pass for its start.
         key = src + dst + data[l4:l4 + 4]
-        new_flow = (key not in self.udp_flows and dst + src + data[l4 + 2:l4 + 4] + data[l4:l4 + 2]
-                    not in self.udp_flows and self._wants_flow("udp", dport, dst))
+        new_flow = ((is_dns or is_dhcp or (start < end and data[start] & 0xC0 == 0xC0)
+                     or dport in KSC_UDP_PORTS or sport in KSC_UDP_PORTS)
+                    and key not in self.udp_flows
+                    and dst + src + data[l4 + 2:l4 + 4] + data[l4:l4 + 2] not in self.udp_flows
+                    and self._wants_flow("udp", dport, dst))
         if not (new_flow or is_dns or is_dhcp or quic):
             return
         payload = data[start:end]

@@ -213,7 +213,6 @@ class Tracker:
         # Packed forms of the answer cache's addresses, for the decoder's flow screen
         # (decode.packet.Interest.flow_addresses): a superset, pruned as the cache turns over.
         self.answer_keys: set[bytes] = set()
-        self.answer_version = 0  # bumped on every cached answer address
         self.client_queries: OrderedDict[tuple[str, str], tuple[str, float]] = OrderedDict()
         self.hosts: OrderedDict[str, Host] = OrderedDict()
         self.ip_index: dict[str, str] = {}
@@ -337,20 +336,12 @@ class Tracker:
         self.stats.table_sizes["dns_answer_cache"] = len(self.answers)
 
     def _add_answer_key(self, address: str) -> None:
-        self.answer_version += 1
         keys = self.answer_keys
         if len(keys) > 2 * len(self.answers) + 64:
             keys.clear()
             for known in self.answers:
                 keys.add(_packed(known))
         keys.add(_packed(address))
-
-    @property
-    def answer_addresses(self) -> list[str]:
-        """The cached answer addresses a flow can still match, newest last: what the capture
-        filter must let through for UDP flows on any port (bpf.build_filter ``watch``)."""
-        now = self.last_ts
-        return [ip for ip, entry in self.answers.items() if entry.expiry >= now]
 
     # -- flows -------------------------------------------------------------------------
 
