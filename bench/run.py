@@ -72,6 +72,17 @@ def count_packets(path: Path) -> tuple[int, int]:
     return packets, size
 
 
+def outputs_of(argv: list[str]) -> list[Path]:
+    """The state and alert files a sensor run leaves, so each repetition starts afresh."""
+    files = []
+    for flag, value in zip(argv, argv[1:]):
+        if flag == "--state":
+            files += Path(value).parent.glob(Path(value).name + "*")
+        elif flag == "-o" and value.startswith("file:"):
+            files += [Path(value[5:])] if Path(value[5:]).exists() else []
+    return files
+
+
 def offline(mix: Path, repeat: int, skip_tshark: bool, skip_plain: bool) -> None:
     packets, wire_bytes = count_packets(mix)
     file_mb = mix.stat().st_size / 1e6
@@ -96,8 +107,8 @@ def offline(mix: Path, repeat: int, skip_tshark: bool, skip_plain: bool) -> None
         for name, argv in runs.items():
             best = None
             for _ in range(1 if name.startswith("tshark") else repeat):
-                for state in [*Path(tmp).glob("*.sqlite*"), *Path(tmp).glob("*.json")]:
-                    state.unlink()
+                for output in outputs_of(argv):
+                    output.unlink()
                 seconds, code, rss = timed(argv)
                 if code != 0:
                     print(f"  {name}: exit {code}", file=sys.stderr)

@@ -151,7 +151,7 @@ def cmd_read(args) -> int:
         print("purge-sensor: interrupted", file=sys.stderr)
     finally:
         progress.clear()
-        sensor.close()
+        sensor.close(snapshot=not args.quiet or metrics is not None)
     if not args.quiet:
         _summary(sensor)
     if metrics is not None and settings.linger:

@@ -182,12 +182,15 @@ class Sensor:
     def reopen(self) -> None:
         self.router.reopen()
 
-    def close(self) -> None:
+    def close(self, snapshot: bool = True) -> None:
+        """Flush everything; ``snapshot`` takes a last host list for the metrics and the
+        summary (a quiet read without metrics has no reader for it)."""
         self.decoder.finish()
         for det, count in self.lifecycle.expired_summaries(math.inf):
             self._send_detection(det, count)
         self.tracker.flush()
-        self.refresh_snapshot()
+        if snapshot:
+            self.refresh_snapshot()
         self.tracker.close()
         self.router.close()
 
