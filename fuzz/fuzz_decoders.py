@@ -4,8 +4,9 @@
     python3 fuzz/fuzz_decoders.py frame -runs=1000000          # one target
     python3 fuzz/fuzz_decoders.py all -runs=20000              # every target in turn
 
-Targets: frame (whole frames through PacketDecoder, every link type), capture (pcap/pcapng
-files), dns, dns_tcp, http, tls, quic, dhcp.  Seeds come from the sample captures in
+Targets: frame (whole frames through PacketDecoder, every link type), batch (a libpcap
+batch of Ethernet frames through the buffer fast path, which must give exactly what
+decoding each frame gives), capture (pcap/pcapng files), dns, dns_tcp, http, tls, quic, dhcp.  Seeds come from the sample captures in
 pcaps/ (written to fuzz/corpus/TARGET on first use).  A crash is any exception other than
 the decoder's own DecodeError / CaptureError, or a state table above its cap.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -28,11 +30,13 @@ with atheris.instrument_imports():
     from sensor.decode import dhcp, dns, http, tls
     from sensor.decode.link import LINK_DECODERS
     from sensor.decode.packet import DecoderConfig, PacketDecoder
+    from sensor.detect.signatures import default_signature_paths, load_signatures
+    from sensor.pipeline import decoder_interest
     from sensor.decode.quic import QuicInitialTable
     from sensor.records import DecodeError, PacketContext
     from sensor.stats import Stats
 
-TARGETS = ("frame", "capture", "dns", "dns_tcp", "http", "tls", "quic", "dhcp")
+TARGETS = ("frame", "batch", "capture", "dns", "dns_tcp", "http", "tls", "quic", "dhcp")
 LINKTYPES = sorted(LINK_DECODERS)
 CTX = PacketContext(1.0, "10.0.0.1", "10.0.0.2", 50000, 443, "udp")
 STATS = Stats()
@@ -47,6 +51,48 @@ def one_frame(data: bytes) -> None:
     assert len(DECODER.streams.streams) <= DECODER.streams.max_streams
     assert len(DECODER.fragments.pending) <= DECODER.fragments.max_datagrams
     assert len(DECODER.udp_flows) <= DECODER.config.udp_flow_table
+
+
+SIGNATURES = load_signatures(default_signature_paths())
+BATCH_META = struct.Struct("=IIII")
+
+
+def _split_frames(data: bytes) -> list[bytes]:
+    """Frames behind 2-byte big-endian length prefixes."""
+    frames, pos = [], 0
+    while pos + 2 <= len(data) and len(frames) < 64:
+        size = int.from_bytes(data[pos:pos + 2], "big")
+        frames.append(data[pos + 2:pos + 2 + size])
+        pos += 2 + size
+    return frames
+
+
+def _outcome(decoder, records) -> tuple:
+    s = decoder.stats
+    return ([repr(r) for r in records], s.packets, s.decoded, dict(s.malformed), dict(s.capture_loss),
+            sorted(decoder.streams.bypass))
+
+
+def one_batch(data: bytes) -> None:
+    frames = _split_frames(data)
+    stamps = [1_700_000_000 + i * 0.013 for i in range(len(frames))]
+    single, batched = (PacketDecoder(Stats(), DecoderConfig(dedup_window=0.0)) for _ in range(2))
+    single.interest = decoder_interest(SIGNATURES, set())
+    batched.interest = decoder_interest(SIGNATURES, set())
+    one_by_one = []
+    for ts, frame in zip(stamps, frames):
+        single.stats.packets += 1
+        one_by_one += single.decode(ts, 1, frame)
+    buf, meta = bytearray(), bytearray()
+    for ts, frame in zip(stamps, frames):
+        sec = int(ts)
+        meta += BATCH_META.pack(sec, round((ts - sec) * 1e6), len(buf), len(frame))
+        buf += frame
+    fast = []
+    for ts, frame, _ in batched.ethernet_batch(bytes(buf), bytes(meta)):
+        batched.stats.packets += 1
+        fast += batched.decode(ts, 1, frame)
+    assert _outcome(batched, fast) == _outcome(single, one_by_one)
 
 
 def one_capture(data: bytes) -> None:
@@ -87,7 +133,7 @@ def one_dhcp(data: bytes) -> None:
     dhcp.parse_dhcp(data, CTX)
 
 
-HANDLERS = {"frame": one_frame, "capture": one_capture, "dns": one_dns, "dns_tcp": one_dns_tcp,
+HANDLERS = {"frame": one_frame, "batch": one_batch, "capture": one_capture, "dns": one_dns, "dns_tcp": one_dns_tcp,
             "http": one_http, "tls": one_tls, "quic": one_quic, "dhcp": one_dhcp}
 
 
@@ -104,6 +150,11 @@ def seeds(target: str) -> list[bytes]:
         try:
             frames = list(CaptureFile(str(path), io.BytesIO(data), len(data)))
         except CaptureError:
+            continue
+        if target == "batch":
+            ethernet = [frame for _, linktype, frame, _, _ in frames if linktype == 1]
+            for start in range(0, len(ethernet), 8):
+                out.append(b"".join(len(f).to_bytes(2, "big") + f for f in ethernet[start:start + 8]))
             continue
         for _, linktype, frame, _, _ in frames:
             if target == "frame":
