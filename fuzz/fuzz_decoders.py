@@ -14,7 +14,6 @@ the decoder's own DecodeError / CaptureError, or a state table above its cap.
 from __future__ import annotations
 
 import io
-import os
 import struct
 import subprocess
 import sys

@@ -208,8 +208,7 @@ def _run_single(args) -> int:
     print(f"purge-sensor: capturing on {', '.join(args.interface)}; metrics on {settings.metrics}",
           file=sys.stderr, flush=True)
     handle_batch = sensor.handle_batch
-    next_status = time.monotonic() + args.status_interval
-    last_packets = 0
+    status = _StatusLine(args.status_interval)
     fds = [s.fd for s in sources]
     try:
         while not flags["stop"]:
@@ -223,15 +222,9 @@ def _run_single(args) -> int:
             for index, source in enumerate(sources):
                 for buf, meta in source.batches():
                     handle_batch(source.linktype, buf, meta, index)
-            now = time.monotonic()
-            if now >= next_status:
+            if status.due():
                 _record_drops(sensor, sources)
-                if sensor.last_ts:
-                    sensor.tick(max(sensor.last_ts, time.time()))
-                rate = (sensor.stats.packets - last_packets) / args.status_interval
-                last_packets = sensor.stats.packets
-                _status(sensor, f"{rate:,.0f} pkt/s, ")
-                next_status = now + args.status_interval
+                status.report(sensor)
     finally:
         for index, source in enumerate(sources):
             for buf, meta in source.batches():
@@ -641,22 +634,15 @@ def _serve_workers(args, pool: WorkerPool, sensor) -> int:
     pids = ", ".join(str(w.pid) for w in pool.workers)
     print(f"purge-sensor: capturing on {', '.join(args.interface)} with {len(pool.workers)} workers "
           f"(pids {pids}); metrics on {sensor.settings.metrics}", file=sys.stderr, flush=True)
-    next_status = time.monotonic() + args.status_interval
-    last_packets = 0
+    status = _StatusLine(args.status_interval)
     while not flags["stop"] and pool.failure is None and not pool.stopped_by_signal:
         if flags["reload"]:
             flags["reload"] = False
             if _reload(sensor, args):
                 pool.replace_signatures(sensor.signatures)
         pool.poll(sensor, 0.2)
-        now = time.monotonic()
-        if now >= next_status:
-            if sensor.last_ts:
-                sensor.tick(max(sensor.last_ts, time.time()))
-            rate = (sensor.stats.packets - last_packets) / args.status_interval
-            last_packets = sensor.stats.packets
-            _status(sensor, f"{rate:,.0f} pkt/s, ")
-            next_status = now + args.status_interval
+        if status.due():
+            status.report(sensor)
     return EXIT_CAPTURE if pool.failure else EXIT_OK
 
 
@@ -665,6 +651,27 @@ def _record_drops(sensor, sources) -> None:
         _, dropped, ifdropped = source.drops()
         sensor.capture_drops[(source.interface, "kernel")] = dropped
         sensor.capture_drops[(source.interface, "interface")] = ifdropped
+
+
+class _StatusLine:
+    """The periodic status line, every --status-interval seconds of wall time; it also
+    moves the sensor's clock on when the link is quiet, so summaries and inventories go out."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self.next = time.monotonic() + interval
+        self.packets = 0
+
+    def due(self) -> bool:
+        return time.monotonic() >= self.next
+
+    def report(self, sensor) -> None:
+        self.next = time.monotonic() + self.interval
+        if sensor.last_ts:
+            sensor.tick(max(sensor.last_ts, time.time()))
+        rate = (sensor.stats.packets - self.packets) / self.interval
+        self.packets = sensor.stats.packets
+        _status(sensor, f"{rate:,.0f} pkt/s, ")
 
 
 def _status(sensor, prefix: str) -> None:
