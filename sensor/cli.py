@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import signal
 import sys
 from collections import Counter
@@ -98,8 +99,25 @@ def cmd_read(args) -> int:
 
             compile_filter(args.bpf)
         settings = _settings(args)
+    except (ConfigError, ValueError) as err:
+        print(f"purge-sensor: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    progress = Progress(sys.stderr.isatty() and not args.quiet)
+    failed = []
+
+    def on_error(msg):
+        failed.append(msg)
+        print(f"purge-sensor: {msg}", file=sys.stderr)
+
+    # The first capture opens before the sensor is built: libpcap's reader thread reads and
+    # filters while the signatures and the state store load (PrefilteredCapture.batches).
+    captures = _iterate(args.captures, progress, on_error, args.bpf_prefilter or bool(args.bpf), args.bpf)
+    first = next(captures, None)
+    early = first[1].batches() if first is not None and hasattr(first[1], "batches") else None
+    try:
         sensor = Sensor(settings)
     except (ConfigError, SignatureError, ValueError) as err:
+        captures.close()
         print(f"purge-sensor: {err}", file=sys.stderr)
         return EXIT_USAGE
     metrics = None
@@ -110,26 +128,19 @@ def cmd_read(args) -> int:
             metrics = start_metrics(settings, sensor)
         except (OSError, ValueError) as err:
             print(f"purge-sensor: metrics: {err}", file=sys.stderr)
+            captures.close()
             sensor.close()
             return EXIT_USAGE
     signal.signal(signal.SIGHUP, lambda *_: sensor.reopen())
-    progress = Progress(sys.stderr.isatty() and not args.quiet)
-    failed = []
-
-    def on_error(msg):
-        failed.append(msg)
-        print(f"purge-sensor: {msg}", file=sys.stderr)
-
     handle = sensor.handle
     stats = sensor.stats
     try:
-        for path, cap in _iterate(args.captures, progress, on_error, args.bpf_prefilter or bool(args.bpf),
-                                  args.bpf):
+        for path, cap in itertools.chain([first] if first is not None else [], captures):
             batches = getattr(cap, "batches", None)
             if batches is not None:
                 handle_batch = sensor.handle_batch
                 count = 0
-                for item in batches():
+                for item in (early if cap is first[1] else batches()):
                     if len(item) == 3:
                         handle_batch(*item)
                     else:
@@ -150,6 +161,7 @@ def cmd_read(args) -> int:
     except KeyboardInterrupt:
         print("purge-sensor: interrupted", file=sys.stderr)
     finally:
+        captures.close()
         progress.clear()
         sensor.close(snapshot=not args.quiet or metrics is not None)
     if not args.quiet:

@@ -121,6 +121,7 @@ REJECT = object()
 _WRITER_ORDER_LINKTYPES = (0, 108)
 BATCH = 1024
 READ_AHEAD = 2  # batches libpcap's reader thread may have ready: enough to keep both cores busy
+PREFETCH = 16  # batches it may read before the first is taken, while the sensor starts up
 _PCAP_MICRO_MAGICS = (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4")
 _META = struct.Struct("=IIII")
 
@@ -172,6 +173,8 @@ class PrefilteredCapture:
         self.skipped = 0
         self._fd = -1
         self._handle = None
+        self._reader: threading.Thread | None = None
+        self._stop_reader = threading.Event()
         self._capture = None
         linktype = self._classic_linktype(path)
         if linktype is not None:
@@ -250,39 +253,55 @@ class PrefilteredCapture:
         meta holding native (sec, usec, offset, caplen) records, so the reader can drop
         bypassed flows without slicing each frame out.  Frames libpcap cannot read (other
         formats, the rest of a file after a libpcap error) come as the 5-tuples iteration
-        yields.  Use this or iteration, not both."""
+        yields.  Use this or iteration, not both.
+
+        libpcap starts reading at once, in a thread of its own: ``next_batch`` releases the
+        GIL while it runs, so on two cores reading the file and running the filter overlap
+        with whatever the caller still sets up and then with the decoding of earlier
+        batches.  Before the first batch is taken the reader may get PREFETCH batches ahead,
+        afterwards READ_AHEAD (the consumer's cache stays warm).  libpcap handles are not
+        thread-safe: the reader thread alone touches the handle until it has stopped."""
         if self._handle is not None:
             self._records.close()
-            self._records = self._batched_records()
+            self._records = self._batched_records(self._start_reader())
         return self._records
 
-    def _batched_records(self):
-        """``_libpcap_records`` by whole batches; records after a libpcap error one by one.
-
-        libpcap reads and filters in a thread of its own: ``next_batch`` releases the GIL
-        while it runs, so on a machine with two cores reading the file and running the
-        filter overlap with the decoding of the previous batches instead of adding to it.
-        The queue is bounded, so the reader never runs more than READ_AHEAD batches ahead."""
+    def _start_reader(self) -> tuple:
         import pcapy
 
-        linktype = self._linktype
-        batches: queue.Queue = queue.Queue(READ_AHEAD)
+        batches: queue.SimpleQueue = queue.SimpleQueue()
+        slots = threading.Semaphore(PREFETCH)
         stop = threading.Event()
+        next_batch = self._handle.next_batch
 
         def read() -> None:
-            next_batch = self._handle.next_batch
-            try:
-                while not stop.is_set():
-                    buf, meta = next_batch(BATCH)
-                    batches.put((buf, meta))
-                    if not meta:
+            while True:
+                while not slots.acquire(timeout=0.05):
+                    if stop.is_set():
                         return
-            except pcapy.PcapError as err:
-                batches.put(err)
+                if stop.is_set():
+                    return
+                try:
+                    buf, meta = next_batch(BATCH)
+                except pcapy.PcapError as err:
+                    batches.put(err)
+                    return
+                batches.put((buf, meta))
+                if not meta:
+                    return
 
-        reader = threading.Thread(target=read, name="pcap-reader", daemon=True)
-        reader.start()
-        yielded = 0
+        self._stop_reader = stop
+        self._reader = threading.Thread(target=read, name="pcap-reader", daemon=True)
+        self._reader.start()
+        return batches, slots
+
+    def _batched_records(self, reader: tuple):
+        """``_libpcap_records`` by whole batches; records after a libpcap error one by one."""
+        import pcapy
+
+        batches, slots = reader
+        linktype = self._linktype
+        taken = yielded = 0
         try:
             while True:
                 item = batches.get()
@@ -294,14 +313,18 @@ class PrefilteredCapture:
                     return
                 yield linktype, buf, meta
                 yielded += len(meta) >> 4
+                taken += 1
+                if taken > PREFETCH - READ_AHEAD:
+                    slots.release()
         finally:
-            stop.set()
-            while reader.is_alive():
-                try:
-                    batches.get(timeout=0.05)
-                except queue.Empty:
-                    pass
+            self._join_reader()
         yield from self._python_rest(yielded)
+
+    def _join_reader(self) -> None:
+        if self._reader is not None:
+            self._stop_reader.set()
+            self._reader.join()
+            self._reader = None
 
     def _python_records(self):
         capture = self._capture
@@ -325,6 +348,7 @@ class PrefilteredCapture:
 
     def close(self) -> None:
         self._records.close()
+        self._join_reader()
         if self._handle is not None:
             self._handle.close()
             self._handle = None

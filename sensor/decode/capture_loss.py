@@ -122,7 +122,7 @@ class CaptureLoss:
         self.ignored_acks = 0
         # Packet time as of the last expire(): stamping flows with it keeps timestamps
         # off the per-segment calls, at the cost of one expiry period of precision.
-        self._clock = 0.0
+        self.clock = 0.0
         self._next_sweep = 0.0
         self._reported = LossInterval(0, 0, 0, 0)
         stats.table_sizes[TABLE] = 0
@@ -139,7 +139,7 @@ class CaptureLoss:
         if flow is not None and seq == flow.expect:
             flow.expect = (seq + length) & SEQ_MASK
             flow.seen += length
-            flow.last = self._clock
+            flow.last = self.clock
             return
         self._segment_slow(key, flow, seq, length)
 
@@ -182,7 +182,7 @@ class CaptureLoss:
     def expire(self, now: float) -> None:
         """Advance the clock flows are stamped with and, at most four times per idle
         timeout (the sweep visits every flow), drop flows idle for longer than it."""
-        self._clock = now
+        self.clock = now
         if now < self._next_sweep:
             return
         self._next_sweep = now + self.idle_timeout / 4
@@ -198,7 +198,7 @@ class CaptureLoss:
         if key not in flows and len(flows) >= self.max_flows:
             del flows[next(iter(flows))]
             self.stats.evictions[TABLE] += 1
-        flow = flows[key] = _Flow(start, self._clock)
+        flow = flows[key] = _Flow(start, self.clock)
         self.stats.table_sizes[TABLE] = len(flows)
         return flow
 
@@ -207,7 +207,7 @@ class CaptureLoss:
             return
         if flow is None:
             flow = self._insert(key, seq)
-        flow.last = self._clock
+        flow.last = self.clock
         judged = flow.judged
         start = (seq - judged) & SEQ_MASK
         if start > SEQ_MASK >> 1:
@@ -300,7 +300,7 @@ class CaptureLoss:
         if covered > top:
             flow.expect = ack  # written off as lost; the stream goes on after it
         flow.judged = ack
-        flow.last = self._clock
+        flow.last = self.clock
         counts = self.counts
         counts["acks"] += 1
         counts["acked_bytes"] += covered

@@ -154,18 +154,18 @@ class PacketDecoder:
         Untagged or single-tagged IPv4 without options or fragments and IPv6 without
         extension headers are judged here; anything else takes the full path.  This loop
         is the read path's hot spot, so it is written out flat with local names."""
-        unpack_from = _BATCH_META.unpack_from
         bypass_get = self.streams.bypass.get
         close = self.streams.close
-        loss_flows = self.loss.flows
-        client_segment = self.loss.client_segment
+        loss = self.loss
+        loss_get = loss.flows.get
+        client_segment = loss.client_segment
         reports = self.resolver_reports
         interest = self.interest
         screen = interest.dns_screen if interest is not None else None
         skipped = skipped_bytes = 0
         next_expiry = self._next_expiry
-        for pos in range(0, len(meta), 16):
-            sec, usec, off, caplen = unpack_from(meta, pos)
+        clock = loss.clock
+        for sec, usec, off, caplen in _BATCH_META.iter_unpack(meta):
             ts = (sec * 1_000_000 + usec) / 1_000_000
             end = off + caplen
             # Before the next table expiry only: the full path runs it first.
@@ -199,12 +199,19 @@ class PacketDecoder:
                             if seen is not None and payload >= 0:
                                 seq = int.from_bytes(buf[l4 + 4:l4 + 8], "big")
                                 if (seen - seq) % SEQ_MOD >= SEQ_WINDOW or seen == seq:
-                                    if loss_flows:
-                                        if key in loss_flows:
-                                            if payload:
+                                    flow = loss_get(key)
+                                    if flow is not None:
+                                        if payload:
+                                            # CaptureLoss.client_segment's in-order case,
+                                            # written out: this runs for every bulk segment.
+                                            if seq == flow.expect:
+                                                flow.expect = (seq + payload) & 0xFFFFFFFF
+                                                flow.seen += payload
+                                                flow.last = clock
+                                            else:
                                                 client_segment(key, seq, payload)
-                                        elif flags & 0x10:
-                                            self._judge_loss(key, flags, buf, l4, payload)
+                                    elif flags & 0x10 and loss.flows:
+                                        self._judge_loss(key, flags, buf, l4, payload)
                                     skipped += 1
                                     skipped_bytes += caplen
                                     continue
@@ -215,7 +222,7 @@ class PacketDecoder:
                                 continue
                         elif flags & 0x05 and not flags & 0x02 and payload == 0:
                             key = buf[addr:l4 + 4]
-                            if loss_flows:
+                            if loss.flows:
                                 self._judge_loss(key, flags, buf, l4, 0)
                             close(key)
                             skipped += 1
@@ -237,6 +244,7 @@ class PacketDecoder:
                             continue
             yield ts, buf[off:end], caplen
             next_expiry = self._next_expiry
+            clock = loss.clock
         stats = self.stats
         stats.packets += skipped
         stats.bytes += skipped_bytes
