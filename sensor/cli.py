@@ -72,7 +72,7 @@ def _settings(args) -> Settings:
     return settings
 
 
-def _iterate(paths, progress, on_error, prefilter=False, user_filter=None):
+def _iterate(paths, on_error, prefilter=False, user_filter=None):
     """Yield (path, capture) for each readable capture; report the unreadable ones.
 
     With ``prefilter`` the sensor's capture filter (and ``user_filter``) is applied by
@@ -90,9 +90,6 @@ def _iterate(paths, progress, on_error, prefilter=False, user_filter=None):
 
 
 def cmd_read(args) -> int:
-    from .detect.signatures import SignatureError
-    from .pipeline import Progress, Sensor
-
     try:
         if args.bpf:
             from .capture.bpf import compile_filter
@@ -102,18 +99,22 @@ def cmd_read(args) -> int:
     except (ConfigError, ValueError) as err:
         print(f"purge-sensor: {err}", file=sys.stderr)
         return EXIT_USAGE
-    progress = Progress(sys.stderr.isatty() and not args.quiet)
     failed = []
 
     def on_error(msg):
         failed.append(msg)
         print(f"purge-sensor: {msg}", file=sys.stderr)
 
-    # The first capture opens before the sensor is built: libpcap's reader thread reads and
-    # filters while the signatures and the state store load (PrefilteredCapture.batches).
-    captures = _iterate(args.captures, progress, on_error, args.bpf_prefilter or bool(args.bpf), args.bpf)
+    # The first capture opens before the pipeline is even imported: libpcap's reader thread
+    # reads and filters while the modules, signatures and state store load
+    # (PrefilteredCapture.batches).
+    captures = _iterate(args.captures, on_error, args.bpf_prefilter or bool(args.bpf), args.bpf)
     first = next(captures, None)
     early = first[1].batches() if first is not None and hasattr(first[1], "batches") else None
+    from .detect.signatures import SignatureError
+    from .pipeline import Progress, Sensor
+
+    progress = Progress(sys.stderr.isatty() and not args.quiet)
     try:
         sensor = Sensor(settings)
     except (ConfigError, SignatureError, ValueError) as err:
@@ -219,7 +220,7 @@ def cmd_names(args) -> int:
     def row(ctx, kind, value):
         out.write(f"{ctx.ts:.6f}\t{ctx.src_ip}\t{ctx.dst_ip}\t{kind}\t{value}\n")
 
-    for path, cap in _iterate(args.captures, None, on_error):
+    for path, cap in _iterate(args.captures, on_error):
         for ts, linktype, data, _, iface in cap:
             for rec in decoder.decode(ts, linktype, data, iface):
                 if isinstance(rec, DnsMessage):

@@ -8,7 +8,11 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
+from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Dot1Q, Ether
 
 from sensor.capture.pcapfile import open_capture
 from sensor.decode.packet import DecoderConfig, PacketDecoder
@@ -96,6 +100,55 @@ def test_the_batch_path_really_skips_something():
         decoder.decode(ts, 1, frame)
         yielded += 1
     assert yielded < len(frames) * 0.9
+
+
+def _flow_frames(network, tagged: bool) -> dict[str, bytes]:
+    """One TLS connection, frame by frame: the client's hello, then what the fast path
+    must keep out of the full decoder once the hello is parsed."""
+    import random
+
+    from tests.helpers import load_make_samples
+
+    hello = load_make_samples().client_hello(random.Random(7), b"www.example.org")
+    client, server = (("192.0.2.10", "198.51.100.20") if network is IP
+                      else ("2001:db8::10", "2001:db8:1::20"))
+    link = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    if tagged:
+        link = link / Dot1Q(vlan=30)
+    up = link / network(src=client, dst=server)
+    down = link / network(src=server, dst=client)
+    seq = 1000
+    frames = {
+        "syn": up / TCP(sport=50000, dport=443, flags="S", seq=seq - 1),
+        "syn_ack": down / TCP(sport=443, dport=50000, flags="SA", seq=77, ack=seq),
+        "hello": up / TCP(sport=50000, dport=443, flags="PA", seq=seq, ack=78) / hello,
+    }
+    seq += len(hello)
+    for n in range(3):
+        frames[f"bulk{n}"] = up / TCP(sport=50000, dport=443, flags="PA", seq=seq, ack=78) / (b"\x17" * 1200)
+        seq += 1200
+    frames["fin"] = up / TCP(sport=50000, dport=443, flags="FA", seq=seq, ack=78)
+    return {name: bytes(frame) for name, frame in frames.items()}
+
+
+@pytest.mark.parametrize("tagged", [False, True], ids=["untagged", "vlan"])
+@pytest.mark.parametrize("network", [IP, IPv6], ids=["ipv4", "ipv6"])
+def test_what_the_fast_path_keeps_from_the_full_decoder(network, tagged):
+    """The point of the fast path: a SYN towards an unwatched address and port, the
+    server's SYN-ACK, the client's bulk after a parsed hello and a bare FIN are judged on
+    the buffer, never sliced out and decoded."""
+    frames = _flow_frames(network, tagged)
+    decoder = _decoder()
+    decoder.expire(1_700_000_000)  # else the first frame takes the full path to run expiry
+    buf, meta = _batch([(1_700_000_000 + i * 0.001, data) for i, data in enumerate(frames.values())])
+    names = list(frames)
+    yielded = []
+    for ts, frame, _ in decoder.ethernet_batch(buf, meta):
+        yielded.append(names[list(frames.values()).index(frame)])
+        decoder.decode(ts, 1, frame)
+    assert yielded == ["hello"]
+    assert decoder.stats.packets == len(frames) - 1
+    assert decoder.loss.flows, "the skipped SYN still opened the capture-loss record"
 
 
 @st.composite

@@ -121,7 +121,7 @@ REJECT = object()
 _WRITER_ORDER_LINKTYPES = (0, 108)
 BATCH = 1024
 READ_AHEAD = 2  # batches libpcap's reader thread may have ready: enough to keep both cores busy
-PREFETCH = 16  # batches it may read before the first is taken, while the sensor starts up
+PREFETCH = 32  # batches it may read before the first is taken, while the sensor starts up
 _PCAP_MICRO_MAGICS = (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4")
 _META = struct.Struct("=IIII")
 

@@ -33,6 +33,12 @@ TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
 
 _dns_header = struct.Struct("!HH").unpack_from  # id, flags
 _BATCH_META = struct.Struct("=IIII")  # libpcap next_batch: sec, usec, offset, caplen
+# From the ethertype's low byte: (that byte, version/IHL, total length, flags/fragment, protocol)
+_BATCH_IPV4 = struct.Struct("!BBxHxxHxB")
+# From the ethertype's low byte: (that byte, version/class, payload length, next header)
+_BATCH_IPV6 = struct.Struct("!BB3xHB")
+# From the TCP header: (sequence number, data offset byte, flags)
+_BATCH_TCP = struct.Struct("!4xI4xBB")
 _DNS_QR = 0x8000
 _DNS_HEADER_LEN = 12
 MDNS_PORT = 5353
@@ -148,8 +154,10 @@ class PacketDecoder:
           an upload's;
         * a DNS message on port 53 that the Interest's screen rules out, from a server
           reported within RESOLVER_REPORT_INTERVAL;
-        * a SYN-ACK (but DNS's) or a FIN/RST without payload: what ``_tcp`` does with them
-          (nothing, or closing the stream and judging capture loss) is done here.
+        * a SYN-ACK (but DNS's), a client's SYN towards a port and address the Interest
+          does not watch, or a FIN/RST without payload: what ``_tcp`` does with them
+          (nothing; starting the stream and its capture-loss record; closing the stream
+          and judging capture loss) is done here.
 
         Untagged or single-tagged IPv4 without options or fragments and IPv6 without
         extension headers are judged here; anything else takes the full path.  This loop
@@ -162,42 +170,54 @@ class PacketDecoder:
         reports = self.resolver_reports
         interest = self.interest
         screen = interest.dns_screen if interest is not None else None
+        flow_ports = interest.flow_ports if interest is not None else frozenset()
+        flow_addresses = interest.flow_addresses if interest is not None else None
+        stream_syn = self.streams.syn
+        loss_syn = loss.syn
         skipped = skipped_bytes = 0
         next_expiry = self._next_expiry
+        # Whole seconds before the next expiry: a frame stamped earlier needs no float time.
+        expiry_sec = int(next_expiry)
         clock = loss.clock
+        ipv4_at = _BATCH_IPV4.unpack_from
+        ipv6_at = _BATCH_IPV6.unpack_from
+        tcp_at = _BATCH_TCP.unpack_from
         for sec, usec, off, caplen in _BATCH_META.iter_unpack(meta):
-            ts = (sec * 1_000_000 + usec) / 1_000_000
             end = off + caplen
             # Before the next table expiry only: the full path runs it first.
-            if caplen >= 42 and ts < next_expiry:
+            if caplen >= 42 and (sec < expiry_sec or (sec * 1_000_000 + usec) / 1_000_000 < next_expiry):
                 tag = off + 4 if buf[off + 12] == 0x81 and buf[off + 13] == 0x00 else off
                 b = buf[tag + 12]
                 proto = 0
                 if b == 0x08:
-                    if end >= tag + 42 and buf[tag + 14] == 0x45 and not buf[tag + 13] \
-                            and not buf[tag + 20] & 0x3F and not buf[tag + 21]:
-                        proto = buf[tag + 23]
+                    if end >= tag + 42:
+                        etype_low, vihl, total, frag, proto = ipv4_at(buf, tag + 13)
+                        if etype_low or vihl != 0x45 or frag & 0x3FFF:
+                            proto = 0
                         addr = tag + 26
                         l4 = tag + 34
                         width = 4
-                        ip_end = tag + 14 + ((buf[tag + 16] << 8) | buf[tag + 17])
+                        ip_end = tag + 14 + total
                 elif b == 0x86:
-                    if end >= tag + 62 and buf[tag + 13] == 0xDD and buf[tag + 14] >> 4 == 6:
-                        proto = buf[tag + 20]
+                    if end >= tag + 62:
+                        etype_low, version, length, proto = ipv6_at(buf, tag + 13)
+                        if etype_low != 0xDD or version >> 4 != 6:
+                            proto = 0
                         addr = tag + 22
                         l4 = tag + 54
                         width = 16
-                        ip_end = l4 + ((buf[tag + 18] << 8) | buf[tag + 19])
+                        ip_end = l4 + length
                 # Snapped or short datagrams take the full path, which counts them.
                 if proto == 6:
-                    if l4 + 20 <= ip_end <= end and buf[l4 + 12] >= 0x50:
-                        flags = buf[l4 + 13]
-                        payload = ip_end - l4 - (buf[l4 + 12] >> 2 & 0x3C)
-                        if not flags & 0x07:
+                    if l4 + 20 <= ip_end <= end:
+                        seq, offset, flags = tcp_at(buf, l4)
+                        payload = ip_end - l4 - (offset >> 2 & 0x3C)
+                        if offset < 0x50:
+                            pass
+                        elif not flags & 0x07:
                             key = buf[addr:l4 + 4]
                             seen = bypass_get(key)
                             if seen is not None and payload >= 0:
-                                seq = int.from_bytes(buf[l4 + 4:l4 + 8], "big")
                                 if (seen - seq) % SEQ_MOD >= SEQ_WINDOW or seen == seq:
                                     flow = loss_get(key)
                                     if flow is not None:
@@ -220,7 +240,18 @@ class PacketDecoder:
                                 skipped += 1
                                 skipped_bytes += caplen
                                 continue
-                        elif flags & 0x05 and not flags & 0x02 and payload == 0:
+                        elif flags & 0x02:
+                            if flow_addresses is not None:
+                                dport = (buf[l4 + 2] << 8) | buf[l4 + 3]
+                                if ("tcp", dport) not in flow_ports \
+                                        and buf[addr + width:addr + 2 * width] not in flow_addresses:
+                                    key = buf[addr:l4 + 4]
+                                    stream_syn(key, seq, (sec * 1_000_000 + usec) / 1_000_000, dport == 53)
+                                    loss_syn(key, seq)
+                                    skipped += 1
+                                    skipped_bytes += caplen
+                                    continue
+                        elif flags & 0x05 and payload == 0:
                             key = buf[addr:l4 + 4]
                             if loss.flows:
                                 self._judge_loss(key, flags, buf, l4, 0)
@@ -237,13 +268,15 @@ class PacketDecoder:
                         server = None
                     if server is not None:
                         last = reports.get(server)
+                        ts = (sec * 1_000_000 + usec) / 1_000_000
                         if last is not None and 0.0 <= ts - last < RESOLVER_REPORT_INTERVAL \
                                 and screen.search(buf, l4 + 8, ip_end) is None:
                             skipped += 1
                             skipped_bytes += caplen
                             continue
-            yield ts, buf[off:end], caplen
+            yield (sec * 1_000_000 + usec) / 1_000_000, buf[off:end], caplen
             next_expiry = self._next_expiry
+            expiry_sec = int(next_expiry)
             clock = loss.clock
         stats = self.stats
         stats.packets += skipped
