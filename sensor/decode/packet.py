@@ -33,10 +33,10 @@ TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
 
 _dns_header = struct.Struct("!HH").unpack_from  # id, flags
 _BATCH_META = struct.Struct("=IIII")  # libpcap next_batch: sec, usec, offset, caplen
-# From the ethertype's low byte: (that byte, version/IHL, total length, flags/fragment, protocol)
-_BATCH_IPV4 = struct.Struct("!BBxHxxHxB")
-# From the ethertype's low byte: (that byte, version/class, payload length, next header)
-_BATCH_IPV6 = struct.Struct("!BB3xHB")
+# From the ethertype: (ethertype, version/IHL, total length, flags/fragment, protocol)
+_BATCH_IPV4 = struct.Struct("!HBxHxxHxB")
+# From the IPv6 header: (version/class, payload length, next header)
+_BATCH_IPV6 = struct.Struct("!B3xHB")
 # From the TCP header: (sequence number, data offset byte, flags)
 _BATCH_TCP = struct.Struct("!4xI4xBB")
 _DNS_QR = 0x8000
@@ -186,27 +186,29 @@ class PacketDecoder:
             end = off + caplen
             # Before the next table expiry only: the full path runs it first.
             if caplen >= 42 and (sec < expiry_sec or (sec * 1_000_000 + usec) / 1_000_000 < next_expiry):
-                tag = off + 4 if buf[off + 12] == 0x81 and buf[off + 13] == 0x00 else off
-                b = buf[tag + 12]
-                proto = 0
-                if b == 0x08:
-                    if end >= tag + 42:
-                        etype_low, vihl, total, frag, proto = ipv4_at(buf, tag + 13)
-                        if etype_low or vihl != 0x45 or frag & 0x3FFF:
-                            proto = 0
-                        addr = tag + 26
-                        l4 = tag + 34
-                        width = 4
-                        ip_end = tag + 14 + total
-                elif b == 0x86:
-                    if end >= tag + 62:
-                        etype_low, version, length, proto = ipv6_at(buf, tag + 13)
-                        if etype_low != 0xDD or version >> 4 != 6:
-                            proto = 0
-                        addr = tag + 22
-                        l4 = tag + 54
-                        width = 16
-                        ip_end = l4 + length
+                # Read as IPv4 at once (most frames are); caplen >= 42 covers the header.
+                etype, vihl, total, frag, proto = ipv4_at(buf, off + 12)
+                tag = off
+                if etype == 0x8100 and end >= off + 46:
+                    tag = off + 4
+                    etype, vihl, total, frag, proto = ipv4_at(buf, tag + 12)
+                if etype == 0x0800:
+                    if vihl != 0x45 or frag & 0x3FFF:
+                        proto = 0
+                    addr = tag + 26
+                    l4 = tag + 34
+                    width = 4
+                    ip_end = tag + 14 + total
+                elif etype == 0x86DD and end >= tag + 62:
+                    version, length, proto = ipv6_at(buf, tag + 14)
+                    if version >> 4 != 6:
+                        proto = 0
+                    addr = tag + 22
+                    l4 = tag + 54
+                    width = 16
+                    ip_end = l4 + length
+                else:
+                    proto = 0
                 # Snapped or short datagrams take the full path, which counts them.
                 if proto == 6:
                     if l4 + 20 <= ip_end <= end:
