@@ -9,6 +9,7 @@ every capture in pcaps/ (and a slice of the benchmark mix) and compares the aler
 from __future__ import annotations
 
 import json
+import struct
 import sys
 from collections import Counter
 from pathlib import Path
@@ -79,6 +80,68 @@ def test_prefiltered_reader_matches_python_reader_with_the_same_filter():
         with bpf.open_prefiltered(str(capture)) as cap:
             got = list(cap)
         assert [(r[0], r[1], r[2]) for r in got] == [(r[0], r[1], r[2]) for r in expected], capture.name
+
+
+def _pcapng_of(capture: Path, out: Path, interfaces) -> Path:
+    """``capture``'s Ethernet frames rewritten as pcapng with these interface blocks
+    (make_samples.pcapng_file's ``(linktype, tsresol, name)``), all on the first."""
+    from tests.helpers import load_make_samples
+
+    with open_capture(str(capture)) as cap:
+        records = [(round(ts * 1e9), data, 0) for ts, linktype, data, _, _ in cap if linktype == 1]
+    out.write_bytes(load_make_samples().pcapng_file(interfaces, records))
+    return out
+
+
+def test_single_interface_pcapng_is_read_by_libpcap_like_the_python_reader(tmp_path, capsys):
+    """Wireshark and dumpcap write pcapng: with one interface on a microsecond clock it takes
+    the libpcap path, and must yield what the per-packet reader admits, with the same
+    timestamps, and the same detections as --no-bpf-prefilter."""
+    capture = _pcapng_of(ROOT / "pcaps" / "demo.pcap", tmp_path / "demo.pcapng", ((1, 6, b"eth0"),))
+    program = bpf.LinktypeFilters(None)
+    with open_capture(str(capture)) as cap:
+        expected = [(r[0], r[1], r[2]) for r in cap if program.admits(r[1], r[2])]
+    with bpf.open_prefiltered(str(capture)) as cap:
+        assert cap.by_libpcap and cap.format == "pcapng"
+        got = [(r[0], r[1], r[2]) for r in cap]
+    assert got == expected and expected
+    filtered = _alerts_and_hosts(tmp_path, capture, capsys)
+    assert filtered == _alerts_and_hosts(tmp_path, capture, capsys, "--no-bpf-prefilter")
+    assert filtered[0]
+
+
+@pytest.mark.parametrize("interfaces, by_libpcap", [
+    (((1, 6, b"eth0"),), True),
+    (((1, 9, b"eth0"),), False),  # libpcap would round nanoseconds
+    (((1, 6, b"eth0"), (1, 6, b"eth1")), False),  # libpcap does not say which interface
+    (((1, 6, b"eth0"), (113, 6, b"any")), False),
+], ids=["one-microsecond", "nanosecond", "two-interfaces", "two-link-types"])
+def test_which_pcapng_files_libpcap_reads(tmp_path, interfaces, by_libpcap):
+    capture = _pcapng_of(ROOT / "pcaps" / "demo.pcap", tmp_path / "x.pcapng", interfaces)
+    with bpf.open_prefiltered(str(capture)) as cap:
+        assert cap.by_libpcap is by_libpcap
+        assert len(list(cap)) > 0
+
+
+def test_pcapng_with_a_clock_offset_is_left_to_the_python_reader(tmp_path):
+    """if_tsoffset shifts every timestamp; the per-packet reader applies it, libpcap 1.9 not."""
+    from tests.helpers import load_make_samples
+
+    samples = load_make_samples()
+    plain = _pcapng_of(ROOT / "pcaps" / "demo.pcap", tmp_path / "plain.pcapng", ((1, 6, b"eth0"),))
+    data = plain.read_bytes()
+    shb_len = struct.unpack_from("<I", data, 4)[0]
+    idb_len = struct.unpack_from("<I", data, shb_len + 4)[0]
+    offset_idb = samples._pcapng_block(1, struct.pack("<HHI", 1, 0, 262144)
+                                       + samples._pcapng_option(14, struct.pack("<q", 3600))
+                                       + samples._pcapng_option(0, b""))
+    shifted = tmp_path / "shifted.pcapng"
+    shifted.write_bytes(data[:shb_len] + offset_idb + data[shb_len + idb_len:])
+    with bpf.open_prefiltered(str(plain)) as cap:
+        first = next(iter(cap))[0]
+    with bpf.open_prefiltered(str(shifted)) as cap:
+        assert not cap.by_libpcap
+        assert next(iter(cap))[0] == pytest.approx(first + 3600)
 
 
 def test_truncated_file_loses_nothing_before_the_cut():

@@ -32,7 +32,7 @@ import queue
 import struct
 import threading
 
-from .pcapfile import CaptureError, open_capture
+from .pcapfile import CaptureError, open_capture, pcapng_leading_interfaces
 
 DLT_EN10MB = 1
 
@@ -123,6 +123,7 @@ BATCH = 1024
 READ_AHEAD = 2  # batches libpcap's reader thread may have ready: enough to keep both cores busy
 PREFETCH = 32  # batches it may read before the first is taken, while the sensor starts up
 _PCAP_MICRO_MAGICS = (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4")
+PCAPNG_HEAD = 1 << 16  # bytes looked at for the interfaces a pcapng describes before its packets
 _META = struct.Struct("=IIII")
 
 
@@ -132,7 +133,7 @@ def dlt_for(linktype: int) -> int:
 
 class LinktypeFilters:
     """Compiled programs per link type for captures libpcap cannot read itself (pcapng with
-    several link types, nanosecond pcaps, stdin); capped, since pcapng names link types freely."""
+    several interfaces, nanosecond clocks, stdin); capped, since pcapng names link types freely."""
 
     def __init__(self, user_filter: str | None):
         self.user_filter = user_filter
@@ -159,9 +160,10 @@ class LinktypeFilters:
 class PrefilteredCapture:
     """A capture read with the sensor's filter applied before Python sees a packet.
 
-    Classic microsecond pcap files are read by libpcap itself (``next_batch``), so rejected
-    packets cost no Python work at all.  Anything else is read by pcapfile.CaptureFile and
-    filtered per packet with the same compiled program.  Iteration yields the same tuples
+    Classic microsecond pcap files, and pcapng files with one interface on a microsecond
+    clock, are read by libpcap itself (``next_batch``), so rejected packets cost no Python
+    work at all.  Anything else is read by pcapfile.CaptureFile and filtered per packet
+    with the same compiled program.  Iteration yields the same tuples
     as CaptureFile; ``wire_len`` is the captured length on the libpcap path, which
     ``next_batch`` does not report.
     """
@@ -176,7 +178,9 @@ class PrefilteredCapture:
         self._reader: threading.Thread | None = None
         self._stop_reader = threading.Event()
         self._capture = None
-        linktype = self._classic_linktype(path)
+        self.by_libpcap = False
+        known = self._libpcap_format(path)
+        linktype = known[0] if known is not None else None
         if linktype is not None:
             import pcapy
 
@@ -191,9 +195,10 @@ class PrefilteredCapture:
                 linktype = None
             else:
                 self._handle = handle
+                self.by_libpcap = True
                 self._fd = handle.getfd()
                 self.size = os.fstat(self._fd).st_size if self._fd >= 0 else None
-                self.format = "pcap"
+                self.format = known[1]
                 self._linktype = linktype
                 self._records = self._libpcap_records(linktype)
         if linktype is None:
@@ -203,20 +208,27 @@ class PrefilteredCapture:
             self._records = self._python_records()
 
     @staticmethod
-    def _classic_linktype(path: str) -> int | None:
-        """The link type of a classic microsecond pcap file, else None (libpcap would
-        round nanosecond timestamps, and pcapng may mix link types)."""
+    def _libpcap_format(path: str) -> tuple[int, str] | None:
+        """(link type, format) of a capture libpcap reads exactly as pcapfile does, else
+        None: a classic microsecond pcap, or a pcapng whose one interface (microsecond
+        clock, no offset) is described before its first packet.  libpcap would round
+        nanosecond timestamps and cannot report which interface a packet came from."""
         if path == "-":
             return None
         try:
             with open(path, "rb") as fh:
-                head = fh.read(24)
+                head = fh.read(PCAPNG_HEAD)
         except OSError:
             return None
-        if len(head) < 24 or head[:4] not in _PCAP_MICRO_MAGICS:
-            return None
-        order = "<" if head[:4] == _PCAP_MICRO_MAGICS[0] else ">"
-        return struct.unpack_from(order + "I", head, 20)[0] & 0xFFFF
+        if len(head) >= 24 and head[:4] in _PCAP_MICRO_MAGICS:
+            order = "<" if head[:4] == _PCAP_MICRO_MAGICS[0] else ">"
+            return struct.unpack_from(order + "I", head, 20)[0] & 0xFFFF, "pcap"
+        interfaces = pcapng_leading_interfaces(head)
+        if interfaces is not None and len(interfaces) == 1:
+            linktype, units, offset = interfaces[0]
+            if units == 1_000_000 and offset == 0:
+                return linktype, "pcapng"
+        return None
 
     def _libpcap_records(self, linktype: int):
         import pcapy

@@ -105,6 +105,37 @@ def _interface_clock(buf: bytes, start: int, end: int, layout: _PcapngLayout) ->
     return units, offset
 
 
+def pcapng_leading_interfaces(head: bytes) -> list[tuple[int, int, int]] | None:
+    """(link type, timestamp units per second, offset in seconds) of each interface a
+    pcapng file describes before its first packet block, read from the file's first
+    bytes ``head``.  None when ``head`` is not pcapng, is malformed, starts a second
+    section or ends before a packet block: only the full reader can tell then."""
+    if len(head) < 28 or _LE_U32.unpack_from(head)[0] != _SHB:
+        return None
+    order = _section_byte_order(head, 0)
+    if order is None:
+        return None
+    layout = _PCAPNG_LAYOUTS[order]
+    interfaces = []
+    pos = 0
+    while pos + 12 <= len(head):
+        block_type, block_len = layout.head.unpack_from(head, pos)
+        if block_type in (_EPB, _OBSOLETE_PB, _SPB):
+            return interfaces
+        if block_len & 3 or block_len < 12 or pos + block_len > len(head):
+            return None
+        if block_type == _SHB and pos:
+            return None
+        if block_type == _IDB:
+            if block_len < 20:
+                return None
+            linktype = layout.idb.unpack_from(head, pos + 8)[0]
+            units, offset = _interface_clock(head, pos + 16, pos + block_len - 4, layout)
+            interfaces.append((linktype, units, offset))
+        pos += block_len
+    return None
+
+
 class CaptureFile:
     """One capture file (or stdin) being read; iterate once for its packets.
 
