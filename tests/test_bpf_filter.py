@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -142,6 +143,36 @@ def test_pcapng_with_a_clock_offset_is_left_to_the_python_reader(tmp_path):
     with bpf.open_prefiltered(str(shifted)) as cap:
         assert not cap.by_libpcap
         assert next(iter(cap))[0] == pytest.approx(first + 3600)
+
+
+def test_the_reader_thread_holds_a_bounded_number_of_bytes(tmp_path, monkeypatch):
+    """A consumer that stalls must not let libpcap's reader thread pull a capture of large
+    frames into memory: it stops at the byte limit, overshooting by one batch at most."""
+    from scapy.utils import wrpcap
+
+    monkeypatch.setattr(bpf, "BATCH", 16)
+    monkeypatch.setattr(bpf, "PREFETCH_BYTES", 256 << 10)
+    monkeypatch.setattr(bpf, "READ_AHEAD_BYTES", 64 << 10)
+    frames = [Ether() / IP(src="10.0.0.1", dst="10.0.0.2")
+              / TCP(sport=50000, dport=443, flags="PA", seq=1 + i * 8000) / Raw(b"\0" * 8000)
+              for i in range(600)]
+    capture = tmp_path / "uploads.pcap"
+    wrpcap(str(capture), frames)
+    batch_bytes = bpf.BATCH * len(bytes(frames[0]))
+    with bpf.open_prefiltered(str(capture)) as cap:
+        batches = cap.batches()  # the reader starts here
+        time.sleep(0.3)  # room for it to run as far ahead as it is allowed, twice
+        held_before_the_first_take = cap.read_ahead.held
+        seen = 0
+        while not seen or cap.read_ahead.held >= bpf.READ_AHEAD_BYTES:
+            seen += len(next(batches)[2]) >> 4  # through what was prefetched
+        time.sleep(0.3)
+        held_while_stalled = cap.read_ahead.held
+        seen += sum(len(item[2]) >> 4 for item in batches)
+    assert seen == len(frames)
+    assert held_before_the_first_take <= bpf.PREFETCH_BYTES + batch_bytes
+    assert held_while_stalled <= bpf.READ_AHEAD_BYTES + batch_bytes
+    assert bpf.PREFETCH_BYTES + batch_bytes < capture.stat().st_size / 10
 
 
 def test_truncated_file_loses_nothing_before_the_cut():

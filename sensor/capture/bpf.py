@@ -120,8 +120,11 @@ REJECT = object()
 # the file, a program run on the raw frame cannot, so the sensor's filter passes these whole.
 _WRITER_ORDER_LINKTYPES = (0, 108)
 BATCH = 1024
-READ_AHEAD = 2  # batches libpcap's reader thread may have ready: enough to keep both cores busy
-PREFETCH = 32  # batches it may read before the first is taken, while the sensor starts up
+# Bytes of batches libpcap's reader thread may hold that nobody has taken yet: PREFETCH_BYTES
+# while the sensor starts up (before the first batch is taken), then READ_AHEAD_BYTES, enough
+# to keep both cores busy.  Bytes, not batches: a batch of jumbo or GSO-sized frames is large.
+PREFETCH_BYTES = 40 << 20
+READ_AHEAD_BYTES = 4 << 20
 _PCAP_MICRO_MAGICS = (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4")
 PCAPNG_HEAD = 1 << 16  # bytes looked at for the interfaces a pcapng describes before its packets
 _META = struct.Struct("=IIII")
@@ -157,6 +160,36 @@ class LinktypeFilters:
         return program is not REJECT and program.filter(frame) > 0
 
 
+class ReadAhead:
+    """The bytes libpcap's reader thread has read and the consumer not yet taken: the
+    reader waits while they reach the limit, PREFETCH_BYTES until the first batch is taken,
+    READ_AHEAD_BYTES afterwards.  ``peak`` is the most ever held (one batch may overshoot)."""
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self.held = 0
+        self.peak = 0
+        self.limit = PREFETCH_BYTES
+
+    def wait(self, stop: threading.Event) -> bool:
+        """Until there is room; False once ``stop`` is set."""
+        with self._changed:
+            while self.held >= self.limit and not stop.is_set():
+                self._changed.wait(0.05)
+        return not stop.is_set()
+
+    def add(self, size: int) -> None:
+        with self._changed:
+            self.held += size
+            self.peak = max(self.peak, self.held)
+
+    def take(self, size: int) -> None:
+        with self._changed:
+            self.held -= size
+            self.limit = READ_AHEAD_BYTES
+            self._changed.notify()
+
+
 class PrefilteredCapture:
     """A capture read with the sensor's filter applied before Python sees a packet.
 
@@ -177,6 +210,7 @@ class PrefilteredCapture:
         self._handle = None
         self._reader: threading.Thread | None = None
         self._stop_reader = threading.Event()
+        self.read_ahead: ReadAhead | None = None
         self._capture = None
         self.by_libpcap = False
         known = self._libpcap_format(path)
@@ -270,9 +304,8 @@ class PrefilteredCapture:
         libpcap starts reading at once, in a thread of its own: ``next_batch`` releases the
         GIL while it runs, so on two cores reading the file and running the filter overlap
         with whatever the caller still sets up and then with the decoding of earlier
-        batches.  Before the first batch is taken the reader may get PREFETCH batches ahead,
-        afterwards READ_AHEAD (the consumer's cache stays warm).  libpcap handles are not
-        thread-safe: the reader thread alone touches the handle until it has stopped."""
+        batches, within the bytes ReadAhead allows.  libpcap handles are not thread-safe:
+        the reader thread alone touches the handle until it has stopped."""
         if self._handle is not None:
             self._records.close()
             self._records = self._batched_records(self._start_reader())
@@ -282,22 +315,18 @@ class PrefilteredCapture:
         import pcapy
 
         batches: queue.SimpleQueue = queue.SimpleQueue()
-        slots = threading.Semaphore(PREFETCH)
+        room = self.read_ahead = ReadAhead()
         stop = threading.Event()
         next_batch = self._handle.next_batch
 
         def read() -> None:
-            while True:
-                while not slots.acquire(timeout=0.05):
-                    if stop.is_set():
-                        return
-                if stop.is_set():
-                    return
+            while room.wait(stop):
                 try:
                     buf, meta = next_batch(BATCH)
                 except pcapy.PcapError as err:
                     batches.put(err)
                     return
+                room.add(len(buf))
                 batches.put((buf, meta))
                 if not meta:
                     return
@@ -305,15 +334,15 @@ class PrefilteredCapture:
         self._stop_reader = stop
         self._reader = threading.Thread(target=read, name="pcap-reader", daemon=True)
         self._reader.start()
-        return batches, slots
+        return batches, room
 
     def _batched_records(self, reader: tuple):
         """``_libpcap_records`` by whole batches; records after a libpcap error one by one."""
         import pcapy
 
-        batches, slots = reader
+        batches, room = reader
         linktype = self._linktype
-        taken = yielded = 0
+        yielded = 0
         try:
             while True:
                 item = batches.get()
@@ -321,13 +350,11 @@ class PrefilteredCapture:
                     self.truncated = str(item)
                     break
                 buf, meta = item
+                room.take(len(buf))
                 if not meta:
                     return
                 yield linktype, buf, meta
                 yielded += len(meta) >> 4
-                taken += 1
-                if taken > PREFETCH - READ_AHEAD:
-                    slots.release()
         finally:
             self._join_reader()
         yield from self._python_rest(yielded)
