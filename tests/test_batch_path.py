@@ -102,14 +102,14 @@ def test_the_batch_path_really_skips_something():
     assert yielded < len(frames) * 0.9
 
 
-def _flow_frames(network, tagged: bool) -> dict[str, bytes]:
+def _flow_frames(network, tagged: bool, server_name: bytes) -> dict[str, bytes]:
     """One TLS connection, frame by frame: the client's hello, then what the fast path
     must keep out of the full decoder once the hello is parsed."""
     import random
 
     from tests.helpers import load_make_samples
 
-    hello = load_make_samples().client_hello(random.Random(7), b"www.example.org")
+    hello = load_make_samples().client_hello(random.Random(7), server_name)
     client, server = (("192.0.2.10", "198.51.100.20") if network is IP
                       else ("2001:db8::10", "2001:db8:1::20"))
     link = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
@@ -131,13 +131,18 @@ def _flow_frames(network, tagged: bool) -> dict[str, bytes]:
     return {name: bytes(frame) for name, frame in frames.items()}
 
 
+@pytest.mark.parametrize("server_name, kept", [
+    (b"www.example.org", []),
+    (b"dnl-03.geo.kaspersky.com", ["hello"]),
+], ids=["hello-ruled-out", "hello-may-match"])
 @pytest.mark.parametrize("tagged", [False, True], ids=["untagged", "vlan"])
 @pytest.mark.parametrize("network", [IP, IPv6], ids=["ipv4", "ipv6"])
-def test_what_the_fast_path_keeps_from_the_full_decoder(network, tagged):
+def test_what_the_fast_path_keeps_from_the_full_decoder(network, tagged, server_name, kept):
     """The point of the fast path: a SYN towards an unwatched address and port, the
-    server's SYN-ACK, the client's bulk after a parsed hello and a bare FIN are judged on
-    the buffer, never sliced out and decoded."""
-    frames = _flow_frames(network, tagged)
+    server's SYN-ACK, a whole hello that names no indicator, the client's bulk after it and
+    a bare FIN are judged on the buffer, never sliced out and decoded.  A hello that may
+    name one goes to the full decoder."""
+    frames = _flow_frames(network, tagged, server_name)
     decoder = _decoder()
     decoder.expire(1_700_000_000)  # else the first frame takes the full path to run expiry
     buf, meta = _batch([(1_700_000_000 + i * 0.001, data) for i, data in enumerate(frames.values())])
@@ -146,9 +151,10 @@ def test_what_the_fast_path_keeps_from_the_full_decoder(network, tagged):
     for ts, frame, _ in decoder.ethernet_batch(buf, meta):
         yielded.append(names[list(frames.values()).index(frame)])
         decoder.decode(ts, 1, frame)
-    assert yielded == ["hello"]
-    assert decoder.stats.packets == len(frames) - 1
-    assert decoder.loss.flows, "the skipped SYN still opened the capture-loss record"
+    assert yielded == kept
+    assert decoder.stats.packets == len(frames) - len(kept)
+    assert sorted(decoder.streams.bypass) == [], "the FIN closed the settled stream"
+    assert decoder.stats.decoded == len(frames)
 
 
 @st.composite

@@ -152,6 +152,8 @@ class PacketDecoder:
           or it is known to carry nothing.  This is the client-to-server bulk that the
           capture filter has to let through, as it cannot tell a hello's third segment from
           an upload's;
+        * the first segment after a seen SYN when it holds a whole ClientHello that the
+          Interest's labels rule out (StreamTable.settle_hello), the commonest hello;
         * a DNS message on port 53 that the Interest's screen rules out, from a server
           reported within RESOLVER_REPORT_INTERVAL;
         * a SYN-ACK (but DNS's), a client's SYN towards a port and address the Interest
@@ -173,6 +175,9 @@ class PacketDecoder:
         flow_ports = interest.flow_ports if interest is not None else frozenset()
         flow_addresses = interest.flow_addresses if interest is not None else None
         stream_syn = self.streams.syn
+        settle_hello = self.streams.settle_hello
+        hello_may_match = interest.hello_may_match if interest is not None \
+            and not interest.fingerprints and interest.text_labels is not None else None
         loss_syn = loss.syn
         skipped = skipped_bytes = 0
         next_expiry = self._next_expiry
@@ -237,6 +242,14 @@ class PacketDecoder:
                                     skipped += 1
                                     skipped_bytes += caplen
                                     continue
+                            elif seen is None and hello_may_match is not None and payload > 5 \
+                                    and buf[ip_end - payload] == 0x16 \
+                                    and settle_hello(key, seq, buf[ip_end - payload:ip_end], hello_may_match):
+                                if loss.flows:
+                                    self._judge_loss(key, flags, buf, l4, payload)
+                                skipped += 1
+                                skipped_bytes += caplen
+                                continue
                         elif flags & 0x12 == 0x12:
                             if buf[l4] != 0 or buf[l4 + 1] != 53:
                                 skipped += 1
