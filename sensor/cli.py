@@ -166,7 +166,7 @@ def cmd_read(args) -> int:
         progress.clear()
         sensor.close(snapshot=not args.quiet or metrics is not None)
     if not args.quiet:
-        _summary(sensor)
+        _summary(sensor, filtered=args.bpf_prefilter or bool(args.bpf))
     if metrics is not None and settings.linger:
         print(f"purge-sensor: serving metrics on {settings.metrics}; Ctrl-C to stop", file=sys.stderr)
         try:
@@ -176,10 +176,13 @@ def cmd_read(args) -> int:
     return EXIT_CAPTURE if failed else EXIT_OK
 
 
-def _summary(sensor) -> None:
+def _summary(sensor, filtered: bool) -> None:
+    """The read summary.  With the capture filter, libpcap counts nothing it rejects, so
+    the packet count says it is of the packets the filter passed (tcpdump's wording)."""
     s = sensor.stats
     w = sys.stderr.write
-    w(f"packets {s.packets:,}  bytes {s.bytes:,}  decoded {s.decoded:,}  "
+    passed = " passed by filter" if filtered else ""
+    w(f"packets {s.packets:,}{passed}  bytes {s.bytes:,}  decoded {s.decoded:,}  "
       f"duplicates {s.duplicates:,}  alerts {sensor.alerts:,}\n")
     if s.malformed:
         w("malformed: " + ", ".join(f"{k}={v}" for k, v in sorted(s.malformed.items())) + "\n")

@@ -50,6 +50,24 @@ def test_demo_alerts_are_ecs_and_attributed(tmp_path):
     assert "packets" in err and "matches by category" in err and "\r" not in err
 
 
+def test_summary_says_when_its_packet_count_is_of_what_the_filter_passed():
+    """libpcap does not count what the capture filter rejects; the summary must not pass
+    the filtered count off as the file's."""
+    import re
+
+    from sensor.capture.pcapfile import open_capture
+
+    with open_capture(str(PCAPS / "demo.pcap")) as cap:
+        in_file = sum(1 for _ in cap)
+    counts = {}
+    for extra in ((), ("--no-bpf-prefilter",)):
+        err = sensor("read", "--no-state", *extra, str(PCAPS / "demo.pcap"), check=0).stderr.decode()
+        counts[extra] = re.search(r"^packets ([\d,]+)( passed by filter)?  ", err, re.M).groups()
+    passed, unfiltered = counts[()], counts[("--no-bpf-prefilter",)]
+    assert passed[1] and int(passed[0].replace(",", "")) < in_file
+    assert unfiltered == (f"{in_file:,}", None)
+
+
 def test_lookalikes_never_match():
     proc = sensor("read", "--no-state", str(PCAPS / "lookalikes.pcap"), check=0)
     assert alerts(proc) == []
