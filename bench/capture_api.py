@@ -89,7 +89,6 @@ def capture_tpacket_v3(interface: str, expression: str, stop) -> tuple[int, int,
     not put it back."""
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
     sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
-    program = None
     if expression:
         program = kernel_program(interface, expression)
         fprog = _SockFprog(len(program), ctypes.cast(program, ctypes.POINTER(_SockFilter)))
@@ -122,8 +121,7 @@ def capture_tpacket_v3(interface: str, expression: str, stop) -> tuple[int, int,
             pos += step
         _STATUS.pack_into(ring, base + 8, 0)
         index = (index + 1) % blocks
-    received, dropped, _ = struct.unpack("=III", sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 12))
-    del program
+    _received, dropped, _ = struct.unpack("=III", sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 12))
     return packets, tagged, dropped
 
 

@@ -108,9 +108,11 @@ def cmd_read(args) -> int:
     # The first capture opens before the pipeline is even imported: libpcap's reader thread
     # reads and filters while the modules, signatures and state store load
     # (PrefilteredCapture.batches).
-    captures = _iterate(args.captures, on_error, args.bpf_prefilter or bool(args.bpf), args.bpf)
+    prefilter = args.bpf_prefilter or bool(args.bpf)
+    captures = _iterate(args.captures, on_error, prefilter, args.bpf)
     first = next(captures, None)
-    early = first[1].batches() if first is not None and hasattr(first[1], "batches") else None
+    if first is not None and hasattr(first[1], "batches"):
+        first[1].batches()
     from .detect.signatures import SignatureError
     from .pipeline import Progress, Sensor
 
@@ -141,7 +143,7 @@ def cmd_read(args) -> int:
             if batches is not None:
                 handle_batch = sensor.handle_batch
                 count = 0
-                for item in (early if cap is first[1] else batches()):
+                for item in batches():
                     if len(item) == 3:
                         handle_batch(*item)
                     else:
@@ -166,7 +168,7 @@ def cmd_read(args) -> int:
         progress.clear()
         sensor.close(snapshot=not args.quiet or metrics is not None)
     if not args.quiet:
-        _summary(sensor, filtered=args.bpf_prefilter or bool(args.bpf))
+        _summary(sensor, filtered=prefilter)
     if metrics is not None and settings.linger:
         print(f"purge-sensor: serving metrics on {settings.metrics}; Ctrl-C to stop", file=sys.stderr)
         try:

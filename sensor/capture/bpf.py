@@ -163,12 +163,11 @@ class LinktypeFilters:
 class ReadAhead:
     """The bytes libpcap's reader thread has read and the consumer not yet taken: the
     reader waits while they reach the limit, PREFETCH_BYTES until the first batch is taken,
-    READ_AHEAD_BYTES afterwards.  ``peak`` is the most ever held (one batch may overshoot)."""
+    READ_AHEAD_BYTES afterwards (the batch read last may overshoot it)."""
 
     def __init__(self):
         self._changed = threading.Condition()
         self.held = 0
-        self.peak = 0
         self.limit = PREFETCH_BYTES
 
     def wait(self, stop: threading.Event) -> bool:
@@ -181,7 +180,6 @@ class ReadAhead:
     def add(self, size: int) -> None:
         with self._changed:
             self.held += size
-            self.peak = max(self.peak, self.held)
 
     def take(self, size: int) -> None:
         with self._changed:
@@ -212,7 +210,6 @@ class PrefilteredCapture:
         self._stop_reader = threading.Event()
         self.read_ahead: ReadAhead | None = None
         self._capture = None
-        self.by_libpcap = False
         known = self._libpcap_format(path)
         linktype = known[0] if known is not None else None
         if linktype is not None:
@@ -229,7 +226,6 @@ class PrefilteredCapture:
                 linktype = None
             else:
                 self._handle = handle
-                self.by_libpcap = True
                 self._fd = handle.getfd()
                 self.size = os.fstat(self._fd).st_size if self._fd >= 0 else None
                 self.format = known[1]
@@ -240,6 +236,10 @@ class PrefilteredCapture:
             self.size = self._capture.size
             self.format = self._capture.format
             self._records = self._python_records()
+
+    @property
+    def by_libpcap(self) -> bool:
+        return self._handle is not None
 
     @staticmethod
     def _libpcap_format(path: str) -> tuple[int, str] | None:
@@ -299,14 +299,14 @@ class PrefilteredCapture:
         meta holding native (sec, usec, offset, caplen) records, so the reader can drop
         bypassed flows without slicing each frame out.  Frames libpcap cannot read (other
         formats, the rest of a file after a libpcap error) come as the 5-tuples iteration
-        yields.  Use this or iteration, not both.
+        yields.  Use this or iteration, not both; calling it again returns the same batches.
 
         libpcap starts reading at once, in a thread of its own: ``next_batch`` releases the
         GIL while it runs, so on two cores reading the file and running the filter overlap
         with whatever the caller still sets up and then with the decoding of earlier
         batches, within the bytes ReadAhead allows.  libpcap handles are not thread-safe:
         the reader thread alone touches the handle until it has stopped."""
-        if self._handle is not None:
+        if self._handle is not None and self.read_ahead is None:
             self._records.close()
             self._records = self._batched_records(self._start_reader())
         return self._records

@@ -82,12 +82,14 @@ def _section_byte_order(buf: bytes, pos: int) -> str | None:
     return None
 
 
-def _interface_clock(buf: bytes, start: int, end: int, layout: _PcapngLayout) -> tuple[int, int]:
-    """Units per second and offset in seconds from an IDB's options.
+def _interface(buf: bytes, pos: int, block_end: int, layout: _PcapngLayout) -> tuple[int, int, int, int]:
+    """(link type, snap length, units per second, offset in seconds) of the IDB at ``pos``.
 
     Malformed options end option parsing but keep the interface: its packets are
     still good, and the defaults (microseconds, no offset) are what most writers use.
     """
+    linktype, snaplen = layout.idb.unpack_from(buf, pos + 8)
+    start, end = pos + 16, block_end - 4
     units = _DEFAULT_TS_UNITS
     offset = 0
     option = layout.option.unpack_from
@@ -102,7 +104,7 @@ def _interface_clock(buf: bytes, start: int, end: int, layout: _PcapngLayout) ->
         elif code == _OPT_IF_TSOFFSET and length == 8:
             offset = layout.int64.unpack_from(buf, value)[0]
         start = value + ((length + 3) & ~3)
-    return units, offset
+    return linktype, snaplen, units, offset
 
 
 def pcapng_leading_interfaces(head: bytes) -> list[tuple[int, int, int]] | None:
@@ -129,8 +131,7 @@ def pcapng_leading_interfaces(head: bytes) -> list[tuple[int, int, int]] | None:
         if block_type == _IDB:
             if block_len < 20:
                 return None
-            linktype = layout.idb.unpack_from(head, pos + 8)[0]
-            units, offset = _interface_clock(head, pos + 16, pos + block_len - 4, layout)
+            linktype, _snaplen, units, offset = _interface(head, pos, pos + block_len, layout)
             interfaces.append((linktype, units, offset))
         pos += block_len
     return None
@@ -355,8 +356,7 @@ class CaptureFile:
                         problem = self._garbled("interface block", pos, f"length {block_len}")
                         break
                     if len(interfaces) < MAX_INTERFACES:
-                        linktype, snaplen = layout.idb.unpack_from(buf, pos + 8)
-                        units, offset = _interface_clock(buf, pos + 16, block_end - 4, layout)
+                        linktype, snaplen, units, offset = _interface(buf, pos, block_end, layout)
                         interfaces.append((linktype, snaplen, units, offset * units))
                 elif block_type == _SPB:
                     if block_len < 16:

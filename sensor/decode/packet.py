@@ -86,10 +86,15 @@ class Interest:
     flow_ports: frozenset = frozenset()
     flow_addresses: set | None = None
 
+    @property
+    def screens_hellos(self) -> bool:
+        """Whether a ClientHello can be ruled out by its labels at all."""
+        return not self.fingerprints and self.text_labels is not None
+
     def hello_may_match(self, hello: bytes) -> bool:
         """Substring tests on the lower-cased hello: a case-insensitive regex over 2 KB of
         key shares costs a hundred times more."""
-        if self.fingerprints or self.text_labels is None:
+        if not self.screens_hellos:
             return True
         lowered = hello.lower()
         for label in self.text_labels:
@@ -172,12 +177,11 @@ class PacketDecoder:
         reports = self.resolver_reports
         interest = self.interest
         screen = interest.dns_screen if interest is not None else None
-        flow_ports = interest.flow_ports if interest is not None else frozenset()
-        flow_addresses = interest.flow_addresses if interest is not None else None
+        wants_flow = self._wants_flow
         stream_syn = self.streams.syn
         settle_hello = self.streams.settle_hello
         hello_may_match = interest.hello_may_match if interest is not None \
-            and not interest.fingerprints and interest.text_labels is not None else None
+            and interest.screens_hellos else None
         loss_syn = loss.syn
         skipped = skipped_bytes = 0
         next_expiry = self._next_expiry
@@ -256,16 +260,14 @@ class PacketDecoder:
                                 skipped_bytes += caplen
                                 continue
                         elif flags & 0x02:
-                            if flow_addresses is not None:
-                                dport = (buf[l4 + 2] << 8) | buf[l4 + 3]
-                                if ("tcp", dport) not in flow_ports \
-                                        and buf[addr + width:addr + 2 * width] not in flow_addresses:
-                                    key = buf[addr:l4 + 4]
-                                    stream_syn(key, seq, (sec * 1_000_000 + usec) / 1_000_000, dport == 53)
-                                    loss_syn(key, seq)
-                                    skipped += 1
-                                    skipped_bytes += caplen
-                                    continue
+                            dport = (buf[l4 + 2] << 8) | buf[l4 + 3]
+                            if not wants_flow("tcp", dport, buf[addr + width:addr + 2 * width]):
+                                key = buf[addr:l4 + 4]
+                                stream_syn(key, seq, (sec * 1_000_000 + usec) / 1_000_000, dport == 53)
+                                loss_syn(key, seq)
+                                skipped += 1
+                                skipped_bytes += caplen
+                                continue
                         elif flags & 0x05 and payload == 0:
                             key = buf[addr:l4 + 4]
                             if loss.flows:
