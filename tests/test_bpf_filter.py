@@ -19,7 +19,7 @@ import pytest
 
 pcapy = pytest.importorskip("pcapy")
 
-from scapy.layers.inet import IP, TCP, UDP  # noqa: E402
+from scapy.layers.inet import IP, TCP, UDP, IPOption_NOP  # noqa: E402
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrHopByHop  # noqa: E402
 from scapy.layers.l2 import Dot1AD, Dot1Q, Ether  # noqa: E402
 from scapy.packet import Raw  # noqa: E402
@@ -259,6 +259,18 @@ def test_filter_decisions(case, v6, vlan):
     build, passes = CASES[case]
     program = bpf.compile_filter(None)
     assert bool(program.filter(_frame(build(v6), vlan))) is passes
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_ipv4_options_take_the_general_path_to_the_same_decisions(case):
+    """The filter tests plain IPv4 at fixed offsets; a header with options (IHL 6) shifts
+    the transport header and must reach the same decision through libpcap's accessors."""
+    build, passes = CASES[case]
+    packet = build(False)
+    packet[IP].options = [IPOption_NOP()] * 4
+    frame = _frame(packet)
+    assert frame[14] == 0x46
+    assert bool(bpf.compile_filter(None).filter(frame)) is passes
 
 
 def test_ipv6_extension_headers_and_fragments_pass_whole():

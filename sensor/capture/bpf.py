@@ -17,9 +17,13 @@ What it drops: pure ACKs, server-to-client data, RTP and other UDP media, QUIC
 short-header (1-RTT) packets.  Client-to-server data past the hello still passes and is
 shed by the decoder's per-flow bypass.
 
-libpcap's ``tcp[]``/``udp[]`` accessors only work over IPv4, so IPv6 uses ``ip6[]``
-offsets (TCP/UDP right after the fixed header; IPv6 with extension headers passes
-whole).  ``vlan`` shifts every later offset in libpcap, so the tagged variants come
+The filter runs on every packet, so its order is its cost.  IPv4 without options or
+fragments and IPv6 without extension headers (nearly all traffic) are tested at fixed
+``ip[]``/``ip6[]`` offsets, with the cheapest decisive test first: libpcap's ``tcp[]``
+accessors reload the header length and re-check for fragments at every use, which made
+a server-to-client segment cost 80 instructions; it now costs 34 (31 on average over the
+benchmark mix, against 61).  IPv4 with options or fragments takes libpcap's accessors;
+IPv6 with extension headers passes whole.  ``vlan`` shifts every later offset in libpcap, so the tagged variants come
 last, up to three tags deep (802.1ad QinQ included).  Untagged MPLS and PPPoE session
 frames pass whole: once libpcap's ``mpls``/``pppoes`` keywords shift the offsets they
 cannot be undone for the rest of the expression.
@@ -48,38 +52,67 @@ _HTTP_METHOD_WORDS = tuple(int.from_bytes(m, "big") for m in (
     b"GET ", b"POST", b"HEAD", b"PUT ", b"DELE", b"OPTI", b"CONN", b"PATC", b"TRAC"))
 
 
-def _port_terms() -> str:
-    terms = [f"udp port {p}" for p in UDP_PORTS]
-    terms += [f"udp portrange {lo}-{hi}" for lo, hi in UDP_PORT_RANGES]
-    terms += [f"tcp port {p}" for p in TCP_PORTS]
-    return " or ".join(terms)
+def _udp_port(port: str) -> str:
+    """``port`` is one the decoder reads over UDP, tested as a short search: most UDP on a
+    span port is QUIC (443) or media on high ports, which leave after three comparisons."""
+    ports = [(p, p) for p in UDP_PORTS] + list(UDP_PORT_RANGES)
+    top = max(hi for _, hi in ports)
+
+    def test(lo: int, hi: int) -> str:
+        return f"{port} == {lo}" if lo == hi else f"({port} >= {lo} and {port} <= {hi})"
+
+    low = " or ".join(test(lo, hi) for lo, hi in ports if hi < 1024)
+    high = " or ".join(test(lo, hi) for lo, hi in ports if lo >= 1024)
+    return f"(({port} < 1024 and ({low})) or ({port} >= 1024 and {port} <= {top} and ({high})))"
 
 
-def _client_payload(payload_len: str, sport: str, dport: str, first: str, word: str) -> str:
+def _client_payload(more: str, sport: str, dport: str, first: str, word: str) -> str:
+    """TCP payload that may start a client's stream; ``more`` says the segment has payload.
+
+    Sent towards the lower port, or opening with a TLS handshake record or an HTTP method
+    (an upper-case first byte, then the word).  Server-to-client bulk, the commonest
+    packet, fails on the ports and the first byte before the payload length is computed."""
     methods = " or ".join(f"{word} == 0x{w:08x}" for w in _HTTP_METHOD_WORDS)
-    return (f"({payload_len} > 0 and ({dport} < {sport} or {first} == 0x{_TLS_HANDSHAKE:02x}"
-            f" or {methods}))")
+    return (f"({dport} < {sport} and {more}) or ({dport} >= {sport} and ({first} == 0x{_TLS_HANDSHAKE:02x}"
+            f" or ({first} & 0xe0 == 0x40 and ({methods}))) and {more})")
+
+
+def _fixed_tcp(base: str, l4: int, payload_len: str) -> str:
+    """TCP at a fixed offset ``l4`` of ``base`` (IPv4 without options, IPv6 without
+    extension headers): plain loads, no index register and no fragment checks, which
+    libpcap's ``tcp[]`` accessor repeats at every use."""
+    doff = f"(({base}[{l4 + 12}] & 0xf0) >> 2)"
+    sport, dport = f"{base}[{l4}:2]", f"{base}[{l4 + 2}:2]"
+    return (f"({base}[{l4 + 13}] & 0x07 != 0 or {sport} == 53 or {dport} == 53 or "
+            + _client_payload(f"{payload_len} > {doff}", sport, dport,
+                              f"{base}[{l4} + {doff}]", f"{base}[{l4} + {doff}:4]") + ")")
+
+
+def _fixed_udp(base: str, l4: int) -> str:
+    sport, dport = f"{base}[{l4}:2]", f"{base}[{l4 + 2}:2]"
+    return f"({base}[{l4 + 8}] & 0xc0 == 0xc0 or {_udp_port(sport)} or {_udp_port(dport)})"
 
 
 _TCP4_DOFF = "((tcp[12] & 0xf0) >> 2)"
-_IPV4 = ("(ip and (" + _port_terms() +
-         " or ip[6:2] & 0x3fff != 0"
-         " or ip proto 47 or ip proto 4 or ip proto 41"
-         " or (udp and udp[8] & 0xc0 == 0xc0)"
-         " or (tcp and tcp[tcpflags] & (tcp-syn|tcp-fin|tcp-rst) != 0)"
-         " or (tcp and " + _client_payload(
-             f"ip[2:2] - ((ip[0] & 0xf) << 2) - {_TCP4_DOFF}", "tcp[0:2]", "tcp[2:2]",
-             f"tcp[{_TCP4_DOFF}]", f"tcp[{_TCP4_DOFF}:4]") + ")))")
+# IPv4 with options or fragmented: libpcap's accessors find the transport header.
+_IPV4_ANY = ("(ip[6:2] & 0x3fff != 0"
+             " or ip proto 47 or ip proto 4 or ip proto 41"
+             " or (udp and (udp[8] & 0xc0 == 0xc0 or " + _udp_port("udp[0:2]") + " or " + _udp_port("udp[2:2]") + "))"
+             " or (tcp and (tcp[tcpflags] & (tcp-syn|tcp-fin|tcp-rst) != 0 or tcp port 53 or " + _client_payload(
+                 f"ip[2:2] - ((ip[0] & 0xf) << 2) > {_TCP4_DOFF}", "tcp[0:2]", "tcp[2:2]",
+                 f"tcp[{_TCP4_DOFF}]", f"tcp[{_TCP4_DOFF}:4]") + ")))")
+_IPV4_PLAIN = "ip[0] == 0x45 and ip[6:2] & 0x3fff == 0"
+_IPV4 = ("(ip and ((" + _IPV4_PLAIN + " and ("
+         "(ip[9] == 6 and " + _fixed_tcp("ip", 20, "ip[2:2] - 20") + ")"
+         " or (ip[9] == 17 and " + _fixed_udp("ip", 20) + ")"
+         " or ip[9] == 47 or ip[9] == 4 or ip[9] == 41))"
+         " or (not (" + _IPV4_PLAIN + ") and " + _IPV4_ANY + ")))")
 
-_TCP6_DOFF = "((ip6[52] & 0xf0) >> 2)"
 _IPV6_WHOLE = (0, 43, 44, 51, 60, 135, 139, 140, 47, 4, 41)
-_IPV6 = ("(ip6 and (" + _port_terms() +
-         " or " + " or ".join(f"ip6[6] == {p}" for p in _IPV6_WHOLE) +
-         " or (ip6[6] == 17 and ip6[48] & 0xc0 == 0xc0)"
-         " or (ip6[6] == 6 and ip6[53] & 0x07 != 0)"
-         " or (ip6[6] == 6 and " + _client_payload(
-             f"ip6[4:2] - {_TCP6_DOFF}", "ip6[40:2]", "ip6[42:2]",
-             f"ip6[40 + {_TCP6_DOFF}]", f"ip6[40 + {_TCP6_DOFF}:4]") + ")))")
+_IPV6 = ("(ip6 and ("
+         "(ip6[6] == 6 and " + _fixed_tcp("ip6", 40, "ip6[4:2]") + ")"
+         " or (ip6[6] == 17 and " + _fixed_udp("ip6", 40) + ")"
+         " or " + " or ".join(f"ip6[6] == {p}" for p in _IPV6_WHOLE) + "))")
 
 _CORE = f"({_IPV4} or {_IPV6})"
 
