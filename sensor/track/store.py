@@ -74,6 +74,15 @@ class StoreError(Exception):
     """The state file cannot be opened or is not a purge-sensor inventory."""
 
 
+ABSENT_CACHE = 65536  # entries per negative-lookup set before it starts afresh
+
+
+def _remember(absent: set, value: str) -> None:
+    if len(absent) >= ABSENT_CACHE:
+        absent.clear()
+    absent.add(value)
+
+
 def default_state_path() -> str:
     explicit = os.environ.get("PURGE_SENSOR_STATE")
     if explicit:
@@ -129,22 +138,36 @@ class Store:
         if version is None or version[0] != SCHEMA_VERSION:
             raise StoreError(f"{path}: unsupported inventory schema {version[0] if version else '?'}")
         self._host_count = self.db.execute("SELECT COUNT(*) FROM hosts").fetchone()[0]
+        # Host keys and IPs a lookup found absent.  The tracker asks about every new flow's
+        # endpoints, and on a fresh inventory nearly every answer is "no": two queries for
+        # nothing, a third of the read path's cost for a flow start.  Only write() adds hosts
+        # (the sensor is the inventory's one writer), and it forgets what it adds.
+        self._absent_keys: set[str] = set()
+        self._absent_ips: set[str] = set()
 
     # -- reads used by the tracker -------------------------------------------------
 
     def load_host(self, key: str):
         """(host row, evidence rows) or None; rows in HOST_COLUMNS / EVIDENCE_COLUMNS order."""
+        if key in self._absent_keys:
+            return None
         row = self.db.execute(f"SELECT {HOST_COLUMNS} FROM hosts WHERE key=?", (key,)).fetchone()
         if row is None:
+            _remember(self._absent_keys, key)
             return None
         evidence = self.db.execute(f"SELECT {EVIDENCE_COLUMNS} FROM evidence WHERE host_key=?",
                                    (key,)).fetchall()
         return row, evidence
 
     def key_for_ip(self, ip: str) -> str | None:
+        if ip in self._absent_ips:
+            return None
         row = self.db.execute("SELECT key FROM hosts WHERE ip=? ORDER BY last_seen DESC LIMIT 1",
                               (ip,)).fetchone()
-        return row[0] if row else None
+        if row is None:
+            _remember(self._absent_ips, ip)
+            return None
+        return row[0]
 
     def recent_identities(self, limit: int) -> list[tuple]:
         """(mac, ip, hostname) newest last, so replaying them into LRU tables keeps the newest."""
@@ -192,6 +215,9 @@ class Store:
     def write(self, batch: Batch) -> None:
         """Commit one batch atomically, then enforce the table caps inside the same transaction."""
         db = self.db
+        for row in batch.hosts:
+            self._absent_keys.discard(row[0])
+            self._absent_ips.discard(row[1])
         db.execute("BEGIN IMMEDIATE")
         try:
             for old, new in batch.renames:
