@@ -25,7 +25,8 @@ accessors reload the header length and re-check for fragments at every use, whic
 a server-to-client segment cost 80 instructions; it now costs 34 (31 on average over the
 benchmark mix, against 61).  IPv4 with options or fragments and IPv6 with extension
 headers pass whole: they are rare, and a second, accessor-based copy of the tests doubled
-the time libpcap's optimizer takes over the program (6 ms now, on the sensor's start-up).  ``vlan`` shifts every later offset in libpcap, so the tagged variants come
+the time libpcap's optimizer takes over the program (6 ms now, on the sensor's start-up).
+``vlan`` shifts every later offset in libpcap, so the tagged variants come
 last, up to three tags deep (802.1ad QinQ included).  Untagged MPLS and PPPoE session
 frames pass whole: once libpcap's ``mpls``/``pppoes`` keywords shift the offsets they
 cannot be undone for the rest of the expression.
@@ -57,15 +58,18 @@ _HTTP_METHOD_WORDS = tuple(int.from_bytes(m, "big") for m in (
 def _udp_port(port: str) -> str:
     """``port`` is one the decoder reads over UDP, tested as a short search: most UDP on a
     span port is QUIC (443) or media on high ports, which leave after three comparisons."""
-    ports = [(p, p) for p in UDP_PORTS] + list(UDP_PORT_RANGES)
-    top = max(hi for _, hi in ports)
+    ranges = sorted([(p, p) for p in UDP_PORTS] + list(UDP_PORT_RANGES))
+    low = [r for r in ranges if r[0] < 1024]
+    high = [r for r in ranges if r[0] >= 1024]
 
-    def test(lo: int, hi: int) -> str:
-        return f"{port} == {lo}" if lo == hi else f"({port} >= {lo} and {port} <= {hi})"
+    def search(group: list, floor: int) -> str:
+        """The group's tests, behind bounds that let most ports skip them."""
+        tests = " or ".join(f"{port} == {lo}" if lo == hi else f"({port} >= {lo} and {port} <= {hi})"
+                            for lo, hi in group)
+        above = f"{port} >= {floor} and " if floor else ""
+        return f"({above}{port} <= {max(hi for _, hi in group)} and ({tests}))"
 
-    low = " or ".join(test(lo, hi) for lo, hi in ports if hi < 1024)
-    high = " or ".join(test(lo, hi) for lo, hi in ports if lo >= 1024)
-    return f"(({port} < 1024 and ({low})) or ({port} >= 1024 and {port} <= {top} and ({high})))"
+    return f"({search(low, 0)} or {search(high, high[0][0])})"
 
 
 def _client_payload(more: str, sport: str, dport: str, first: str, word: str) -> str:
@@ -85,7 +89,8 @@ def _fixed_tcp(base: str, l4: int, payload_len: str) -> str:
     libpcap's ``tcp[]`` accessor repeats at every use."""
     doff = f"(({base}[{l4 + 12}] & 0xf0) >> 2)"
     sport, dport = f"{base}[{l4}:2]", f"{base}[{l4 + 2}:2]"
-    return (f"({base}[{l4 + 13}] & 0x07 != 0 or {sport} == 53 or {dport} == 53 or "
+    ports = " or ".join(f"{sport} == {p} or {dport} == {p}" for p in TCP_PORTS)
+    return (f"({base}[{l4 + 13}] & 0x07 != 0 or {ports} or "
             + _client_payload(f"{payload_len} > {doff}", sport, dport,
                               f"{base}[{l4} + {doff}]", f"{base}[{l4} + {doff}:4]") + ")")
 

@@ -138,10 +138,10 @@ class Store:
         if version is None or version[0] != SCHEMA_VERSION:
             raise StoreError(f"{path}: unsupported inventory schema {version[0] if version else '?'}")
         self._host_count = self.db.execute("SELECT COUNT(*) FROM hosts").fetchone()[0]
-        # Host keys and IPs a lookup found absent.  The tracker asks about every new flow's
-        # endpoints, and on a fresh inventory nearly every answer is "no": two queries for
-        # nothing, a third of the read path's cost for a flow start.  Only write() adds hosts
-        # (the sensor is the inventory's one writer), and it forgets what it adds.
+        # Host keys and IPs a lookup found absent.  The tracker asks about the endpoints of
+        # every watched flow, and on a young inventory the answer is mostly "no": two queries
+        # for nothing, each time the endpoint comes back.  Only write() adds hosts (the
+        # sensor is the inventory's one writer), and it forgets what it adds.
         self._absent_keys: set[str] = set()
         self._absent_ips: set[str] = set()
 
