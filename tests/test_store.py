@@ -185,6 +185,35 @@ def test_merge_moves_stored_evidence_to_the_mac_host(tmp_path):
     assert store.db.execute("SELECT COUNT(*) FROM evidence WHERE host_key='ip:10.0.6.6'").fetchone()[0] == 0
 
 
+def test_lookups_answer_as_the_table_does_after_writes_merges_and_trims(tmp_path):
+    """The store answers "absent" from memory (Store._stored_keys): it must still agree
+    with the table after hosts are added, merged away (a rename deletes a row) and
+    trimmed by the cap, and across a reopen."""
+    path = str(tmp_path / "inv.sqlite")
+    h = Harness(store=Store(path), max_hosts=20, cached_hosts=5)
+    ips = [f"10.0.7.{i}" for i in range(40)]
+    for i, ip in enumerate(ips):
+        h.feed(hello(T0 + i, ip, "203.0.113.5", "s01.upd.kaspersky.com"))
+        if i % 7 == 0:
+            h.feed(DhcpLease(ctx(T0 + i + 0.5, "10.0.0.1", ip, 67, 68), f"aa:bb:cc:00:07:{i:02x}", ip, f"PC-{i}"))
+        if i % 5 == 4:
+            h.tracker.flush()
+    h.tracker.flush()
+    store = h.tracker.store
+    oracle = Store(path, readonly=True)
+    keys = [f"ip:{ip}" for ip in ips] + [f"mac:aa:bb:cc:00:07:{i:02x}" for i in range(40)]
+    assert any(store.load_host(k) is None for k in keys) and any(store.load_host(k) for k in keys)
+    for key in keys:
+        assert (store.load_host(key) is None) == (oracle.load_host(key) is None), key
+    for ip in ips:
+        assert store.key_for_ip(ip) == oracle.key_for_ip(ip), ip
+    assert len(store._stored_keys) == store.host_count == 20  # bounded by the table's cap
+    h.tracker.close()
+    reopened = Store(path)
+    for key in keys:
+        assert (reopened.load_host(key) is None) == (oracle.load_host(key) is None), key
+
+
 def test_learned_resolvers_persist(tmp_path):
     path = str(tmp_path / "inv.sqlite")
     h = Harness(store=Store(path))

@@ -74,15 +74,6 @@ class StoreError(Exception):
     """The state file cannot be opened or is not a purge-sensor inventory."""
 
 
-ABSENT_CACHE = 65536  # entries per negative-lookup set before it starts afresh
-
-
-def _remember(absent: set, value: str) -> None:
-    if len(absent) >= ABSENT_CACHE:
-        absent.clear()
-    absent.add(value)
-
-
 def default_state_path() -> str:
     explicit = os.environ.get("PURGE_SENSOR_STATE")
     if explicit:
@@ -138,36 +129,42 @@ class Store:
         if version is None or version[0] != SCHEMA_VERSION:
             raise StoreError(f"{path}: unsupported inventory schema {version[0] if version else '?'}")
         self._host_count = self.db.execute("SELECT COUNT(*) FROM hosts").fetchone()[0]
-        # Host keys and IPs a lookup found absent.  The tracker asks about the endpoints of
-        # every watched flow, and on a young inventory the answer is mostly "no": two queries
-        # for nothing, each time the endpoint comes back.  Only write() adds hosts (the
-        # sensor is the inventory's one writer), and it forgets what it adds.
-        self._absent_keys: set[str] = set()
-        self._absent_ips: set[str] = set()
+        # The keys and IPs the hosts table holds, so that looking up an endpoint that is not
+        # there (most of a watched flow's endpoints, on a young inventory) costs no query.
+        # Only write() adds hosts (the sensor is the inventory's one writer): it adds here
+        # what it writes, and reloads both sets after deleting (merges, the host cap).  A
+        # read-only store may have another writer, so it always asks.
+        self._stored_keys: set[str] | None = None
+        self._stored_ips: set[str] | None = None
+        if not readonly:
+            self._load_stored()
+
+    def _load_stored(self) -> None:
+        self._stored_keys = set()
+        self._stored_ips = set()
+        for key, ip in self.db.execute("SELECT key, ip FROM hosts"):
+            self._stored_keys.add(key)
+            self._stored_ips.add(ip)
 
     # -- reads used by the tracker -------------------------------------------------
 
     def load_host(self, key: str):
         """(host row, evidence rows) or None; rows in HOST_COLUMNS / EVIDENCE_COLUMNS order."""
-        if key in self._absent_keys:
+        if self._stored_keys is not None and key not in self._stored_keys:
             return None
         row = self.db.execute(f"SELECT {HOST_COLUMNS} FROM hosts WHERE key=?", (key,)).fetchone()
         if row is None:
-            _remember(self._absent_keys, key)
             return None
         evidence = self.db.execute(f"SELECT {EVIDENCE_COLUMNS} FROM evidence WHERE host_key=?",
                                    (key,)).fetchall()
         return row, evidence
 
     def key_for_ip(self, ip: str) -> str | None:
-        if ip in self._absent_ips:
+        if self._stored_ips is not None and ip not in self._stored_ips:
             return None
         row = self.db.execute("SELECT key FROM hosts WHERE ip=? ORDER BY last_seen DESC LIMIT 1",
                               (ip,)).fetchone()
-        if row is None:
-            _remember(self._absent_ips, ip)
-            return None
-        return row[0]
+        return row[0] if row is not None else None
 
     def recent_identities(self, limit: int) -> list[tuple]:
         """(mac, ip, hostname) newest last, so replaying them into LRU tables keeps the newest."""
@@ -215,9 +212,7 @@ class Store:
     def write(self, batch: Batch) -> None:
         """Commit one batch atomically, then enforce the table caps inside the same transaction."""
         db = self.db
-        for row in batch.hosts:
-            self._absent_keys.discard(row[0])
-            self._absent_ips.discard(row[1])
+        deleted = bool(batch.renames)
         db.execute("BEGIN IMMEDIATE")
         try:
             for old, new in batch.renames:
@@ -255,12 +250,19 @@ class Store:
             if self._host_count > self.max_hosts:
                 self._host_count = db.execute("SELECT COUNT(*) FROM hosts").fetchone()[0]
                 self._trim_hosts(self._host_count - self.max_hosts)
+                deleted = True
             if batch.identities:
                 self._trim_identities()
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        if deleted:
+            self._load_stored()
+        elif self._stored_keys is not None:
+            for row in batch.hosts:
+                self._stored_keys.add(row[0])
+                self._stored_ips.add(row[1])
 
     def _trim_hosts(self, excess: int) -> None:
         """Drop the least valuable hosts first: no install-type verdict, then oldest evidence."""
