@@ -7,6 +7,7 @@ capture, 2 usage or configuration error (bad config, bad signatures, bad sink).
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import itertools
 import signal
@@ -135,6 +136,9 @@ def cmd_read(args) -> int:
             sensor.close()
             return EXIT_USAGE
     signal.signal(signal.SIGHUP, lambda *_: sensor.reopen())
+    # What start-up built (modules, signatures, tables) lives as long as the process: out
+    # of the collector's way, the full collections a long read triggers stay short.
+    gc.freeze()
     handle = sensor.handle
     stats = sensor.stats
     try:

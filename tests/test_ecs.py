@@ -117,6 +117,22 @@ def test_ksc_port_detection_is_a_port_indicator():
     assert doc["purge_sensor"]["indicator"] == "10.0.0.20:13000/tcp"
 
 
+def test_indicator_type_tells_addresses_from_names():
+    """Names skip the address parser (ecs._ip_type): a name that starts with a digit, or
+    an address of either family, must still be typed by what it is."""
+    c = ctx()
+    cases = {"203.0.113.9": "ipv4-addr", "2001:db8::9": "ipv6-addr",
+             "1-2.kaspersky.com": "domain-name", "7.upd.kaspersky.com": "domain-name",
+             "dnl-01.geo.kaspersky.com": "domain-name"}
+    for indicator, expected in cases.items():
+        doc = ecs(Detection(TS, "tls_sni", "10.0.0.5", indicator, SIG, c, FlowStart(c)))
+        assert doc["threat"]["indicator"]["type"] == expected, indicator
+        if expected == "domain-name":
+            assert doc["threat"]["indicator"]["url"] == {"domain": indicator}
+        else:
+            assert doc["threat"]["indicator"]["ip"] == indicator
+
+
 def test_dns_answer_flow_names_the_resolved_domain():
     c = ctx(dst_ip="198.51.100.1")
     doc = ecs(Detection(TS, "dns_answer_flow", "10.0.0.5", NAME.text, SIG, c, FlowStart(c),

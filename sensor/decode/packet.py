@@ -183,7 +183,7 @@ class PacketDecoder:
         hello_may_match = interest.hello_may_match if interest is not None \
             and interest.screens_hellos else None
         loss_syn = loss.syn
-        skipped = skipped_bytes = 0
+        yielded = yielded_bytes = 0
         next_expiry = self._next_expiry
         # Whole seconds before the next expiry: a frame stamped earlier needs no float time.
         expiry_sec = int(next_expiry)
@@ -243,21 +243,15 @@ class PacketDecoder:
                                                 client_segment(key, seq, payload)
                                     elif flags & 0x10 and loss.flows:
                                         self._judge_loss(key, flags, buf, l4, payload)
-                                    skipped += 1
-                                    skipped_bytes += caplen
                                     continue
                             elif seen is None and hello_may_match is not None and payload > 5 \
                                     and buf[ip_end - payload] == 0x16 \
                                     and settle_hello(key, seq, buf[ip_end - payload:ip_end], hello_may_match):
                                 if loss.flows:
                                     self._judge_loss(key, flags, buf, l4, payload)
-                                skipped += 1
-                                skipped_bytes += caplen
                                 continue
                         elif flags & 0x12 == 0x12:
                             if buf[l4] != 0 or buf[l4 + 1] != 53:
-                                skipped += 1
-                                skipped_bytes += caplen
                                 continue
                         elif flags & 0x02:
                             dport = (buf[l4 + 2] << 8) | buf[l4 + 3]
@@ -265,16 +259,12 @@ class PacketDecoder:
                                 key = buf[addr:l4 + 4]
                                 stream_syn(key, seq, (sec * 1_000_000 + usec) / 1_000_000, dport == 53)
                                 loss_syn(key, seq)
-                                skipped += 1
-                                skipped_bytes += caplen
                                 continue
                         elif flags & 0x05 and payload == 0:
                             key = buf[addr:l4 + 4]
                             if loss.flows:
                                 self._judge_loss(key, flags, buf, l4, 0)
                             close(key)
-                            skipped += 1
-                            skipped_bytes += caplen
                             continue
                 elif proto == 17 and screen is not None and l4 + 20 <= ip_end <= end:
                     if buf[l4 + 2] == 0 and buf[l4 + 3] == 53 and not buf[l4 + 10] & 0x80:
@@ -288,16 +278,18 @@ class PacketDecoder:
                         ts = (sec * 1_000_000 + usec) / 1_000_000
                         if last is not None and 0.0 <= ts - last < RESOLVER_REPORT_INTERVAL \
                                 and screen.search(buf, l4 + 8, ip_end) is None:
-                            skipped += 1
-                            skipped_bytes += caplen
                             continue
+            yielded += 1
+            yielded_bytes += caplen
             yield (sec * 1_000_000 + usec) / 1_000_000, buf[off:end], caplen
             next_expiry = self._next_expiry
             expiry_sec = int(next_expiry)
             clock = loss.clock
+        # What was not yielded was counted and judged here.
+        skipped = len(meta) // _BATCH_META.size - yielded
         stats = self.stats
         stats.packets += skipped
-        stats.bytes += skipped_bytes
+        stats.bytes += sum(memoryview(meta).cast("I")[3::4]) - yielded_bytes
         stats.decoded += skipped
 
     def expire(self, now: float) -> None:

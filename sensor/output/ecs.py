@@ -68,6 +68,11 @@ def _unique(values) -> list:
 
 
 def _ip_type(text: str) -> str | None:
+    """The indicator's address family, if it is an address.  Most indicators are names,
+    which ``ip_address`` rejects with two exceptions; a name has no ``:`` and does not
+    start with a digit (the ones that do still get asked)."""
+    if ":" not in text and not text[:1].isdigit():
+        return None
     try:
         return "ipv%d-addr" % ipaddress.ip_address(text).version
     except ValueError:
@@ -247,7 +252,12 @@ def detection_to_ecs(det: Detection, *, observer: str, ruleset: str, version: st
     return doc
 
 
+_PLAIN_TYPES = frozenset([str, int, float, bool, type(None)])
+
+
 def _host_value(key: str, value):
+    if type(value) in _PLAIN_TYPES and key not in ("first_seen", "last_seen"):
+        return value
     if key in ("first_seen", "last_seen") and isinstance(value, (int, float)):
         return iso_time(value)
     if isinstance(value, (set, frozenset)):

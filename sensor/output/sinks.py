@@ -37,10 +37,8 @@ Spec syntax for ``build_sinks`` (``--output``):
 from __future__ import annotations
 
 import collections
-import logging
 import os
 import re
-import ssl
 import sys
 import threading
 import time
@@ -54,7 +52,19 @@ from .spool import FSYNC_POLICIES, Spool
 from .syslog import (DEFAULT_FACILITY, DEFAULT_SD_ID, TcpTransport, UdpTransport,
                      ecs_syslog_message, facility_number, tls_context, validate_sd_id)
 
-log = logging.getLogger("purge_sensor.output")
+
+
+class _Log:
+    """The output logger, imported on first use: ``logging`` is start-up time every read
+    pays, and a sink that never fails never logs."""
+
+    def __getattr__(self, name: str):
+        import logging
+
+        return getattr(logging.getLogger("purge_sensor.output"), name)
+
+
+log = _Log()
 
 BACKOFF_START = 0.1
 BACKOFF_MAX = 30.0
@@ -240,7 +250,7 @@ class NetworkSink:
     def _connect(self) -> bool:
         try:
             self.transport.connect()
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:
             self.failed += 1
             if not self._outage_logged:
                 log.warning("%s: cannot connect (%s); spooling and retrying", self.name, exc)
@@ -278,7 +288,7 @@ class NetworkSink:
             return True
         try:
             self.transport.send(item.payload)
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:
             self._fail(item, str(exc) or type(exc).__name__)
             return True
         self._unconfirmed.append(item)
@@ -527,7 +537,7 @@ def _network_sink(spec: str, spool_dir: str) -> tuple[str, Callable[[], NetworkS
         verify = _parse_bool(spec, "verify", options.get("verify", "1"))
         try:
             context = tls_context(ca or None, cert or None, key or None, verify)
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:
             raise ValueError(f"sink '{spec}': cannot load TLS material: {exc}") from None
         transport = TcpTransport(host, port, context, options.get("server_name") or host)
 

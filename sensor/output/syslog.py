@@ -25,11 +25,15 @@ import fcntl
 import os
 import select
 import socket
-import ssl
 import struct
+import sys
 import termios
+from typing import TYPE_CHECKING
 
 from .ecs import to_json_line
+
+if TYPE_CHECKING:
+    import ssl
 from .escape import (APP_NAME_MAX, HOSTNAME_MAX, MSGID_MAX, PROCID_MAX, header_field,
                      is_sd_name, sd_param_value)
 
@@ -193,7 +197,7 @@ class TcpTransport:
             if self.tls is not None:
                 sock = self.tls.wrap_socket(sock, server_hostname=self.server_name)
             sock.settimeout(SEND_TIMEOUT)
-        except (OSError, ssl.SSLError):
+        except OSError:  # ssl.SSLError included
             sock.close()
             raise
         self._sock = sock
@@ -222,10 +226,12 @@ class TcpTransport:
         sock.settimeout(0)
         try:
             return sock.recv(4096) == b""
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
-            return False
-        except (OSError, ssl.SSLError):
-            return True
+        except OSError as exc:
+            # Nothing whole to read yet is not an end.  ssl is imported lazily (start-up
+            # time); a TLS socket means it is loaded.
+            ssl = sys.modules.get("ssl")
+            return not (isinstance(exc, BlockingIOError) or ssl is not None and isinstance(
+                exc, (ssl.SSLWantReadError, ssl.SSLWantWriteError)))
         finally:
             sock.settimeout(SEND_TIMEOUT)
 
@@ -236,10 +242,10 @@ class TcpTransport:
             return
         self._sock = None
         try:
-            if graceful and isinstance(sock, ssl.SSLSocket):
+            if graceful and hasattr(sock, "unwrap"):  # an ssl.SSLSocket
                 sock.settimeout(1.0)
                 sock = sock.unwrap()
-        except (OSError, ssl.SSLError, ValueError):
+        except (OSError, ValueError):
             pass
         try:
             sock.close()
@@ -249,6 +255,8 @@ class TcpTransport:
 
 def tls_context(ca: str | None, cert: str | None, key: str | None, verify: bool) -> ssl.SSLContext:
     """RFC 5425 client context: TLS 1.2+, server certificate verified unless told not to."""
+    import ssl
+
     context = ssl.create_default_context(cafile=ca) if ca else ssl.create_default_context()
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if not verify:
