@@ -285,7 +285,8 @@ class PacketDecoder:
             next_expiry = self._next_expiry
             expiry_sec = int(next_expiry)
             clock = loss.clock
-        # What was not yielded was counted and judged here.
+        # What was not yielded was counted and judged here; caplen is the last of each
+        # record's four native words.
         skipped = len(meta) // _BATCH_META.size - yielded
         stats = self.stats
         stats.packets += skipped

@@ -256,10 +256,11 @@ _PLAIN_TYPES = frozenset([str, int, float, bool, type(None)])
 
 
 def _host_value(key: str, value):
-    if type(value) in _PLAIN_TYPES and key not in ("first_seen", "last_seen"):
+    if key in ("first_seen", "last_seen"):
+        if isinstance(value, (int, float)):
+            return iso_time(value)
+    elif type(value) in _PLAIN_TYPES:
         return value
-    if key in ("first_seen", "last_seen") and isinstance(value, (int, float)):
-        return iso_time(value)
     if isinstance(value, (set, frozenset)):
         value = sorted(value, key=str)
     if isinstance(value, (list, tuple)):

@@ -53,7 +53,6 @@ from .syslog import (DEFAULT_FACILITY, DEFAULT_SD_ID, TcpTransport, UdpTransport
                      ecs_syslog_message, facility_number, tls_context, validate_sd_id)
 
 
-
 class _Log:
     """The output logger, imported on first use: ``logging`` is start-up time every read
     pays, and a sink that never fails never logs."""

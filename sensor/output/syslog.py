@@ -31,11 +31,11 @@ import termios
 from typing import TYPE_CHECKING
 
 from .ecs import to_json_line
+from .escape import (APP_NAME_MAX, HOSTNAME_MAX, MSGID_MAX, PROCID_MAX, header_field,
+                     is_sd_name, sd_param_value)
 
 if TYPE_CHECKING:
     import ssl
-from .escape import (APP_NAME_MAX, HOSTNAME_MAX, MSGID_MAX, PROCID_MAX, header_field,
-                     is_sd_name, sd_param_value)
 
 DEFAULT_SD_ID = "purge_sensor@32473"
 APP_NAME = "purge-sensor"
@@ -226,12 +226,13 @@ class TcpTransport:
         sock.settimeout(0)
         try:
             return sock.recv(4096) == b""
+        except BlockingIOError:
+            return False
         except OSError as exc:
-            # Nothing whole to read yet is not an end.  ssl is imported lazily (start-up
-            # time); a TLS socket means it is loaded.
+            # A TLS record not yet whole is not an end either.  ssl is imported lazily
+            # (start-up time); a TLS socket means it is loaded.
             ssl = sys.modules.get("ssl")
-            return not (isinstance(exc, BlockingIOError) or ssl is not None and isinstance(
-                exc, (ssl.SSLWantReadError, ssl.SSLWantWriteError)))
+            return ssl is None or not isinstance(exc, (ssl.SSLWantReadError, ssl.SSLWantWriteError))
         finally:
             sock.settimeout(SEND_TIMEOUT)
 
