@@ -146,10 +146,11 @@ def cmd_read(args) -> int:
             batches = getattr(cap, "batches", None)
             if batches is not None:
                 handle_batch = sensor.handle_batch
+                units = cap.units
                 count = 0
                 for item in batches():
                     if len(item) == 3:
-                        handle_batch(*item)
+                        handle_batch(*item, 0, units)
                     else:
                         handle(*item)
                     count += 1

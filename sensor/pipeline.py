@@ -107,19 +107,21 @@ class Sensor:
         if ts >= self._next_flush:
             self.tick(ts)
 
-    def handle_batch(self, linktype: int, buf: bytes, meta: bytes, interface: int = 0) -> None:
-        """A libpcap batch (``next_batch``: one buffer, 16-byte (sec, usec, offset, caplen)
-        records).  For Ethernet the decoder first drops what it can rule out on the buffer
-        (PacketDecoder.ethernet_batch).  ``wire_len`` is the captured length here."""
+    def handle_batch(self, linktype: int, buf: bytes, meta: bytes, interface: int = 0,
+                     units: int = 1_000_000) -> None:
+        """A libpcap batch (``next_batch``: one buffer, 16-byte (sec, fraction, offset,
+        caplen) records, ``units`` fractions a second).  For Ethernet the decoder first
+        drops what it can rule out on the buffer (PacketDecoder.ethernet_batch).
+        ``wire_len`` is the captured length here."""
         handle = self.handle
         if linktype == LINKTYPE_ETHERNET:
-            for ts, frame, caplen in self.decoder.ethernet_batch(buf, meta):
+            for ts, frame, caplen in self.decoder.ethernet_batch(buf, meta, units):
                 handle(ts, linktype, frame, caplen, interface)
             return
         unpack_from = BATCH_META.unpack_from
         for pos in range(0, len(meta), 16):
-            sec, usec, off, caplen = unpack_from(meta, pos)
-            handle((sec * 1_000_000 + usec) / 1_000_000, linktype, buf[off:off + caplen], caplen,
+            sec, fraction, off, caplen = unpack_from(meta, pos)
+            handle((sec * units + fraction) / units, linktype, buf[off:off + caplen], caplen,
                    interface)
 
     def capture_loss_interval(self) -> tuple[int, int]:

@@ -9,6 +9,7 @@ every capture in pcaps/ (and a slice of the benchmark mix) and compares the aler
 from __future__ import annotations
 
 import json
+import os
 import struct
 import sys
 import time
@@ -173,6 +174,81 @@ def test_the_reader_thread_holds_a_bounded_number_of_bytes(tmp_path, monkeypatch
     assert held_before_the_first_take <= bpf.PREFETCH_BYTES + batch_bytes
     assert held_while_stalled <= bpf.READ_AHEAD_BYTES + batch_bytes
     assert bpf.PREFETCH_BYTES + batch_bytes < capture.stat().st_size / 10
+
+
+def _nanosecond_pcap(source: Path, out: Path, order: str = "<", cut: int = 0) -> Path:
+    """``source`` (a microsecond pcap) rewritten with nanosecond fractions that do not end
+    in 000, so a reader that went through microseconds would be caught; ``cut`` bytes
+    short of the end."""
+    data = source.read_bytes()
+    linktype = struct.unpack_from("<I", data, 20)[0]
+    parts = [struct.pack(order + "IHHiIII", 0xA1B23C4D, 2, 4, 0, 0, 262144, linktype)]
+    pos = 24
+    while pos + 16 <= len(data):
+        sec, usec, caplen, wire_len = struct.unpack_from("<IIII", data, pos)
+        parts.append(struct.pack(order + "IIII", sec, usec * 1000 + 1 + usec % 997, caplen, wire_len))
+        parts.append(data[pos + 16:pos + 16 + caplen])
+        pos += 16 + caplen
+    blob = b"".join(parts)
+    out.write_bytes(blob[:len(blob) - cut])
+    return out
+
+
+@pytest.mark.parametrize("order", ["<", ">"], ids=["little-endian", "big-endian"])
+def test_nanosecond_pcap_is_read_by_libpcap_with_exact_timestamps(tmp_path, capsys, order):
+    """libpcap opened for microseconds would divide the fractions by 1,000; behind the
+    microsecond magic (NanosecondFeed) it passes them through, so both the iteration and
+    the batch path keep every nanosecond, and the alerts equal --no-bpf-prefilter's to
+    the last digit of their timestamps."""
+    capture = _nanosecond_pcap(ROOT / "pcaps" / "demo.pcap", tmp_path / "ns.pcap", order)
+    admits = bpf.LinktypeFilters(None).admits
+    with open_capture(str(capture)) as cap:
+        expected = [(r[0], r[1], r[2]) for r in cap if admits(r[1], r[2])]
+    assert any(round(ts * 1e9) % 1000 for ts, _, _ in expected)
+    with bpf.open_prefiltered(str(capture)) as cap:
+        assert cap.by_libpcap and cap.units == bpf.NANO
+        assert [(r[0], r[1], r[2]) for r in cap] == expected
+    with bpf.open_prefiltered(str(capture)) as cap:
+        from_batches = []
+        for linktype, buf, meta in cap.batches():
+            for sec, fraction, off, caplen in struct.iter_unpack("=IIII", meta):
+                from_batches.append(((sec * cap.units + fraction) / cap.units, linktype, buf[off:off + caplen]))
+        assert cap.tell() == capture.stat().st_size
+    assert from_batches == expected
+
+    def alert_docs(*extra):
+        alerts = tmp_path / f"alerts{len(extra)}.json"
+        main(["read", "-q", "--no-state", "-o", f"file:{alerts}", *extra, str(capture)])
+        capsys.readouterr()
+        docs = [json.loads(line) for line in alerts.read_text().splitlines()]
+        for doc in docs:
+            del doc["event"]["id"]  # random per alert
+        return sorted(json.dumps(doc, sort_keys=True) for doc in docs)
+
+    filtered = alert_docs()
+    assert filtered and filtered == alert_docs("--no-bpf-prefilter")
+
+
+def test_nanosecond_feed_ends_with_the_capture(tmp_path):
+    """Closed after one batch, or cut short in a record, the feed's child is gone and
+    what libpcap could not read is re-read in Python."""
+    capture = _nanosecond_pcap(ROOT / "pcaps" / "demo.pcap", tmp_path / "ns.pcap")
+    big = tmp_path / "big.pcap"
+    big.write_bytes(capture.read_bytes() + capture.read_bytes()[24:] * 400)
+    assert big.stat().st_size > 4 * bpf.PIPE_SIZE
+    cap = bpf.open_prefiltered(str(big))
+    feed = cap._feed
+    next(iter(cap.batches()))
+    cap.close()
+    with pytest.raises(ChildProcessError):
+        os.waitpid(feed._pid or -1, os.WNOHANG)
+    cut = _nanosecond_pcap(ROOT / "pcaps" / "demo.pcap", tmp_path / "cut.pcap", cut=7)
+    with bpf.open_prefiltered(str(cut)) as cap:
+        got = [(r[0], r[2]) for r in cap]
+        assert cap.truncated
+    with open_capture(str(cut)) as cap:
+        admits = bpf.LinktypeFilters(None).admits
+        assert got == [(r[0], r[2]) for r in cap if admits(r[1], r[2])]
 
 
 def test_truncated_file_loses_nothing_before_the_cut():

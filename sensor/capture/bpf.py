@@ -34,8 +34,10 @@ cannot be undone for the rest of the expression.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import queue
+import signal
 import struct
 import threading
 
@@ -158,6 +160,12 @@ BATCH = 1024
 PREFETCH_BYTES = 40 << 20
 READ_AHEAD_BYTES = 4 << 20
 _PCAP_MICRO_MAGICS = (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4")
+# A nanosecond pcap's magic, per byte order, and the microsecond magic libpcap is shown
+# instead (NanosecondFeed).
+_PCAP_NANO_AS_MICRO = {b"\x4d\x3c\xb2\xa1": b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\x3c\x4d": b"\xa1\xb2\xc3\xd4"}
+PCAP_HEADER = 24
+MICRO, NANO = 1_000_000, 1_000_000_000
+PIPE_SIZE = 1 << 20
 PCAPNG_HEAD = 1 << 16  # bytes looked at for the interfaces a pcapng describes before its packets
 _META = struct.Struct("=IIII")
 
@@ -220,13 +228,85 @@ class ReadAhead:
             self._changed.notify()
 
 
+class NanosecondFeed:
+    """A nanosecond pcap shown to libpcap as a microsecond one, through a pipe.
+
+    libpcap opened for microseconds (all pcapy offers) divides a nanosecond file's
+    fractions by 1,000.  Under the microsecond magic it passes them through untouched, so
+    ``next_batch``'s second word is the exact nanosecond fraction and the timestamps equal
+    pcapfile.CaptureFile's.  The header is written here, before libpcap opens the pipe
+    (its open blocks reading it, holding the GIL).  The rest is moved by ``sendfile`` in a
+    forked child: a pipe takes a page at a time, and a thread would need the GIL back
+    after each of ~200k calls.  The child ends when the file does or libpcap's end of the
+    pipe closes; it shares the file's offset, which is how far the feed has come."""
+
+    def __init__(self, path: str):
+        self._file = os.open(path, os.O_RDONLY)
+        self._pid = 0
+        try:
+            self.size = os.fstat(self._file).st_size
+            head = os.pread(self._file, PCAP_HEADER, 0)
+            read_end, write_end = os.pipe()
+        except OSError:
+            os.close(self._file)
+            raise
+        try:
+            fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass  # capped by /proc/sys/fs/pipe-max-size; a smaller pipe only means more wake-ups
+        try:
+            os.write(write_end, _PCAP_NANO_AS_MICRO[head[:4]] + head[4:])
+            os.lseek(self._file, PCAP_HEADER, os.SEEK_SET)
+            self._pid = os.fork()
+        except OSError:
+            for fd in (read_end, write_end, self._file):
+                os.close(fd)
+            raise
+        if self._pid == 0:
+            self._feed(read_end, write_end)
+        os.close(write_end)
+        self.path = f"/proc/self/fd/{read_end}"
+        self._read_end = read_end
+
+    def _feed(self, read_end: int, write_end: int) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the reading process decides when to stop
+        try:
+            os.close(read_end)
+            while os.sendfile(write_end, self._file, None, PIPE_SIZE):
+                pass
+        except BaseException:  # noqa: BLE001 - EPIPE once the capture is closed early
+            pass
+        os._exit(0)
+
+    @property
+    def offset(self) -> int:
+        try:
+            return os.lseek(self._file, 0, os.SEEK_CUR)
+        except OSError:
+            return 0
+
+    def opened(self) -> None:
+        """libpcap holds the pipe open by its own descriptor now."""
+        os.close(self._read_end)
+        self._read_end = -1
+
+    def close(self) -> None:
+        if self._read_end >= 0:
+            self.opened()
+        if self._pid:
+            os.waitpid(self._pid, 0)
+            self._pid = 0
+        os.close(self._file)
+
+
 class PrefilteredCapture:
     """A capture read with the sensor's filter applied before Python sees a packet.
 
-    Classic microsecond pcap files, and pcapng files with one interface on a microsecond
-    clock, are read by libpcap itself (``next_batch``), so rejected packets cost no Python
-    work at all.  Anything else is read by pcapfile.CaptureFile and filtered per packet
-    with the same compiled program.  Iteration yields the same tuples
+    Classic pcap files (microsecond, or nanosecond through NanosecondFeed), and pcapng
+    files with one interface on a microsecond clock, are read by libpcap itself
+    (``next_batch``), so rejected packets cost no Python work at all; ``units`` is what a
+    second of its batches' second timestamp word is divided into.  Anything else is read
+    by pcapfile.CaptureFile and filtered per packet with the same compiled program.  Iteration yields the same tuples
     as CaptureFile; ``wire_len`` is the captured length on the libpcap path, which
     ``next_batch`` does not report.
     """
@@ -242,24 +322,41 @@ class PrefilteredCapture:
         self._stop_reader = threading.Event()
         self.read_ahead: ReadAhead | None = None
         self._capture = None
+        self._feed: NanosecondFeed | None = None
+        self.units = MICRO
         known = self._libpcap_format(path)
         linktype = known[0] if known is not None else None
         if linktype is not None:
             import pcapy
 
+            opened = path
+            if known[2] == NANO:
+                try:
+                    self._feed = NanosecondFeed(path)
+                except OSError as err:
+                    raise CaptureError(f"{path}: {err.strerror}") from None
+                opened = self._feed.path
             try:
-                handle = pcapy.open_offline(path)
+                handle = pcapy.open_offline(opened)
             except pcapy.PcapError as err:
+                self._close_feed()
                 raise CaptureError(f"{path}: {err}") from None
+            if self._feed is not None:
+                self._feed.opened()
             try:
                 handle.setfilter(build_filter(user_filter, dlt_for(linktype)))
             except pcapy.PcapError:
                 handle.close()
+                self._close_feed()
                 linktype = None
             else:
                 self._handle = handle
-                self._fd = handle.getfd()
-                self.size = os.fstat(self._fd).st_size if self._fd >= 0 else None
+                self.units = known[2]
+                if self._feed is not None:
+                    self.size = self._feed.size
+                else:
+                    self._fd = handle.getfd()
+                    self.size = os.fstat(self._fd).st_size if self._fd >= 0 else None
                 self.format = known[1]
                 self._linktype = linktype
                 self._records = self._libpcap_records(linktype)
@@ -274,11 +371,12 @@ class PrefilteredCapture:
         return self._handle is not None
 
     @staticmethod
-    def _libpcap_format(path: str) -> tuple[int, str] | None:
-        """(link type, format) of a capture libpcap reads exactly as pcapfile does, else
-        None: a classic microsecond pcap, or a pcapng whose one interface (microsecond
-        clock, no offset) is described before its first packet.  libpcap would round
-        nanosecond timestamps and cannot report which interface a packet came from."""
+    def _libpcap_format(path: str) -> tuple[int, str, int] | None:
+        """(link type, format, timestamp units) of a capture libpcap reads exactly as
+        pcapfile does, else None: a classic pcap, or a pcapng whose one interface
+        (microsecond clock, no offset) is described before its first packet.  libpcap
+        would round a pcapng's finer clocks and cannot report which interface a packet
+        came from."""
         if path == "-":
             return None
         try:
@@ -286,14 +384,16 @@ class PrefilteredCapture:
                 head = fh.read(PCAPNG_HEAD)
         except OSError:
             return None
-        if len(head) >= 24 and head[:4] in _PCAP_MICRO_MAGICS:
-            order = "<" if head[:4] == _PCAP_MICRO_MAGICS[0] else ">"
-            return struct.unpack_from(order + "I", head, 20)[0] & 0xFFFF, "pcap"
+        if len(head) >= PCAP_HEADER and (head[:4] in _PCAP_MICRO_MAGICS or head[:4] in _PCAP_NANO_AS_MICRO):
+            magic = _PCAP_NANO_AS_MICRO.get(head[:4], head[:4])
+            order = "<" if magic == _PCAP_MICRO_MAGICS[0] else ">"
+            units = MICRO if magic == head[:4] else NANO
+            return struct.unpack_from(order + "I", head, 20)[0] & 0xFFFF, "pcap", units
         interfaces = pcapng_leading_interfaces(head)
         if interfaces is not None and len(interfaces) == 1:
             linktype, units, offset = interfaces[0]
-            if units == 1_000_000 and offset == 0:
-                return linktype, "pcapng"
+            if units == MICRO and offset == 0:
+                return linktype, "pcapng", MICRO
         return None
 
     def _libpcap_records(self, linktype: int):
@@ -301,6 +401,7 @@ class PrefilteredCapture:
 
         next_batch = self._handle.next_batch
         unpack_from = _META.unpack_from
+        units = self.units
         yielded = 0
         try:
             while True:
@@ -308,8 +409,8 @@ class PrefilteredCapture:
                 if not meta:
                     return
                 for pos in range(0, len(meta), 16):
-                    sec, usec, off, caplen = unpack_from(meta, pos)
-                    yield (sec * 1_000_000 + usec) / 1_000_000, linktype, buf[off:off + caplen], caplen, 0
+                    sec, fraction, off, caplen = unpack_from(meta, pos)
+                    yield (sec * units + fraction) / units, linktype, buf[off:off + caplen], caplen, 0
                 yielded += len(meta) >> 4
         except pcapy.PcapError as err:
             self.truncated = str(err)
@@ -412,6 +513,8 @@ class PrefilteredCapture:
     def tell(self) -> int:
         if self._capture is not None:
             return self._capture.tell()
+        if self._feed is not None:
+            return self._feed.offset
         try:
             return os.lseek(self._fd, 0, os.SEEK_CUR)
         except OSError:
@@ -423,8 +526,15 @@ class PrefilteredCapture:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+        self._close_feed()
         if self._capture is not None:
             self._capture.close()
+
+    def _close_feed(self) -> None:
+        """After libpcap's handle: the feed's thread ends on the pipe libpcap closed."""
+        if self._feed is not None:
+            self._feed.close()
+            self._feed = None
 
     def __enter__(self) -> "PrefilteredCapture":
         return self

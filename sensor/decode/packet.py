@@ -32,7 +32,7 @@ MAX_TUNNEL_DEPTH = 4
 TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
 
 _dns_header = struct.Struct("!HH").unpack_from  # id, flags
-_BATCH_META = struct.Struct("=IIII")  # libpcap next_batch: sec, usec, offset, caplen
+_BATCH_META = struct.Struct("=IIII")  # libpcap next_batch: sec, fraction, offset, caplen
 # From the ethertype: (ethertype, version/IHL, total length, flags/fragment, protocol)
 _BATCH_IPV4 = struct.Struct("!HBxHxxHxB")
 # From the IPv6 header: (version/class, payload length, next header)
@@ -148,10 +148,10 @@ class PacketDecoder:
             self.stats.bad(err.reason)
         return out
 
-    def ethernet_batch(self, buf: bytes, meta: bytes):
-        """The frames of a libpcap batch (``next_batch``: one buffer, native (sec, usec,
-        offset, caplen) records) that ``decode`` could make something of, as
-        ``(ts, frame, caplen)``; the rest are counted here and never sliced out:
+    def ethernet_batch(self, buf: bytes, meta: bytes, units: int = 1_000_000):
+        """The frames of a libpcap batch (``next_batch``: one buffer, native (sec, fraction,
+        offset, caplen) records, ``units`` fractions a second) that ``decode`` could make
+        something of, as ``(ts, frame, caplen)``; the rest are counted here and never sliced out:
 
         * a TCP segment (no SYN/FIN/RST) of a flow in the stream bypass: its hello is parsed
           or it is known to carry nothing.  This is the client-to-server bulk that the
@@ -191,10 +191,10 @@ class PacketDecoder:
         ipv4_at = _BATCH_IPV4.unpack_from
         ipv6_at = _BATCH_IPV6.unpack_from
         tcp_at = _BATCH_TCP.unpack_from
-        for sec, usec, off, caplen in _BATCH_META.iter_unpack(meta):
+        for sec, fraction, off, caplen in _BATCH_META.iter_unpack(meta):
             end = off + caplen
             # Before the next table expiry only: the full path runs it first.
-            if caplen >= 42 and (sec < expiry_sec or (sec * 1_000_000 + usec) / 1_000_000 < next_expiry):
+            if caplen >= 42 and (sec < expiry_sec or (sec * units + fraction) / units < next_expiry):
                 # Read as IPv4 at once (most frames are); caplen >= 42 covers the header.
                 etype, vihl, total, frag, proto = ipv4_at(buf, off + 12)
                 tag = off
@@ -257,7 +257,7 @@ class PacketDecoder:
                             dport = (buf[l4 + 2] << 8) | buf[l4 + 3]
                             if not wants_flow("tcp", dport, buf[addr + width:addr + 2 * width]):
                                 key = buf[addr:l4 + 4]
-                                stream_syn(key, seq, (sec * 1_000_000 + usec) / 1_000_000, dport == 53)
+                                stream_syn(key, seq, (sec * units + fraction) / units, dport == 53)
                                 loss_syn(key, seq)
                                 continue
                         elif flags & 0x05 and payload == 0:
@@ -275,13 +275,13 @@ class PacketDecoder:
                         server = None
                     if server is not None:
                         last = reports.get(server)
-                        ts = (sec * 1_000_000 + usec) / 1_000_000
+                        ts = (sec * units + fraction) / units
                         if last is not None and 0.0 <= ts - last < RESOLVER_REPORT_INTERVAL \
                                 and screen.search(buf, l4 + 8, ip_end) is None:
                             continue
             yielded += 1
             yielded_bytes += caplen
-            yield (sec * 1_000_000 + usec) / 1_000_000, buf[off:end], caplen
+            yield (sec * units + fraction) / units, buf[off:end], caplen
             next_expiry = self._next_expiry
             expiry_sec = int(next_expiry)
             clock = loss.clock
