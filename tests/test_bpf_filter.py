@@ -8,6 +8,7 @@ every capture in pcaps/ (and a slice of the benchmark mix) and compares the aler
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -249,6 +250,40 @@ def test_nanosecond_feed_ends_with_the_capture(tmp_path):
     with open_capture(str(cut)) as cap:
         admits = bpf.LinktypeFilters(None).admits
         assert got == [(r[0], r[2]) for r in cap if admits(r[1], r[2])]
+
+
+def test_a_feed_that_fails_midway_hands_the_rest_to_the_python_reader(tmp_path, monkeypatch):
+    """The feed's child stops short (a read error in it): libpcap sees a clean end of
+    file, so the capture must notice and read the rest itself."""
+    capture = _nanosecond_pcap(ROOT / "pcaps" / "demo.pcap", tmp_path / "ns.pcap")
+    data = capture.read_bytes()
+    boundary = 24
+    for _ in range(20):  # the end of the 20th record: libpcap meets no cut record
+        boundary += 16 + struct.unpack_from("<I", data, boundary + 8)[0]
+    sendfile = os.sendfile
+
+    def fails_at_a_record_boundary(out_fd, in_fd, offset, count):
+        done = os.lseek(in_fd, 0, os.SEEK_CUR)
+        if done >= boundary:
+            raise OSError(errno.EIO, "Input/output error")
+        return sendfile(out_fd, in_fd, offset, min(count, boundary - done))
+
+    admits = bpf.LinktypeFilters(None).admits
+    with open_capture(str(capture)) as cap:
+        expected = [(r[0], r[2]) for r in cap if admits(r[1], r[2])]
+    monkeypatch.setattr(os, "sendfile", fails_at_a_record_boundary)
+    for batched in (False, True):
+        got = []
+        with bpf.open_prefiltered(str(capture)) as cap:
+            for item in (cap.batches() if batched else cap):
+                if len(item) == 3:
+                    linktype, buf, meta = item
+                    got += [((sec * cap.units + fraction) / cap.units, buf[off:off + caplen])
+                            for sec, fraction, off, caplen in struct.iter_unpack("=IIII", meta)]
+                else:
+                    got.append((item[0], item[2]))
+        assert 0 < len(got) == len(expected)
+        assert got == expected
 
 
 def test_truncated_file_loses_nothing_before_the_cut():
