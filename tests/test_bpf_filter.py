@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import socket
 import struct
 import sys
 import time
@@ -231,18 +232,27 @@ def test_nanosecond_pcap_is_read_by_libpcap_with_exact_timestamps(tmp_path, caps
 
 
 def test_nanosecond_feed_ends_with_the_capture(tmp_path):
-    """Closed after one batch, or cut short in a record, the feed's child is gone and
-    what libpcap could not read is re-read in Python."""
+    """The feed's child keeps none of the parent's descriptors but the file and the pipe.
+    Closed after one batch, or cut short in a record, the child is gone and what libpcap
+    could not read is re-read in Python."""
     capture = _nanosecond_pcap(ROOT / "pcaps" / "demo.pcap", tmp_path / "ns.pcap")
     big = tmp_path / "big.pcap"
     big.write_bytes(capture.read_bytes() + capture.read_bytes()[24:] * 400)
     assert big.stat().st_size > 4 * bpf.PIPE_SIZE
+    parent_socket, other_end = socket.socketpair()
     cap = bpf.open_prefiltered(str(big))
-    feed = cap._feed
+    pid = cap._feed._pid
     next(iter(cap.batches()))
+    deadline = time.monotonic() + 10
+    while len(os.listdir(f"/proc/{pid}/fd")) > 5 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the child closes them before it sends the first page
+    kept = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    assert parent_socket.fileno() not in kept and len(kept - {0, 1, 2}) == 2
     cap.close()
+    parent_socket.close()
+    other_end.close()
     with pytest.raises(ChildProcessError):
-        os.waitpid(feed._pid or -1, os.WNOHANG)
+        os.waitpid(pid, os.WNOHANG)
     cut = _nanosecond_pcap(ROOT / "pcaps" / "demo.pcap", tmp_path / "cut.pcap", cut=7)
     with bpf.open_prefiltered(str(cut)) as cap:
         got = [(r[0], r[2]) for r in cap]

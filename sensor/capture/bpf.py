@@ -280,7 +280,14 @@ class NanosecondFeed:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the reading process decides when to stop
         status = 0
         try:
-            os.close(read_end)
+            # Its copies of the parent's sockets and files would keep them open after the
+            # parent closes them (a SIEM connection it drops would not see a FIN).
+            for name in os.listdir("/proc/self/fd"):
+                if int(name) > 2 and int(name) not in (write_end, self._file):
+                    try:
+                        os.close(int(name))
+                    except OSError:
+                        pass  # the descriptor listdir itself had open
             # While it waits it cannot meet EPIPE: a pipe whose reader is gone polls POLLERR.
             reader_gone = select.poll()
             reader_gone.register(write_end, 0)
