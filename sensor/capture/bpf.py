@@ -40,6 +40,7 @@ import queue
 import select
 import signal
 import struct
+import sys
 import termios
 import threading
 import time
@@ -166,6 +167,9 @@ _PCAP_MICRO_MAGICS = (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4")
 # A nanosecond pcap's magic, per byte order, and the microsecond magic libpcap is shown
 # instead (NanosecondFeed).
 _PCAP_NANO_AS_MICRO = {b"\x4d\x3c\xb2\xa1": b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\x3c\x4d": b"\xa1\xb2\xc3\xd4"}
+# The feed opens its pipe by /proc/self/fd and sizes it with F_SETPIPE_SZ: Linux only;
+# elsewhere nanosecond files stay with the Python reader.
+_NANO_FEED_MAGICS = _PCAP_NANO_AS_MICRO if sys.platform.startswith("linux") else {}
 PCAP_HEADER = 24
 MICRO, NANO = 1_000_000, 1_000_000_000
 PIPE_SIZE = 1 << 20
@@ -425,7 +429,7 @@ class PrefilteredCapture:
                 head = fh.read(PCAPNG_HEAD)
         except OSError:
             return None
-        if len(head) >= PCAP_HEADER and (head[:4] in _PCAP_MICRO_MAGICS or head[:4] in _PCAP_NANO_AS_MICRO):
+        if len(head) >= PCAP_HEADER and (head[:4] in _PCAP_MICRO_MAGICS or head[:4] in _NANO_FEED_MAGICS):
             magic = _PCAP_NANO_AS_MICRO.get(head[:4], head[:4])
             order = "<" if magic == _PCAP_MICRO_MAGICS[0] else ">"
             units = MICRO if magic == head[:4] else NANO
