@@ -26,7 +26,7 @@ from .stats import Stats
 from .track.store import Store, default_state_path
 from .track.tracker import KSC_TCP_PORTS, KSC_UDP_PORTS, Tracker, TrackerConfig
 
-BATCH_META = struct.Struct("=IIII")  # libpcap next_batch: sec, usec, offset, caplen
+BATCH_META = struct.Struct("=IIII")  # libpcap next_batch: sec, fraction, offset, caplen
 LINKTYPE_ETHERNET = 1
 FLUSH_INTERVAL = 5.0  # seconds of packet time between store commits and summary checks
 FLOW_EVIDENCE_PORTS = frozenset([("tcp", p) for p in KSC_TCP_PORTS] + [("udp", p) for p in KSC_UDP_PORTS])

@@ -196,6 +196,12 @@ def _nanosecond_pcap(source: Path, out: Path, order: str = "<", cut: int = 0) ->
     return out
 
 
+def _batch_frames(cap, linktype: int, buf: bytes, meta: bytes) -> list[tuple[float, int, bytes]]:
+    """A ``batches()`` item as (ts, linktype, frame), its timestamps in the capture's units."""
+    return [((sec * cap.units + fraction) / cap.units, linktype, buf[off:off + caplen])
+            for sec, fraction, off, caplen in struct.iter_unpack("=IIII", meta)]
+
+
 @pytest.mark.parametrize("order", ["<", ">"], ids=["little-endian", "big-endian"])
 def test_nanosecond_pcap_is_read_by_libpcap_with_exact_timestamps(tmp_path, capsys, order):
     """libpcap opened for microseconds would divide the fractions by 1,000; behind the
@@ -211,10 +217,7 @@ def test_nanosecond_pcap_is_read_by_libpcap_with_exact_timestamps(tmp_path, caps
         assert cap.by_libpcap and cap.units == bpf.NANO
         assert [(r[0], r[1], r[2]) for r in cap] == expected
     with bpf.open_prefiltered(str(capture)) as cap:
-        from_batches = []
-        for linktype, buf, meta in cap.batches():
-            for sec, fraction, off, caplen in struct.iter_unpack("=IIII", meta):
-                from_batches.append(((sec * cap.units + fraction) / cap.units, linktype, buf[off:off + caplen]))
+        from_batches = [frame for item in cap.batches() for frame in _batch_frames(cap, *item)]
         assert cap.tell() == capture.stat().st_size
     assert from_batches == expected
 
@@ -287,9 +290,7 @@ def test_a_feed_that_fails_midway_hands_the_rest_to_the_python_reader(tmp_path, 
         with bpf.open_prefiltered(str(capture)) as cap:
             for item in (cap.batches() if batched else cap):
                 if len(item) == 3:
-                    linktype, buf, meta = item
-                    got += [((sec * cap.units + fraction) / cap.units, buf[off:off + caplen])
-                            for sec, fraction, off, caplen in struct.iter_unpack("=IIII", meta)]
+                    got += [(ts, frame) for ts, _, frame in _batch_frames(cap, *item)]
                 else:
                     got.append((item[0], item[2]))
         assert 0 < len(got) == len(expected)

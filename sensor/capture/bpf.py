@@ -352,9 +352,9 @@ class PrefilteredCapture:
     files with one interface on a microsecond clock, are read by libpcap itself
     (``next_batch``), so rejected packets cost no Python work at all; ``units`` is what a
     second of its batches' second timestamp word is divided into.  Anything else is read
-    by pcapfile.CaptureFile and filtered per packet with the same compiled program.  Iteration yields the same tuples
-    as CaptureFile; ``wire_len`` is the captured length on the libpcap path, which
-    ``next_batch`` does not report.
+    by pcapfile.CaptureFile and filtered per packet with the same compiled program.
+    Iteration yields the same tuples as CaptureFile; ``wire_len`` is the captured length
+    on the libpcap path, which ``next_batch`` does not report.
     """
 
     def __init__(self, path: str, user_filter: str | None = None):
@@ -431,9 +431,8 @@ class PrefilteredCapture:
         except OSError:
             return None
         if len(head) >= PCAP_HEADER and (head[:4] in _PCAP_MICRO_MAGICS or head[:4] in _NANO_FEED_MAGICS):
-            magic = _PCAP_NANO_AS_MICRO.get(head[:4], head[:4])
-            order = "<" if magic == _PCAP_MICRO_MAGICS[0] else ">"
-            units = MICRO if magic == head[:4] else NANO
+            units = NANO if head[:4] in _NANO_FEED_MAGICS else MICRO
+            order = "<" if _PCAP_NANO_AS_MICRO.get(head[:4], head[:4]) == _PCAP_MICRO_MAGICS[0] else ">"
             return struct.unpack_from(order + "I", head, 20)[0] & 0xFFFF, "pcap", units
         interfaces = pcapng_leading_interfaces(head)
         if interfaces is not None and len(interfaces) == 1:
@@ -586,7 +585,7 @@ class PrefilteredCapture:
             self._capture.close()
 
     def _close_feed(self) -> None:
-        """After libpcap's handle: the feed's thread ends on the pipe libpcap closed."""
+        """After libpcap's handle: the feed's child ends on the pipe libpcap closed."""
         if self._feed is not None:
             self._feed.close()
             self._feed = None

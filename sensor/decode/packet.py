@@ -151,7 +151,8 @@ class PacketDecoder:
     def ethernet_batch(self, buf: bytes, meta: bytes, units: int = 1_000_000):
         """The frames of a libpcap batch (``next_batch``: one buffer, native (sec, fraction,
         offset, caplen) records, ``units`` fractions a second) that ``decode`` could make
-        something of, as ``(ts, frame, caplen)``; the rest are counted here and never sliced out:
+        something of, as ``(ts, frame, caplen)``; the rest are counted here and never
+        sliced out:
 
         * a TCP segment (no SYN/FIN/RST) of a flow in the stream bypass: its hello is parsed
           or it is known to carry nothing.  This is the client-to-server bulk that the
