@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import os
+import uuid
 
 from hypothesis import given, settings, strategies as st
 
@@ -32,6 +34,25 @@ def dns_query(name=NAME):
     c = ctx(dst_ip="10.0.0.53", src_port=53000, dst_port=53, transport="udp")
     msg = DnsMessage(c, 0x1234, False, 0, 0, [DnsQuestion(name, 28, 1)], [])
     return Detection(TS, "dns_query", "10.0.0.5", name.text, SIG, c, msg)
+
+
+def test_event_ids_are_version_4_uuids_unique_within_and_across_forked_processes():
+    ids = [ecs(dns_query())["event"]["id"] for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    assert all(uuid.UUID(hex=i).version == 4 and uuid.UUID(hex=i).hex == i for i in ids)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(write_end, "".join(ecs(dns_query())["event"]["id"] for _ in range(3)).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        child = pipe.read().decode()
+    os.waitpid(pid, 0)
+    parent = "".join(ecs(dns_query())["event"]["id"] for _ in range(3))
+    assert len(child) == len(parent) == 96 and child != parent
 
 
 def test_alert_base_fields():
