@@ -9,6 +9,14 @@ calls, ~3% DNS, ClientHellos of which a share are post-quantum and span two segm
 30% of flows VLAN-tagged, 13% IPv6, and ~1% of the names looked up or sent as SNI/Host
 belong to Kaspersky.  Frames are built from scapy header templates made once; per packet
 only struct patches the addresses, ports, lengths and sequence numbers.
+
+Payloads are framed as on the wire, because a dissector's cost depends on it: a TLS
+session has the server's TLS 1.3 flight (ServerHello, ChangeCipherSpec, encrypted
+records), the client's Finished and request, then full-size application-data records
+(16 KiB + tag) cut at the MSS; an HTTP download starts with a response header whose
+Content-Length covers the body.  (Random bytes on port 443, as this generator wrote
+before, are dropped by tshark's TLS dissector after one look, which made tshark 70x
+tcpdump here, against 117x on the span mix the issue measured.)
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ sys.path.insert(0, str(ROOT))
 SEED = 20240606
 BASE_TS = 1_718_000_000
 MSS = 1448
+TLS_RECORD_BODY = 16384 + 17  # a full TLS 1.3 application-data record: plaintext, type, AEAD tag
+MAX_BULK_SEGMENTS = 400
 CONCURRENT_FLOWS = 400
 DNS_SHARE = 0.015  # lookups per packet; each is two packets, so ~3% of packets
 KASPERSKY_SHARE = 0.01
@@ -96,6 +106,10 @@ class Mix:
         self.templates = {(v6, vlan, tcp): Template(v6, vlan, tcp)
                           for v6 in (False, True) for vlan in (False, True) for tcp in (False, True)}
         self.hellos = self._hello_pool()
+        self.server_flights, self.client_finishes, self.requests = self._tls_pools()
+        record = b"\x17\x03\x03" + struct.pack("!H", TLS_RECORD_BODY) + rng.randbytes(TLS_RECORD_BODY)
+        self.tls_bulk = record * (MAX_BULK_SEGMENTS * MSS // len(record) + 1)
+        self.http_body = rng.randbytes(MSS)
         self.quic_initials = self._quic_pool()
         self.names_used: dict[str, int] = {}
 
@@ -107,6 +121,19 @@ class Mix:
         for name in COMMON_NAMES + KASPERSKY_NAMES:
             pool[name] = [client_hello(self.rng, name.encode(), post_quantum=pq) for pq in (False, True)]
         return pool
+
+    def _tls_pools(self):
+        """TLS 1.3 flights, each made once and reused: the server's (ServerHello,
+        ChangeCipherSpec, encrypted extensions and certificate chain, then CertificateVerify
+        and Finished, 2.5-5 KB as records), the client's ChangeCipherSpec and Finished, and
+        its first request (an application-data record of a few hundred bytes)."""
+        from make_samples import server_flight, tls_app_data
+
+        rng = self.rng
+        flights = [server_flight(rng) + tls_app_data(rng, rng.randint(300, 2500)) for _ in range(16)]
+        finishes = [b"\x14\x03\x03\x00\x01\x01" + tls_app_data(rng, 53) for _ in range(4)]
+        requests = [tls_app_data(rng, rng.randint(90, 600)) for _ in range(16)]
+        return flights, finishes, requests
 
     def _quic_pool(self) -> dict:
         from make_quic_samples import QUIC_V1, client_hello, client_initial, crypto_frame, fixed_bytes
@@ -172,15 +199,36 @@ class Mix:
             yield tpl.frame(c2s, piece, cseq, sseq, ACK | PSH)
             cseq += len(piece)
         upload = kind == "upload"
-        segments = rng.randrange(20, 400) if kind != "http" else rng.randrange(2, 60)
+        segments = rng.randrange(20, MAX_BULK_SEGMENTS) if kind != "http" else rng.randrange(2, 60)
+        if kind == "http":
+            header = (f"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                      f"Content-Length: {segments * MSS}\r\n\r\n").encode()
+            body = header + self.http_body * segments
+        else:
+            flight = rng.choice(self.server_flights)
+            for n, at in enumerate(range(0, len(flight), MSS)):
+                piece = flight[at:at + MSS]
+                yield tpl.frame(s2c, piece, sseq, cseq, ACK | PSH)
+                sseq += len(piece)
+                if n & 1:
+                    yield tpl.frame(c2s, b"", cseq, sseq, ACK)
+            finish = rng.choice(self.client_finishes) + rng.choice(self.requests)
+            yield tpl.frame(c2s, finish, cseq, sseq, ACK | PSH)
+            cseq += len(finish)
+            body = self.tls_bulk
         sender, receiver = (c2s, s2c) if upload else (s2c, c2s)
         seq, peer = (cseq, sseq) if upload else (sseq, cseq)
-        body = rng.randbytes(MSS)
-        for n in range(segments):
-            yield tpl.frame(sender, body, seq, peer, ACK)
-            seq += MSS
+        sent = 0
+        total = len(body) if kind == "http" else segments * MSS
+        n = 0
+        while sent < total:
+            piece = body[sent:sent + MSS]
+            yield tpl.frame(sender, piece, seq, peer, ACK)
+            seq += len(piece)
+            sent += len(piece)
             if n & 1:
                 yield tpl.frame(receiver, b"", peer, seq, ACK)
+            n += 1
         yield tpl.frame(c2s, b"", cseq if not upload else seq, sseq if not upload else peer, FIN | ACK)
         yield tpl.frame(s2c, b"", sseq if upload else seq, cseq + 1, FIN | ACK)
         yield tpl.frame(c2s, b"", cseq + 1, seq + 1, ACK)
