@@ -9,13 +9,13 @@ packets it rejects never become Python objects.  What must pass:
   extension headers.
 * Every TCP SYN, FIN and RST: flow starts drive ``dns_answer_flow`` and ``ksc_port``.
 * TCP payload that may be the start of a client's stream: a segment that opens with a
-  TLS ClientHello record or an HTTP method, whatever the ports, and any segment sent
+  TLS handshake record or an HTTP method, whatever the ports, and any segment sent
   towards the lower port.  Clients use ephemeral ports above the server's, so the
   second and third segments of a large (post-quantum) ClientHello still pass while the
   server-to-client bulk, which is most of a span port's volume, does not.
 
-What it drops: pure ACKs, server-to-client data (the server's TLS flight included), RTP
-and other UDP media, QUIC short-header (1-RTT) packets.  Client-to-server data past the hello still passes and is
+What it drops: pure ACKs, server-to-client data, RTP and other UDP media, QUIC
+short-header (1-RTT) packets.  Client-to-server data past the hello still passes and is
 shed by the decoder's per-flow bypass.
 
 The filter runs on every packet, so its order is its cost.  IPv4 without options or
@@ -56,8 +56,6 @@ UDP_PORT_RANGES = ((67, 68), (546, 547), (15000, 15001))
 TCP_PORTS = (53,)
 
 _TLS_HANDSHAKE = 0x16
-_CLIENT_HELLO = 0x01
-_HELLO_TYPE_AT = 5  # the handshake message type follows the 5-byte record header
 # First four payload bytes of the HTTP request methods the decoder knows, as big-endian words.
 _HTTP_METHOD_WORDS = tuple(int.from_bytes(m, "big") for m in (
     b"GET ", b"POST", b"HEAD", b"PUT ", b"DELE", b"OPTI", b"CONN", b"PATC", b"TRAC"))
@@ -80,19 +78,15 @@ def _udp_port(port: str) -> str:
     return f"({search(low, 0)} or {search(high, high[0][0])})"
 
 
-def _client_payload(more: str, sport: str, dport: str, first: str, word: str, hello: str) -> str:
+def _client_payload(more: str, sport: str, dport: str, first: str, word: str) -> str:
     """TCP payload that may start a client's stream; ``more`` says the segment has payload.
 
     Sent towards the lower port, or opening with a TLS handshake record or an HTTP method
     (an upper-case first byte, then the word).  Server-to-client bulk, the commonest
-    packet, fails on the ports and the first byte before the payload length is computed.
-    A handshake record from the upper port must hold a ClientHello: the server's flight
-    (ServerHello and the rest), one per TLS connection, cannot start a client's stream.
-    ``hello`` is true when the payload is too short to show the message type (libpcap
-    rejects a packet outright on a load past its end) or when that type is ClientHello."""
+    packet, fails on the ports and the first byte before the payload length is computed."""
     methods = " or ".join(f"{word} == 0x{w:08x}" for w in _HTTP_METHOD_WORDS)
-    return (f"({dport} < {sport} and {more}) or ({dport} >= {sport} and (({first} == 0x{_TLS_HANDSHAKE:02x}"
-            f" and {hello}) or ({first} & 0xe0 == 0x40 and ({methods}))) and {more})")
+    return (f"({dport} < {sport} and {more}) or ({dport} >= {sport} and ({first} == 0x{_TLS_HANDSHAKE:02x}"
+            f" or ({first} & 0xe0 == 0x40 and ({methods}))) and {more})")
 
 
 def _fixed_tcp(base: str, l4: int, payload_len: str) -> str:
@@ -102,11 +96,9 @@ def _fixed_tcp(base: str, l4: int, payload_len: str) -> str:
     doff = f"(({base}[{l4 + 12}] & 0xf0) >> 2)"
     sport, dport = f"{base}[{l4}:2]", f"{base}[{l4 + 2}:2]"
     ports = " or ".join(f"{sport} == {p} or {dport} == {p}" for p in TCP_PORTS)
-    hello = (f"({payload_len} < {doff} + {_HELLO_TYPE_AT + 1}"
-             f" or {base}[{l4} + {doff} + {_HELLO_TYPE_AT}] == {_CLIENT_HELLO})")
     return (f"({base}[{l4 + 13}] & 0x07 != 0 or {ports} or "
             + _client_payload(f"{payload_len} > {doff}", sport, dport,
-                              f"{base}[{l4} + {doff}]", f"{base}[{l4} + {doff}:4]", hello) + ")")
+                              f"{base}[{l4} + {doff}]", f"{base}[{l4} + {doff}:4]") + ")")
 
 
 def _fixed_udp(base: str, l4: int) -> str:
