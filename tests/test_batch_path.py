@@ -124,10 +124,13 @@ def _flow_frames(network, tagged: bool, server_name: bytes) -> dict[str, bytes]:
         "hello": up / TCP(sport=50000, dport=443, flags="PA", seq=seq, ack=78) / hello,
     }
     seq += len(hello)
+    flight = load_make_samples().server_flight(random.Random(8))[:1200]
+    frames["server_flight"] = down / TCP(sport=443, dport=50000, flags="PA", seq=78, ack=seq) / flight
     for n in range(3):
         frames[f"bulk{n}"] = up / TCP(sport=50000, dport=443, flags="PA", seq=seq, ack=78) / (b"\x17" * 1200)
         seq += 1200
     frames["fin"] = up / TCP(sport=50000, dport=443, flags="FA", seq=seq, ack=78)
+    frames["server_fin"] = down / TCP(sport=443, dport=50000, flags="FA", seq=78 + len(flight), ack=seq + 1)
     return {name: bytes(frame) for name, frame in frames.items()}
 
 
@@ -139,9 +142,9 @@ def _flow_frames(network, tagged: bool, server_name: bytes) -> dict[str, bytes]:
 @pytest.mark.parametrize("network", [IP, IPv6], ids=["ipv4", "ipv6"])
 def test_what_the_fast_path_keeps_from_the_full_decoder(network, tagged, server_name, kept):
     """The point of the fast path: a SYN towards an unwatched address and port, the
-    server's SYN-ACK, a whole hello that names no indicator, the client's bulk after it and
-    a bare FIN are judged on the buffer, never sliced out and decoded.  A hello that may
-    name one goes to the full decoder."""
+    server's SYN-ACK, a whole hello that names no indicator, the server's TLS flight, the
+    client's bulk after it and bare FINs are judged on the buffer, never sliced out and
+    decoded.  A hello that may name one goes to the full decoder."""
     frames = _flow_frames(network, tagged, server_name)
     decoder = _decoder()
     decoder.expire(1_700_000_000)  # else the first frame takes the full path to run expiry
@@ -153,7 +156,7 @@ def test_what_the_fast_path_keeps_from_the_full_decoder(network, tagged, server_
         decoder.decode(ts, 1, frame)
     assert yielded == kept
     assert decoder.stats.packets == len(frames) - len(kept)
-    assert sorted(decoder.streams.bypass) == [], "the FIN closed the settled stream"
+    assert sorted(decoder.streams.bypass) == [], "the FINs closed the settled streams"
     assert decoder.stats.decoded == len(frames)
 
 

@@ -86,6 +86,19 @@ def test_server_direction_and_bulk_are_bypassed_after_first_segment():
     assert (SERVER.encode() and len(dec.streams.bypass)) == 1
 
 
+def test_a_stream_first_seen_at_a_server_flight_is_bypassed_at_once():
+    """A handshake record that holds no ClientHello cannot open a client's stream: no probe
+    buffer is kept for it, while a record that opens a ClientHello, or is too short to
+    tell, is kept until it can be judged."""
+    server_hello = b"\x16\x03\x03\x00\x30\x02" + b"\x00" * 0x2F
+    server = dict(sport=443, dport=50000, src=SERVER, dst=CLIENT)
+    _, dec = run([seg(server_hello, 5001, **server)])
+    assert not dec.streams.streams and len(dec.streams.bypass) == 1
+    for opening in (big_hello()[:1000], server_hello[:5]):
+        _, dec = run([seg(opening, 5001, **server)])
+        assert len(dec.streams.streams) == 1 and not dec.streams.bypass
+
+
 def test_http_keep_alive_requests_are_all_seen():
     reqs = (b"GET /index/u0607g.xml HTTP/1.1\r\nHost: dnl-03.geo.kaspersky.com\r\n\r\n"
             b"POST /x HTTP/1.1\r\nHost: dnl-04.geo.kaspersky.com\r\nContent-Length: 5\r\n\r\nhello"

@@ -160,6 +160,10 @@ class PacketDecoder:
           an upload's;
         * the first segment after a seen SYN when it holds a whole ClientHello that the
           Interest's labels rule out (StreamTable.settle_hello), the commonest hello;
+        * the first segment of a stream not seen before that opens with a handshake record
+          holding no ClientHello (StreamTable.settle_server_flight): a server's flight, one
+          per TLS connection.  The capture filter passes it, as telling it from a hello
+          there grew the live program past what libpcap compiles correctly for QinQ;
         * a DNS message on port 53 that the Interest's screen rules out, from a server
           reported within RESOLVER_REPORT_INTERVAL;
         * a SYN-ACK (but DNS's), a client's SYN towards a port and address the Interest
@@ -181,6 +185,7 @@ class PacketDecoder:
         wants_flow = self._wants_flow
         stream_syn = self.streams.syn
         settle_hello = self.streams.settle_hello
+        settle_flight = self.streams.settle_server_flight
         hello_may_match = interest.hello_may_match if interest is not None \
             and interest.screens_hellos else None
         loss_syn = loss.syn
@@ -245,12 +250,20 @@ class PacketDecoder:
                                     elif flags & 0x10 and loss.flows:
                                         self._judge_loss(key, flags, buf, l4, payload)
                                     continue
-                            elif seen is None and hello_may_match is not None and payload > 5 \
-                                    and buf[ip_end - payload] == 0x16 \
-                                    and settle_hello(key, seq, buf[ip_end - payload:ip_end], hello_may_match):
-                                if loss.flows:
-                                    self._judge_loss(key, flags, buf, l4, payload)
-                                continue
+                            elif seen is None and payload > 5 and buf[ip_end - payload] == 0x16:
+                                start = ip_end - payload
+                                if buf[start + 5] == 0x01:
+                                    settled = hello_may_match is not None and settle_hello(
+                                        key, seq, buf[start:ip_end], hello_may_match)
+                                else:
+                                    # Port 53 (by its low byte: a few other ports take the
+                                    # full path too) is DNS over TCP, never a flight.
+                                    settled = buf[l4 + 1] != 53 and buf[l4 + 3] != 53 \
+                                        and settle_flight(key, seq, buf[start:start + 6])
+                                if settled:
+                                    if loss.flows:
+                                        self._judge_loss(key, flags, buf, l4, payload)
+                                    continue
                         elif flags & 0x12 == 0x12:
                             if buf[l4] != 0 or buf[l4 + 1] != 53:
                                 continue

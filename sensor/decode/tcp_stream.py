@@ -28,6 +28,19 @@ _CONTENT_LENGTH = re.compile(rb"\r?\ncontent-length[ \t]*:[ \t]*(\d{1,9})", re.I
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 
 KIND_UNKNOWN, KIND_TLS, KIND_HTTP, KIND_DNS = 0, 1, 2, 3
+TLS_HANDSHAKE_RECORD = 0x16
+REJECT_HEAD = 6  # bytes that let client_hello_status rule a stream start out
+
+
+def may_open_client_stream(payload: bytes) -> bool:
+    """Whether a stream first seen at this segment may still be a client's TLS or HTTP
+    stream.  A handshake record that cannot hold a ClientHello, which is how a server's
+    flight (ServerHello onwards) opens, one segment per TLS connection, is ruled out by its
+    first six bytes, as is a first byte that starts neither a record nor an HTTP method."""
+    first = payload[0]
+    if first == TLS_HANDSHAKE_RECORD:
+        return tls.client_hello_status(payload[:REJECT_HEAD]) != tls.NOT_TLS
+    return first in HTTP_FIRST_BYTES
 
 
 class _Stream:
@@ -78,7 +91,7 @@ class StreamTable:
                 if (first_seen - seq) % SEQ_MOD >= SEQ_WINDOW or first_seen == seq:
                     return []
                 del self.bypass[key]
-            elif not dns and payload[0] != 0x16 and payload[0] not in HTTP_FIRST_BYTES:
+            elif not dns and not may_open_client_stream(payload):
                 self._bypass(key, seq)
                 return []
             st = _Stream(seq, False, KIND_DNS if dns else KIND_UNKNOWN, ts)
@@ -117,6 +130,15 @@ class StreamTable:
         if may_match(payload):
             return False
         self._finish(key, st)
+        return True
+
+    def settle_server_flight(self, key: tuple, seq: int, head: bytes) -> bool:
+        """What ``segment`` concludes for a non-DNS stream first seen at a handshake record
+        that cannot hold a ClientHello (``head``: the payload's first REJECT_HEAD bytes):
+        bypassed at once.  False changes nothing."""
+        if key in self.streams or key in self.bypass or may_open_client_stream(head):
+            return False
+        self._bypass(key, seq)
         return True
 
     def _place(self, st: _Stream, seq: int, payload: bytes) -> None:
