@@ -33,6 +33,8 @@ sys.path.insert(0, str(ROOT / "pcaps"))
 sys.path.insert(0, str(ROOT))
 
 SEED = 20240606
+# Bumped whenever the mix changes; bench/run.py rewrites a default mix of another version.
+GENERATOR = 2
 BASE_TS = 1_718_000_000
 MSS = 1448
 TLS_RECORD_BODY = 16384 + 17  # a full TLS 1.3 application-data record: plaintext, type, AEAD tag
@@ -328,7 +330,7 @@ def write_mix(path: Path, packets: int, seed: int = SEED) -> dict:
                 out.write(b"".join(chunk))
                 chunk.clear()
         out.write(b"".join(chunk))
-    truth = {"packets": written, "frame_bytes": total_bytes, "seed": seed,
+    truth = {"generator": GENERATOR, "packets": written, "frame_bytes": total_bytes, "seed": seed,
              "kaspersky_names": sorted(n for n in mix.names_used if n in KASPERSKY_NAMES),
              "names": dict(sorted(mix.names_used.items()))}
     path.with_suffix(".json").write_text(json.dumps(truth, indent=1) + "\n")

@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from make_mix import GENERATOR  # noqa: E402
 from sensor.capture.bpf import build_filter  # noqa: E402
 
 DEFAULT_MIX = ROOT / "bench" / "out" / "mix.pcap"
@@ -63,6 +64,14 @@ def timed(argv: list[str], stdout=subprocess.DEVNULL, cwd=ROOT) -> tuple[float, 
 
 def sensor_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "sensor.cli", *args]
+
+
+def _generator_of(mix: Path) -> int | None:
+    """The make_mix.py version that wrote ``mix`` (from the truth file beside it)."""
+    try:
+        return json.loads(mix.with_suffix(".json").read_text()).get("generator")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def count_packets(path: Path) -> tuple[int, int]:
@@ -271,9 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pps", default="10000,25000,50000,100000,200000",
                         help="comma-separated tcpreplay --pps steps; --topspeed is always tried last")
     args = parser.parse_args(argv)
-    if not args.mix.exists():
-        if args.mix != DEFAULT_MIX:
+    if args.mix != DEFAULT_MIX:
+        if not args.mix.exists():
             parser.error(f"{args.mix}: no such file")
+    elif not args.mix.exists() or _generator_of(args.mix) != GENERATOR:
         subprocess.run([sys.executable, str(ROOT / "bench" / "make_mix.py")], check=True)
     for tool in ("tcpdump",) + (() if args.no_tshark else ("tshark",)):
         if shutil.which(tool) is None:
