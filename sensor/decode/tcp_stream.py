@@ -28,7 +28,6 @@ _CONTENT_LENGTH = re.compile(rb"\r?\ncontent-length[ \t]*:[ \t]*(\d{1,9})", re.I
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 
 KIND_UNKNOWN, KIND_TLS, KIND_HTTP, KIND_DNS = 0, 1, 2, 3
-TLS_HANDSHAKE_RECORD = 0x16
 REJECT_HEAD = 6  # bytes that let client_hello_status rule a stream start out
 
 
@@ -38,7 +37,7 @@ def may_open_client_stream(payload: bytes) -> bool:
     flight (ServerHello onwards) opens, one segment per TLS connection, is ruled out by its
     first six bytes, as is a first byte that starts neither a record nor an HTTP method."""
     first = payload[0]
-    if first == TLS_HANDSHAKE_RECORD:
+    if first == tls.CONTENT_HANDSHAKE:
         return tls.client_hello_status(payload[:REJECT_HEAD]) != tls.NOT_TLS
     return first in HTTP_FIRST_BYTES
 
