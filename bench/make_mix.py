@@ -208,32 +208,29 @@ class Mix:
             body = header + self.http_body * segments
         else:
             flight = rng.choice(self.server_flights)
-            for n, at in enumerate(range(0, len(flight), MSS)):
-                piece = flight[at:at + MSS]
-                yield tpl.frame(s2c, piece, sseq, cseq, ACK | PSH)
-                sseq += len(piece)
-                if n & 1:
-                    yield tpl.frame(c2s, b"", cseq, sseq, ACK)
+            sseq = yield from self._segments(tpl, s2c, c2s, flight, sseq, cseq, ACK | PSH)
             finish = rng.choice(self.client_finishes) + rng.choice(self.requests)
             yield tpl.frame(c2s, finish, cseq, sseq, ACK | PSH)
             cseq += len(finish)
-            body = self.tls_bulk
+            body = memoryview(self.tls_bulk)[:segments * MSS]
         sender, receiver = (c2s, s2c) if upload else (s2c, c2s)
         seq, peer = (cseq, sseq) if upload else (sseq, cseq)
-        sent = 0
-        total = len(body) if kind == "http" else segments * MSS
-        n = 0
-        while sent < total:
-            piece = body[sent:sent + MSS]
-            yield tpl.frame(sender, piece, seq, peer, ACK)
-            seq += len(piece)
-            sent += len(piece)
-            if n & 1:
-                yield tpl.frame(receiver, b"", peer, seq, ACK)
-            n += 1
+        seq = yield from self._segments(tpl, sender, receiver, body, seq, peer, ACK)
         yield tpl.frame(c2s, b"", cseq if not upload else seq, sseq if not upload else peer, FIN | ACK)
         yield tpl.frame(s2c, b"", sseq if upload else seq, cseq + 1, FIN | ACK)
         yield tpl.frame(c2s, b"", cseq + 1, seq + 1, ACK)
+
+    @staticmethod
+    def _segments(tpl, sender, receiver, data, seq, peer, flags):
+        """``data`` cut at the MSS, the receiver acking every second segment; returns the
+        sender's next sequence number."""
+        for n, at in enumerate(range(0, len(data), MSS)):
+            piece = data[at:at + MSS]
+            yield tpl.frame(sender, piece, seq, peer, flags)
+            seq += len(piece)
+            if n & 1:
+                yield tpl.frame(receiver, b"", peer, seq, ACK)
+        return seq
 
     def quic_flow(self):
         rng = self.rng

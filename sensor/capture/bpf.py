@@ -167,15 +167,17 @@ BATCH = 1024
 # to keep both cores busy.  Bytes, not batches: a batch of jumbo or GSO-sized frames is large.
 PREFETCH_BYTES = 40 << 20
 READ_AHEAD_BYTES = 4 << 20
-_PCAP_MICRO_MAGICS = (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4")
-# A nanosecond pcap's magic, per byte order, and the microsecond magic libpcap is shown
-# instead (NanosecondFeed).
-_PCAP_NANO_AS_MICRO = {b"\x4d\x3c\xb2\xa1": b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\x3c\x4d": b"\xa1\xb2\xc3\xd4"}
-# The feed opens its pipe by /proc/self/fd and sizes it with F_SETPIPE_SZ: Linux only;
-# elsewhere nanosecond files stay with the Python reader.
-_NANO_FEED_MAGICS = _PCAP_NANO_AS_MICRO if sys.platform.startswith("linux") else {}
-PCAP_HEADER = 24
 MICRO, NANO = 1_000_000, 1_000_000_000
+# The microsecond magic per byte order: what libpcap is shown for a nanosecond file too
+# (NanosecondFeed).
+_MICRO_MAGIC = {"<": b"\xd4\xc3\xb2\xa1", ">": b"\xa1\xb2\xc3\xd4"}
+# Classic pcap magics libpcap reads here, with their byte order and timestamp units.  The
+# feed opens its pipe by /proc/self/fd and sizes it with F_SETPIPE_SZ: Linux only;
+# elsewhere nanosecond files stay with the Python reader.
+_LIBPCAP_MAGICS = {magic: (order, MICRO) for order, magic in _MICRO_MAGIC.items()}
+if sys.platform.startswith("linux"):
+    _LIBPCAP_MAGICS.update({b"\x4d\x3c\xb2\xa1": ("<", NANO), b"\xa1\xb2\x3c\x4d": (">", NANO)})
+PCAP_HEADER = 24
 PIPE_SIZE = 1 << 20
 FEED_PAUSE = 0.0002  # seconds; libpcap reads half a pipe in about that
 PCAPNG_HEAD = 1 << 16  # bytes looked at for the interfaces a pcapng describes before its packets
@@ -268,7 +270,7 @@ class NanosecondFeed:
         except OSError:
             pass  # capped by /proc/sys/fs/pipe-max-size; a smaller pipe only means more wake-ups
         try:
-            os.write(write_end, _PCAP_NANO_AS_MICRO[head[:4]] + head[4:])
+            os.write(write_end, _MICRO_MAGIC[_LIBPCAP_MAGICS[head[:4]][0]] + head[4:])
             os.lseek(self._file, PCAP_HEADER, os.SEEK_SET)
             self._pid = os.fork()
         except OSError:
@@ -434,9 +436,9 @@ class PrefilteredCapture:
                 head = fh.read(PCAPNG_HEAD)
         except OSError:
             return None
-        if len(head) >= PCAP_HEADER and (head[:4] in _PCAP_MICRO_MAGICS or head[:4] in _NANO_FEED_MAGICS):
-            units = NANO if head[:4] in _NANO_FEED_MAGICS else MICRO
-            order = "<" if _PCAP_NANO_AS_MICRO.get(head[:4], head[:4]) == _PCAP_MICRO_MAGICS[0] else ">"
+        classic = _LIBPCAP_MAGICS.get(head[:4]) if len(head) >= PCAP_HEADER else None
+        if classic is not None:
+            order, units = classic
             return struct.unpack_from(order + "I", head, 20)[0] & 0xFFFF, "pcap", units
         interfaces = pcapng_leading_interfaces(head)
         if interfaces is not None and len(interfaces) == 1:

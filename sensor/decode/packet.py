@@ -17,7 +17,7 @@ from . import dns, http, tls
 from .capture_loss import CaptureLoss, reverse_key
 from .fragments import Reassembler
 from .link import ETH_IPV4, ETH_IPV6, ETH_TEB, LINK_DECODERS, ethernet, format_mac
-from .tcp_stream import KIND_HTTP, KIND_TLS, SEQ_MOD, SEQ_WINDOW, StreamTable
+from .tcp_stream import KIND_HTTP, KIND_TLS, REJECT_HEAD, SEQ_MOD, SEQ_WINDOW, StreamTable
 from .tunnels import GENEVE_PORT, VXLAN_PORT, geneve, gre, vxlan
 
 _u16 = struct.Struct("!H").unpack_from
@@ -256,10 +256,11 @@ class PacketDecoder:
                                     settled = hello_may_match is not None and settle_hello(
                                         key, seq, buf[start:ip_end], hello_may_match)
                                 else:
-                                    # Port 53 (by its low byte: a few other ports take the
-                                    # full path too) is DNS over TCP, never a flight.
-                                    settled = buf[l4 + 1] != 53 and buf[l4 + 3] != 53 \
-                                        and settle_flight(key, seq, buf[start:start + 6])
+                                    # DNS over TCP (port 53) is never a flight.
+                                    sport = buf[l4] << 8 | buf[l4 + 1]
+                                    dport = buf[l4 + 2] << 8 | buf[l4 + 3]
+                                    settled = sport != 53 and dport != 53 \
+                                        and settle_flight(key, seq, buf[start:start + REJECT_HEAD])
                                 if settled:
                                     if loss.flows:
                                         self._judge_loss(key, flags, buf, l4, payload)
