@@ -44,6 +44,7 @@ GRE_ERSPAN_2, GRE_ERSPAN_3 = 0x88BE, 0x22EB
 
 T0_NS = 1_735_725_600 * 10**9  # 2025-01-01T10:00:00Z: every capture starts here
 MS = 1_000_000
+TCP_OPTION_FAST_OPEN = 34  # RFC 7413 section 4.1.1
 US = 1_000
 
 ROUTER_MAC = "02:00:5e:00:00:01"
@@ -420,6 +421,17 @@ class TcpSession:
         self.seq[False] = (self.seq[False] + 1) & 0xFFFFFFFF
         self.t += self.rtt // 2
         self._emit(True, "A")
+
+    def fast_open(self, data: bytes) -> None:
+        """A TCP Fast Open handshake (RFC 7413): the SYN carries a cookie and ``data``, the
+        SYN-ACK acknowledges both, and the client's next bytes follow ``data``."""
+        cookie = (TCP_OPTION_FAST_OPEN, self.cap.rng.randbytes(8))
+        self._emit(True, "S", data, options=[("MSS", self.mss), ("SAckOK", b""), cookie])
+        self.seq[True] = (self.seq[True] + 1 + len(data)) & 0xFFFFFFFF
+        self.t += self.rtt // 2
+        self._emit(False, "SA", options=[("MSS", 1460), ("SAckOK", b"")])
+        self.seq[False] = (self.seq[False] + 1) & 0xFFFFFFFF
+        self.t += self.rtt // 2
 
     def pieces(self, payload: bytes, splits=None) -> list[tuple[int, bytes]]:
         """(offset, bytes) pieces of ``payload``: at ``splits`` if given, else at the MSS."""
@@ -888,6 +900,41 @@ def sample_tls_ooo():
     return pcap_file(LINKTYPE_ETHERNET, cap.ordered()), cap.names
 
 
+def sample_tcp_fast_open():
+    """Fast Open SYNs carrying a whole ClientHello, the first 900 bytes of a post-quantum one
+    (the rest, with the SNI, in the next segment) and an HTTP request."""
+    cap = simple_capture("tcp_fast_open")
+    rng = cap.rng
+    t = T0_NS
+    for sni, post_quantum in ((b"s03.upd.kaspersky.com", False),
+                              (b"dc1.ksn.kaspersky-labs.com", True)):
+        session = TcpSession(cap, t, CLIENT, KASPERSKY_SERVER, ephemeral_port(rng), 443)
+        hello = client_hello(rng, sni, post_quantum=post_quantum, sni_last=post_quantum)
+        first = 900 if post_quantum else len(hello)
+        session.fast_open(hello[:first])
+        if first < len(hello):
+            session.send(True, hello[first:])
+        else:
+            session.ack(True)
+        session.reply_delay()
+        session.send(False, server_flight(rng))
+        session.ack(True)
+        session.close()
+        cap.note("tls_sni", presentation(text_labels(sni)))
+        t = session.t + 10**9
+    session = TcpSession(cap, t, CLIENT, KASPERSKY_SERVER, ephemeral_port(rng), 80)
+    host = b"dnl-09.geo.kaspersky.com"
+    session.fast_open(b"GET /index/u0607g.xml HTTP/1.1\r\nHost: " + host + b"\r\nUser-Agent: "
+                      + BROWSER_UA + b"\r\nAccept: */*\r\n\r\n")
+    session.ack(True)
+    session.reply_delay()
+    session.send(False, b"HTTP/1.1 304 Not Modified\r\n\r\n")
+    session.ack(True)
+    session.close()
+    cap.note("http_host", presentation(text_labels(host)))
+    return pcap_file(LINKTYPE_ETHERNET, cap.ordered()), cap.names
+
+
 def sample_ipv6():
     cap = simple_capture("ipv6", ipv6_extensions=True)
     basic_traffic(cap, T0_NS, client="fd00:10::21", resolver="fd00:10::53", server="2001:db8:40::72",
@@ -1302,6 +1349,9 @@ SAMPLES = (
            sample_dns_compression),
     Sample("tls_ooo.pcap", "ClientHellos in three TCP segments delivered out of order with one "
            "segment retransmitted, SNI in the last segment", sample_tls_ooo),
+    Sample("tcp_fast_open.pcap", "TCP Fast Open: SYNs with a cookie carrying a whole "
+           "ClientHello, the first 900 bytes of a post-quantum one (SNI in the next segment) and "
+           "an HTTP request", sample_tcp_fast_open),
     Sample("ipv6.pcap", "IPv6 with hop-by-hop and destination-options headers: DNS AAAA, TLS, HTTP",
            sample_ipv6),
     Sample("lookalikes.pcap", "DNS, TLS and HTTP for names that only look like Kaspersky ("

@@ -200,6 +200,32 @@ def test_duplicate_with_vlan_tag_on_one_copy_only():
     assert dec.decode(1.0, 1, bytes(Ether() / inner)) == [] and stats.duplicates == 1
 
 
+def test_fast_open_syn_data_starts_the_stream_and_its_span_copy_does_not_restart_it():
+    """RFC 7413: a SYN's data is the stream's first bytes.  Here the SYN holds the first
+    900 bytes of a post-quantum hello whose SNI is in the rest; a span copy of the SYN
+    must not reset the stream, or the hello could never be completed."""
+    import random
+
+    from tests.helpers import load_make_samples
+    from sensor.records import ClientHello
+    hello = load_make_samples().client_hello(random.Random(5), b"dc1.ksn.kaspersky-labs.com",
+                                             post_quantum=True, sni_last=True)
+    head, rest = hello[:900], hello[900:]
+    ip = IP(src="10.0.0.5", dst="192.0.2.70")
+    syn = bytes(Ether() / ip / TCP(sport=40000, dport=443, flags="S", seq=7000,
+                                   options=[(34, b"cookie!!")]) / Raw(head))
+    follow = bytes(Ether() / ip / TCP(sport=40000, dport=443, flags="PA", seq=7001 + len(head),
+                                      ack=1) / Raw(rest))
+    stats = Stats()
+    dec = PacketDecoder(stats, DecoderConfig(dedup_window=0.05))
+    records = dec.decode(1.0, 1, syn) + dec.decode(1.000003, 1, syn) + dec.decode(1.01, 1, follow)
+    hellos = [r for r in records if isinstance(r, ClientHello)]
+    assert [h.server_name.text for h in hellos] == ["dc1.ksn.kaspersky-labs.com"]
+    assert stats.duplicates == 1
+    key = bytes((10, 0, 0, 5, 192, 0, 2, 70)) + struct.pack("!HH", 40000, 443)
+    assert dec.loss.flows[key].seen == len(hello)  # the SYN's bytes count as seen
+
+
 def test_udp_flow_start_once_per_flow_both_directions():
     dec = PacketDecoder(Stats(), DecoderConfig(dedup_window=0))
     a = IP(src="10.0.0.5", dst="10.0.0.9") / UDP(sport=40000, dport=15000) / Raw(b"x")

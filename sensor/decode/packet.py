@@ -166,8 +166,8 @@ class PacketDecoder:
           there grew the live program past what libpcap compiles correctly for QinQ;
         * a DNS message on port 53 that the Interest's screen rules out, from a server
           reported within RESOLVER_REPORT_INTERVAL;
-        * a SYN-ACK (but DNS's), a client's SYN towards a port and address the Interest
-          does not watch, or a FIN/RST without payload: what ``_tcp`` does with them
+        * a SYN-ACK (but DNS's), a client's SYN without Fast Open data towards a port and
+          address the Interest does not watch, or a FIN/RST without payload: what ``_tcp`` does with them
           (nothing; starting the stream and its capture-loss record; closing the stream
           and judging capture loss) is done here.
 
@@ -268,7 +268,7 @@ class PacketDecoder:
                         elif flags & 0x12 == 0x12:
                             if buf[l4] != 0 or buf[l4 + 1] != 53:
                                 continue
-                        elif flags & 0x02:
+                        elif flags & 0x02 and payload == 0:
                             dport = (buf[l4 + 2] << 8) | buf[l4 + 3]
                             if not wants_flow("tcp", dport, buf[addr + width:addr + 2 * width]):
                                 key = buf[addr:l4 + 4]
@@ -457,30 +457,40 @@ class PacketDecoder:
             raise DecodeError("tcp_bad_offset")
         key = src + dst + data[l4:l4 + 4]
         streams = self.streams
+        start = l4 + doff
         if flags & TCP_SYN:
             if flags & TCP_ACK:
                 if sport == 53:
                     streams.syn(key, seq, ts, True)
                 return
+            fast_open = start < end
+            # A span copy of a Fast Open SYN must not restart the stream its data began.
+            if fast_open and self._duplicate(ts, data[l4:end] + src + dst):
+                return
             streams.syn(key, seq, ts, dport == 53)
             self.loss.syn(key, seq)
-            if not self._wants_flow("tcp", dport, dst) or self._duplicate(ts, data[l4:end] + src + dst):
+            if self._wants_flow("tcp", dport, dst) and (
+                    fast_open or not self._duplicate(ts, data[l4:end] + src + dst)):
+                out.append(FlowStart(self._context(ts, src, dst, sport, dport, "tcp", version,
+                                                   src_mac, dst_mac, vlans, tunnel, interface)))
+            if not fast_open:
                 return
-            out.append(FlowStart(self._context(ts, src, dst, sport, dport, "tcp", version,
-                                               src_mac, dst_mac, vlans, tunnel, interface)))
-            return
-        start = l4 + doff
-        if self.loss.flows and start <= end:
-            self._judge_loss(key, flags, data, l4, end - start)
-        if start >= end:
-            if start > end and end - l4 >= 20 and doff > 60:
-                raise DecodeError("tcp_bad_offset")
-            if flags & (TCP_FIN | TCP_RST):
-                streams.close(key)
-            return
-        seen = streams.bypass.get(key)
-        if seen is not None and ((seen - seq) % SEQ_MOD >= SEQ_WINDOW or seen == seq):
-            return
+            # TCP Fast Open (RFC 7413): the client's first bytes, a ClientHello or a
+            # request, ride in the SYN and start one sequence number after it.
+            seq = (seq + 1) % SEQ_MOD
+            self.loss.client_segment(key, seq, end - start)
+        else:
+            if self.loss.flows and start <= end:
+                self._judge_loss(key, flags, data, l4, end - start)
+            if start >= end:
+                if start > end and end - l4 >= 20 and doff > 60:
+                    raise DecodeError("tcp_bad_offset")
+                if flags & (TCP_FIN | TCP_RST):
+                    streams.close(key)
+                return
+            seen = streams.bypass.get(key)
+            if seen is not None and ((seen - seq) % SEQ_MOD >= SEQ_WINDOW or seen == seq):
+                return
         items = streams.segment(key, seq, data[start:end], ts,
                                 dport == 53 or sport == 53)
         if flags & (TCP_FIN | TCP_RST):
