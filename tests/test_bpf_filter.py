@@ -332,6 +332,8 @@ def _frame(l3_l4, vlan: int = 0):
         eth = eth / Dot1Q(vlan=10)
     elif vlan == 2:
         eth = eth / Dot1AD(vlan=100) / Dot1Q(vlan=10)
+    elif vlan == 3:
+        eth = eth / Dot1AD(vlan=100) / Dot1Q(vlan=10) / Dot1Q(vlan=20)
     return bytes(eth / l3_l4)
 
 
@@ -350,6 +352,8 @@ CASES = {
                                    / Raw(b"\x16\x03\x01\x07\x00\x01" + bytes(1400)), True),
     "client_hello_continuation": (lambda v6: _ip(v6, True) / TCP(sport=51000, dport=443, flags="A")
                                   / Raw(bytes(range(256)) * 5), True),
+    "hello_continuation_from_low_client_port": (lambda v6: _ip(v6, True) / TCP(sport=20, dport=443, flags="A")
+                                                / Raw(bytes(range(256)) * 5), True),
     "hello_from_low_client_port": (lambda v6: _ip(v6, True) / TCP(sport=1000, dport=8443, flags="PA")
                                    / Raw(b"\x16\x03\x01\x02\x00\x01" + bytes(500)), True),
     "http_get_from_low_client_port": (lambda v6: _ip(v6, True) / TCP(sport=1000, dport=8080, flags="PA")
@@ -374,7 +378,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("vlan", [0, 1, 2], ids=["untagged", "vlan", "qinq"])
+@pytest.mark.parametrize("vlan", [0, 1, 2, 3], ids=["untagged", "vlan", "qinq", "three_tags"])
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_filter_decisions(case, v6, vlan):
