@@ -387,6 +387,21 @@ def test_filter_decisions(case, v6, vlan):
     assert bool(program.filter(_frame(build(v6), vlan))) is passes
 
 
+@pytest.mark.parametrize("tags", [0, 1, 2, 3])
+@pytest.mark.parametrize("carrier", ["mpls", "pppoe"])
+def test_mpls_and_pppoe_pass_whole_behind_any_vlan_tags(carrier, tags):
+    """The decoder reads them behind tags, so the filter must not drop them there."""
+    from scapy.contrib.mpls import MPLS
+    from scapy.layers.ppp import PPP, PPPoE
+
+    eth = Ether()
+    for n in range(tags):
+        eth = eth / (Dot1AD(vlan=100 + n) if n == 0 and tags > 1 else Dot1Q(vlan=10 + n))
+    inner = IP(src=SERVER4, dst=CLIENT4) / TCP(sport=443, dport=51000, flags="A") / Raw(bytes(100))
+    wrapped = MPLS(label=16, s=1) / inner if carrier == "mpls" else PPPoE(sessionid=7) / PPP(proto=0x21) / inner
+    assert bpf.compile_filter(None).filter(bytes(eth / wrapped))
+
+
 def test_ipv4_options_ipv6_extension_headers_and_fragments_pass_whole():
     """The filter reads transport headers at fixed offsets; what shifts them passes whole."""
     program = bpf.compile_filter(None)
