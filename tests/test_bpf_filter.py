@@ -431,3 +431,82 @@ def test_filter_covers_every_port_the_decoder_and_tracker_use():
 def test_filter_compiles_for_every_link_type_the_decoder_reads(linktype):
     bpf.compile_filter(None, bpf.dlt_for(linktype))
     bpf.compile_filter("tcp port 443", bpf.dlt_for(linktype))
+
+
+# -- a frame the filter rejects must decode to nothing ------------------------------------
+
+def _random_frame(rng, hello: bytes) -> bytes:
+    """One evidence-bearing packet (a DNS query, a ClientHello, an HTTP request or a SYN)
+    under a random stack: 0-3 VLAN tags, MPLS or PPPoE, a tunnel (GRE, ERSPAN, VXLAN,
+    Geneve, IP-in-IP), IPv4 with or without options, IPv6 with or without a hop-by-hop
+    header, odd ports and flags."""
+    from scapy.contrib.erspan import ERSPAN_II
+    from scapy.contrib.geneve import GENEVE
+    from scapy.contrib.mpls import MPLS
+    from scapy.layers.dns import DNS, DNSQR
+    from scapy.layers.l2 import GRE
+    from scapy.layers.ppp import PPP, PPPoE
+    from scapy.layers.vxlan import VXLAN
+
+    kind = rng.choice(["dns", "tls", "http", "syn"])
+    if kind == "dns":
+        sport, dport = rng.choice([(40000, 53), (53, 40000), (5353, 5353), (40000, 5355)])
+        l4 = UDP(sport=sport, dport=dport) / DNS(rd=1, qd=DNSQR(qname="s07.upd.kaspersky.com"))
+    else:
+        body = {"tls": hello, "syn": b"",
+                "http": b"GET / HTTP/1.1\r\nHost: s07.upd.kaspersky.com\r\n\r\n"}[kind]
+        flags = "S" if kind == "syn" else rng.choice(["PA", "A", "S", "FPA"])
+        l4 = TCP(sport=rng.choice([20, 80, 443, 1000, 13000, 40000, 60000]),
+                 dport=rng.choice([20, 80, 443, 8080, 8443, 13000, 14000, 50000]),
+                 flags=flags, seq=1000) / Raw(body)
+    if rng.random() < 0.4:
+        ip = IPv6(src=CLIENT6, dst=SERVER6)
+        packet = (ip / IPv6ExtHdrHopByHop() if rng.random() < 0.2 else ip) / l4
+    else:
+        options = [IPOption_NOP()] * 4 if rng.random() < 0.1 else []
+        packet = IP(src=CLIENT4, dst=SERVER4, options=options) / l4
+    outer = IP(src="192.0.2.1", dst="192.0.2.2") if rng.random() < 0.7 else IPv6(src="2001:db8::1", dst="2001:db8::2")
+    inner_eth = Ether(src="02:00:00:00:00:03", dst="02:00:00:00:00:04")
+    tunnel = rng.choice(["none", "none", "gre", "vxlan", "geneve", "ip-in-ip", "erspan"])
+    if tunnel == "gre":
+        packet = outer / GRE(proto=0x0800 if isinstance(packet, IP) else 0x86DD) / packet
+    elif tunnel == "vxlan":
+        packet = outer / UDP(sport=50000, dport=4789) / VXLAN(vni=5) / inner_eth / packet
+    elif tunnel == "geneve":
+        packet = outer / UDP(sport=50000, dport=6081) / GENEVE(vni=5, proto=0x6558) / inner_eth / packet
+    elif tunnel == "ip-in-ip":
+        packet = outer / packet
+    elif tunnel == "erspan":
+        packet = outer / GRE(proto=0x88BE, seqnum_present=1) / ERSPAN_II() / inner_eth / packet
+    eth = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    tags = rng.choice([0, 0, 1, 2, 3])
+    for n in range(tags):
+        eth = eth / (Dot1AD(vlan=100) if n == 0 and tags > 1 else Dot1Q(vlan=10 + n))
+    carrier = rng.random()
+    if carrier < 0.1:
+        return bytes(eth / MPLS(label=16, s=1) / packet)
+    if carrier < 0.2 and isinstance(packet, IP):
+        return bytes(eth / PPPoE(sessionid=1) / PPP(proto=0x21) / packet)
+    return bytes(eth / packet)
+
+
+def test_a_frame_the_filter_rejects_yields_no_record():
+    """The filter and the decoder agree on single frames under every stack the decoder
+    reads: a rejected frame would have given no record.  (Filtering the tagged MPLS and
+    PPPoE frames this test builds lost about one detection in ten.)"""
+    import random
+
+    from sensor.decode.packet import DecoderConfig, PacketDecoder
+    from sensor.stats import Stats
+    from tests.helpers import load_make_samples
+
+    rng = random.Random(17)
+    hello = load_make_samples().client_hello(random.Random(2), b"s07.upd.kaspersky.com")
+    program = bpf.compile_filter(None)
+    lost = []
+    for _ in range(800):
+        frame = _random_frame(rng, hello)
+        records = PacketDecoder(Stats(), DecoderConfig(dedup_window=0)).decode(1.0, 1, frame)
+        if records and not program.filter(frame):
+            lost.append(Ether(frame).summary())
+    assert lost == []
