@@ -881,6 +881,17 @@ def sample_dns_compression():
     return pcap_file(LINKTYPE_ETHERNET, cap.ordered()), cap.names
 
 
+def answer_hello_and_close(session: TcpSession, sni: bytes) -> int:
+    """After a ClientHello naming ``sni``: the server's flight, the client's ack, teardown,
+    and the SNI noted; returns the time the connection ended."""
+    session.reply_delay()
+    session.send(False, server_flight(session.cap.rng))
+    session.ack(True)
+    session.close()
+    session.cap.note("tls_sni", presentation(text_labels(sni)))
+    return session.t
+
+
 def sample_tls_ooo():
     cap = simple_capture("tls_ooo")
     rng = cap.rng
@@ -891,12 +902,7 @@ def sample_tls_ooo():
         session.handshake()
         hello = client_hello(rng, sni, post_quantum=True, sni_last=True)
         session.send(True, hello, splits=(600, 1300), order=order, retransmit=retransmit)
-        session.reply_delay()
-        session.send(False, server_flight(rng))
-        session.ack(True)
-        session.close()
-        cap.note("tls_sni", presentation(text_labels(sni)))
-        t = session.t + 10**9
+        t = answer_hello_and_close(session, sni) + 10**9
     return pcap_file(LINKTYPE_ETHERNET, cap.ordered()), cap.names
 
 
@@ -916,12 +922,7 @@ def sample_tcp_fast_open():
             session.send(True, hello[first:])
         else:
             session.ack(True)
-        session.reply_delay()
-        session.send(False, server_flight(rng))
-        session.ack(True)
-        session.close()
-        cap.note("tls_sni", presentation(text_labels(sni)))
-        t = session.t + 10**9
+        t = answer_hello_and_close(session, sni) + 10**9
     session = TcpSession(cap, t, CLIENT, KASPERSKY_SERVER, ephemeral_port(rng), 80)
     host = b"dnl-09.geo.kaspersky.com"
     session.fast_open(b"GET /index/u0607g.xml HTTP/1.1\r\nHost: " + host + b"\r\nUser-Agent: "
