@@ -16,6 +16,7 @@ from scapy.layers.l2 import Dot1Q, Ether
 
 from sensor.capture.pcapfile import open_capture
 from sensor.decode.packet import DecoderConfig, PacketDecoder
+from sensor.records import ClientHello
 from sensor.detect.signatures import default_signature_paths, load_signatures
 from sensor.pipeline import decoder_interest
 from sensor.stats import Stats
@@ -102,14 +103,16 @@ def test_the_batch_path_really_skips_something():
     assert yielded < len(frames) * 0.9
 
 
-def _flow_frames(network, tagged: bool, server_name: bytes) -> dict[str, bytes]:
-    """One TLS connection, frame by frame: the client's hello, then what the fast path
-    must keep out of the full decoder once the hello is parsed."""
+def _flow_frames(network, tagged: bool, server_name: bytes, post_quantum: bool = False) -> dict[str, bytes]:
+    """One TLS connection, frame by frame: the client's hello (in two segments when
+    ``post_quantum``, its SNI in the second), then what the fast path must keep out of
+    the full decoder once the hello is parsed."""
     import random
 
     from tests.helpers import load_make_samples
 
-    hello = load_make_samples().client_hello(random.Random(7), server_name)
+    hello = load_make_samples().client_hello(random.Random(7), server_name,
+                                             post_quantum=post_quantum, sni_last=post_quantum)
     client, server = (("192.0.2.10", "198.51.100.20") if network is IP
                       else ("2001:db8::10", "2001:db8:1::20"))
     link = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
@@ -121,9 +124,12 @@ def _flow_frames(network, tagged: bool, server_name: bytes) -> dict[str, bytes]:
     frames = {
         "syn": up / TCP(sport=50000, dport=443, flags="S", seq=seq - 1),
         "syn_ack": down / TCP(sport=443, dport=50000, flags="SA", seq=77, ack=seq),
-        "hello": up / TCP(sport=50000, dport=443, flags="PA", seq=seq, ack=78) / hello,
     }
-    seq += len(hello)
+    pieces = [hello[:1200], hello[1200:]] if post_quantum else [hello]
+    for n, piece in enumerate(pieces):
+        frames[f"hello{n}" if post_quantum else "hello"] = up / TCP(
+            sport=50000, dport=443, flags="PA", seq=seq, ack=78) / piece
+        seq += len(piece)
     flight = load_make_samples().server_flight(random.Random(8))[:1200]
     frames["server_flight"] = down / TCP(sport=443, dport=50000, flags="PA", seq=78, ack=seq) / flight
     for n in range(3):
@@ -134,27 +140,34 @@ def _flow_frames(network, tagged: bool, server_name: bytes) -> dict[str, bytes]:
     return {name: bytes(frame) for name, frame in frames.items()}
 
 
-@pytest.mark.parametrize("server_name, kept", [
-    (b"www.example.org", []),
-    (b"dnl-03.geo.kaspersky.com", ["hello"]),
-], ids=["hello-ruled-out", "hello-may-match"])
+@pytest.mark.parametrize("server_name, post_quantum, kept", [
+    (b"www.example.org", False, []),
+    (b"dnl-03.geo.kaspersky.com", False, ["hello"]),
+    (b"www.example.org", True, []),
+    (b"dnl-03.geo.kaspersky.com", True, ["hello1"]),
+], ids=["hello-ruled-out", "hello-may-match", "two-segment-hello-ruled-out",
+        "two-segment-hello-may-match"])
 @pytest.mark.parametrize("tagged", [False, True], ids=["untagged", "vlan"])
 @pytest.mark.parametrize("network", [IP, IPv6], ids=["ipv4", "ipv6"])
-def test_what_the_fast_path_keeps_from_the_full_decoder(network, tagged, server_name, kept):
+def test_what_the_fast_path_keeps_from_the_full_decoder(network, tagged, server_name,
+                                                         post_quantum, kept):
     """The point of the fast path: a SYN towards an unwatched address and port, the
-    server's SYN-ACK, a whole hello that names no indicator, the server's TLS flight, the
-    client's bulk after it and bare FINs are judged on the buffer, never sliced out and
-    decoded.  A hello that may name one goes to the full decoder."""
-    frames = _flow_frames(network, tagged, server_name)
+    server's SYN-ACK, a hello that names no indicator (whole, or in two segments: the
+    first is held in the stream table), the server's TLS flight, the client's bulk after
+    it and bare FINs are judged on the buffer, never sliced out and decoded.  The segment
+    that completes a hello that may name one goes to the full decoder, which parses it."""
+    frames = _flow_frames(network, tagged, server_name, post_quantum)
     decoder = _decoder()
     decoder.expire(1_700_000_000)  # else the first frame takes the full path to run expiry
     buf, meta = _batch([(1_700_000_000 + i * 0.001, data) for i, data in enumerate(frames.values())])
     names = list(frames)
     yielded = []
+    hellos = []
     for ts, frame, _ in decoder.ethernet_batch(buf, meta):
         yielded.append(names[list(frames.values()).index(frame)])
-        decoder.decode(ts, 1, frame)
+        hellos += [r.server_name.text for r in decoder.decode(ts, 1, frame) if isinstance(r, ClientHello)]
     assert yielded == kept
+    assert hellos == ([server_name.decode()] if kept else [])
     assert decoder.stats.packets == len(frames) - len(kept)
     assert sorted(decoder.streams.bypass) == [], "the FINs closed the settled streams"
     assert decoder.stats.decoded == len(frames)

@@ -158,8 +158,9 @@ class PacketDecoder:
           or it is known to carry nothing.  This is the client-to-server bulk that the
           capture filter has to let through, as it cannot tell a hello's third segment from
           an upload's;
-        * the first segment after a seen SYN when it holds a whole ClientHello that the
-          Interest's labels rule out (StreamTable.settle_hello), the commonest hello;
+        * a ClientHello's segments in order after a seen SYN (StreamTable.settle_hello): the
+          first of a hello that needs more is held in the stream table, and the one that
+          completes a hello the Interest's labels rule out bypasses the stream;
         * the first segment of a stream not seen before that opens with a handshake record
           holding no ClientHello (StreamTable.settle_server_flight): a server's flight, one
           per TLS connection.  The capture filter passes it, as telling it from a hello
@@ -250,17 +251,20 @@ class PacketDecoder:
                                     elif flags & 0x10 and loss.flows:
                                         self._judge_loss(key, flags, buf, l4, payload)
                                     continue
-                            elif seen is None and payload > 5 and buf[ip_end - payload] == 0x16:
+                            elif seen is None and payload > 0:
                                 start = ip_end - payload
-                                if buf[start + 5] == 0x01:
-                                    settled = hello_may_match is not None and settle_hello(
-                                        key, seq, buf[start:ip_end], hello_may_match)
-                                else:
+                                if hello_may_match is not None and settle_hello(
+                                        key, seq, buf[start:ip_end], hello_may_match,
+                                        (sec * units + fraction) / units):
+                                    settled = True
+                                elif payload > 5 and buf[start] == 0x16 and buf[start + 5] != 0x01:
                                     # DNS over TCP (port 53) is never a flight.
                                     sport = buf[l4] << 8 | buf[l4 + 1]
                                     dport = buf[l4 + 2] << 8 | buf[l4 + 3]
                                     settled = sport != 53 and dport != 53 \
                                         and settle_flight(key, seq, buf[start:start + REJECT_HEAD])
+                                else:
+                                    settled = False
                                 if settled:
                                     if loss.flows:
                                         self._judge_loss(key, flags, buf, l4, payload)

@@ -112,21 +112,32 @@ class StreamTable:
             self._evict_oldest()
         return items
 
-    def settle_hello(self, key: tuple, seq: int, payload: bytes, may_match) -> bool:
-        """What ``segment`` concludes for the commonest first segment, at a fraction of the
-        cost: True when ``payload`` opens a stream whose SYN was seen, holds a whole
-        ClientHello and ``may_match`` rules it out; the stream is then bypassed exactly as
-        ``segment`` would leave it.  False changes nothing."""
+    def settle_hello(self, key: tuple, seq: int, payload: bytes, may_match, ts: float) -> bool:
+        """What ``segment`` concludes for a ClientHello's segments in order on a stream whose
+        SYN was seen, at a fraction of the cost; False changes nothing.  True when
+
+        * ``payload`` opens the stream with a hello that needs more bytes (a post-quantum
+          one): it is held exactly as ``segment`` holds it, and yields nothing yet;
+        * ``payload`` completes the held hello, or opens the stream with a whole one, and
+          ``may_match`` rules the hello out: the stream is bypassed as ``segment`` would
+          leave it, and the hello would have been dropped unparsed."""
         st = self.streams.get(key)
-        if st is None or not st.syn or st.kind != KIND_UNKNOWN or st.buf or st.pending \
-                or seq != st.base:
+        if st is None or not st.syn or st.pending or st.consumed:
+            return False
+        if st.kind == KIND_UNKNOWN and not st.buf and seq == st.base:
+            hello = payload
+        elif st.kind == KIND_TLS and st.buf and (seq - st.base) % SEQ_MOD == len(st.buf):
+            hello = bytes(st.buf) + payload
+        else:
             return False
         try:
-            if tls.client_hello_status(payload) != tls.COMPLETE:
-                return False
+            status = tls.client_hello_status(hello)
         except DecodeError:
             return False
-        if may_match(payload):
+        if status == tls.NEED_MORE:
+            self.segment(key, seq, payload, ts, False)
+            return True
+        if status != tls.COMPLETE or may_match(hello):
             return False
         self._finish(key, st)
         return True
