@@ -411,25 +411,26 @@ class TcpSession:
         self.t += self.cap.rng.randint(low_us, high_us) * US
 
     def handshake(self) -> None:
-        syn_options = [("MSS", self.mss), ("NOP", None), ("WScale", 8), ("NOP", None),
-                       ("NOP", None), ("SAckOK", b"")]
-        self._emit(True, "S", options=syn_options)
-        self.seq[True] = (self.seq[True] + 1) & 0xFFFFFFFF
-        self.t += self.rtt // 2
-        self._emit(False, "SA", options=[("MSS", 1460), ("NOP", None), ("NOP", None),
-                                         ("SAckOK", b""), ("NOP", None), ("WScale", 7)])
-        self.seq[False] = (self.seq[False] + 1) & 0xFFFFFFFF
-        self.t += self.rtt // 2
+        self._syn_exchange([("MSS", self.mss), ("NOP", None), ("WScale", 8), ("NOP", None),
+                            ("NOP", None), ("SAckOK", b"")],
+                           [("MSS", 1460), ("NOP", None), ("NOP", None), ("SAckOK", b""),
+                            ("NOP", None), ("WScale", 7)])
         self._emit(True, "A")
 
     def fast_open(self, data: bytes) -> None:
         """A TCP Fast Open handshake (RFC 7413): the SYN carries a cookie and ``data``, the
         SYN-ACK acknowledges both, and the client's next bytes follow ``data``."""
         cookie = (TCP_OPTION_FAST_OPEN, self.cap.rng.randbytes(8))
-        self._emit(True, "S", data, options=[("MSS", self.mss), ("SAckOK", b""), cookie])
+        self._syn_exchange([("MSS", self.mss), ("SAckOK", b""), cookie],
+                           [("MSS", 1460), ("SAckOK", b"")], data)
+
+    def _syn_exchange(self, syn_options, syn_ack_options, data: bytes = b"") -> None:
+        """The client's SYN (carrying ``data`` under Fast Open) and the server's SYN-ACK,
+        half a round trip apart; both sides' sequence numbers move past them."""
+        self._emit(True, "S", data, options=syn_options)
         self.seq[True] = (self.seq[True] + 1 + len(data)) & 0xFFFFFFFF
         self.t += self.rtt // 2
-        self._emit(False, "SA", options=[("MSS", 1460), ("SAckOK", b"")])
+        self._emit(False, "SA", options=syn_ack_options)
         self.seq[False] = (self.seq[False] + 1) & 0xFFFFFFFF
         self.t += self.rtt // 2
 

@@ -163,14 +163,14 @@ class PacketDecoder:
           completes a hello the Interest's labels rule out bypasses the stream;
         * the first segment of a stream not seen before that opens with a handshake record
           holding no ClientHello (StreamTable.settle_server_flight): a server's flight, one
-          per TLS connection.  The capture filter passes it, as telling it from a hello
-          there grew the live program past what libpcap compiles correctly for QinQ;
+          per TLS connection.  The capture filter passes it, as it looks only at the
+          payload's first byte;
         * a DNS message on port 53 that the Interest's screen rules out, from a server
           reported within RESOLVER_REPORT_INTERVAL;
         * a SYN-ACK (but DNS's), a client's SYN without Fast Open data towards a port and
-          address the Interest does not watch, or a FIN/RST without payload: what ``_tcp`` does with them
-          (nothing; starting the stream and its capture-loss record; closing the stream
-          and judging capture loss) is done here.
+          address the Interest does not watch, or a FIN/RST without payload: what ``_tcp``
+          does with them (nothing; starting the stream and its capture-loss record;
+          closing the stream and judging capture loss) is done here.
 
         Untagged or single-tagged IPv4 without options or fragments and IPv6 without
         extension headers are judged here; anything else takes the full path.  This loop
