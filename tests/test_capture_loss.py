@@ -421,3 +421,44 @@ def test_read_reports_no_loss_on_a_whole_mix_and_the_removed_bytes_on_a_thinned_
     gaps, acks, gap_bytes, acked = _loss_of_read(thinned, capsys)
     assert gaps > 0 and 0 < gap_bytes <= removed_bytes
     assert gaps <= acks and gap_bytes <= acked
+
+
+_OPS = st.lists(st.tuples(st.sampled_from(["syn", "data", "server", "server_rst", "close", "expire"]),
+                          st.integers(0, 5), st.booleans()), max_size=60)
+
+
+@given(_OPS)
+@settings(max_examples=300)
+def test_server_index_always_mirrors_the_client_flows(ops):
+    """``servers`` holds every tracked flow under its server key and nothing else, whatever
+    inserts, evictions (a 3-flow table), resyncs, RSTs, closes and idle sweeps did; a
+    server segment judges the flow its reversed key names and no other."""
+    loss = estimator(max_flows=3, idle_timeout=10.0)
+    keys = [flow_key(sport=50000 + i) for i in range(3)]
+    keys += [reverse_key(keys[0]), flow_key("fd00::7", "2001:db8::80"), flow_key("10.0.0.9")]
+    clock = 0.0
+    for op, which, flag in ops:
+        key = keys[which]
+        if op == "syn":
+            loss.syn(key, 1000)
+        elif op == "data":
+            loss.client_segment(key, 1001 if flag else 1001 + MAX_SEQ_JUMP * 2, 100)
+        elif op in ("server", "server_rst"):
+            tracked = set(loss.flows)
+            flow = loss.flows.get(reverse_key(key))
+            acks = loss.acks
+            ack = (flow.expect + 50) % MOD if flow is not None else 1101
+            loss.server_segment(key, ack, op == "server_rst")
+            if op == "server_rst":
+                tracked.discard(reverse_key(key))
+            assert set(loss.flows) == tracked
+            if flow is None:
+                assert loss.acks == acks
+            else:
+                assert flow.judged == ack
+        elif op == "close":
+            loss.close(key)
+        else:
+            clock += 6.0 if flag else 1.0
+            loss.expire(clock)
+        assert loss.servers == {reverse_key(k): f for k, f in loss.flows.items()}

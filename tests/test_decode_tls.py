@@ -606,3 +606,38 @@ def test_mutated_stream_only_raises_decode_error(data):
 def test_module_constants_match_interface():
     assert (tls.NOT_TLS, tls.NEED_MORE, tls.COMPLETE) == (0, 1, 2)
     assert tls.MAX_CLIENT_HELLO == 65536
+
+
+def _walk_status(stream: bytes):
+    """The record walk's answer (or its DecodeError reason), without the one-record shortcut."""
+    try:
+        return tls._scan_records(stream, None)[0]
+    except DecodeError as err:
+        return err.reason
+
+
+_BODY_LENGTHS = st.one_of(st.integers(0, 300), st.sampled_from(
+    [0x3FFB, 0x3FFC, 0x3FFD, MAX_CLIENT_HELLO - 1, MAX_CLIENT_HELLO, MAX_CLIENT_HELLO + 1]))
+
+
+@given(body_len=_BODY_LENGTHS, record_slack=st.integers(-3, 3), minor=st.integers(0, 5),
+       handshake=st.sampled_from([1, 2]), cut_slack=st.integers(-3, 3), second=st.booleans())
+@settings(max_examples=800)
+def test_one_record_shortcut_agrees_with_the_record_walk(body_len, record_slack, minor, handshake,
+                                                         cut_slack, second):
+    """client_hello_status judges a one-record hello from its header: the same answer as
+    walking the records, around the edges where the record holds just the message, the
+    stream just its end, and the record and message lengths their caps."""
+    needed = 4 + body_len
+    record_len = max(0, min(0xFFFF, needed + record_slack))
+    stream = (bytes((0x16, 3, minor)) + record_len.to_bytes(2, "big") + bytes((handshake,))
+              + body_len.to_bytes(3, "big"))
+    stream += bytes(max(0, 5 + record_len - len(stream)))
+    if second:
+        stream += b"\x16\x03\x03\x00\x10" + bytes(16)
+    stream = stream[:max(0, 5 + needed + cut_slack)]
+    try:
+        fast = client_hello_status(stream)
+    except DecodeError as err:
+        fast = err.reason
+    assert fast == _walk_status(stream)

@@ -8,6 +8,7 @@ from hypothesis import given, settings, strategies as st
 from sensor.output.escape import (APP_NAME_MAX, HOSTNAME_MAX, MSGID_MAX, cef_extension_value,
                                   cef_header, header_field, is_sd_name, json_string,
                                   sd_param_value)
+from sensor.records import escape_label_bytes, escape_text_bytes
 
 HOSTILE = 'evil\n\r\x00|=]"\\<script>\x7f\u2028\udcff.kaspersky.com'
 DELIMITER_TEXT = st.text(alphabet=st.sampled_from(list('ab |=]"\\\n\r\x00\t\x7f<>é\u2028')), max_size=40)
@@ -141,3 +142,22 @@ def test_json_string_property(value):
     encoded = json_string(value)
     assert all(0x20 <= ord(c) <= 0x7E for c in encoded)
     assert json.loads(encoded) == value
+
+
+def _label_bytewise(label: bytes) -> str:
+    return "".join("\\" + chr(b) if b in (0x2E, 0x5C, 0x22) else chr(b) if 0x21 <= b <= 0x7E
+                   else "\\%03d" % b for b in label)
+
+
+def _text_bytewise(raw: bytes) -> str:
+    return "".join(chr(b) if 0x20 <= b <= 0x7E and b != 0x5C else "\\%03d" % b for b in raw)
+
+
+@given(st.one_of(st.binary(max_size=40), st.text(max_size=40).map(lambda t: t.encode())))
+@settings(max_examples=400)
+def test_wire_escapes_equal_their_bytewise_definition(raw):
+    """The all-plain shortcut of the wire-byte escapes changes no output: every byte is
+    judged as the RFC 1035 / display rules say, for bytes, bytearray and memoryview."""
+    for value in (raw, bytearray(raw), memoryview(raw)):
+        assert escape_label_bytes(value) == _label_bytewise(raw)
+        assert escape_text_bytes(value) == _text_bytewise(raw)

@@ -113,6 +113,9 @@ class CaptureLoss:
         self.max_flows = max_flows
         self.idle_timeout = idle_timeout
         self.flows: dict[bytes, _Flow] = {}
+        # The same flows by the server direction's key (reverse_key), so a server segment
+        # finds its flow with the key it carries instead of building the reversed one.
+        self.servers: dict[bytes, _Flow] = {}
         # The four judged counters live in Stats.capture_loss, so exporters and the
         # capture workers' stats merging see them like every other counter.
         self.counts = stats.capture_loss
@@ -155,6 +158,15 @@ class CaptureLoss:
         if flow is not None:
             self._judge(flow, ack)
 
+    def server_segment(self, server_key: bytes, ack: int, rst: bool) -> None:
+        """``server_ack`` for a segment keyed by its own (server) direction; a RST then
+        closes the flow."""
+        flow = self.servers.get(server_key)
+        if flow is not None:
+            self._judge(flow, ack)
+            if rst:
+                self.close(reverse_key(server_key))
+
     def client_fin(self, key: bytes, seq: int) -> None:
         """The client's FIN; ``seq`` is the sequence number the FIN flag occupies (the
         segment's seq plus its payload length), i.e. the end of the client's data.  It
@@ -169,6 +181,7 @@ class CaptureLoss:
 
     def close(self, key: bytes) -> None:
         if self.flows.pop(key, None) is not None:
+            del self.servers[reverse_key(key)]
             self.stats.table_sizes[TABLE] = len(self.flows)
 
     # -- reporting and housekeeping ----------------------------------------------------
@@ -190,15 +203,18 @@ class CaptureLoss:
         idle = [key for key, flow in self.flows.items() if flow.last < cutoff]
         for key in idle:
             del self.flows[key]
+            del self.servers[reverse_key(key)]
         self.stats.table_sizes[TABLE] = len(self.flows)
 
     # -- internals ---------------------------------------------------------------------
     def _insert(self, key: bytes, start: int) -> _Flow:
         flows = self.flows
         if key not in flows and len(flows) >= self.max_flows:
-            del flows[next(iter(flows))]
+            oldest = next(iter(flows))
+            del flows[oldest]
+            del self.servers[reverse_key(oldest)]
             self.stats.evictions[TABLE] += 1
-        flow = flows[key] = _Flow(start, self.clock)
+        flow = flows[key] = self.servers[reverse_key(key)] = _Flow(start, self.clock)
         self.stats.table_sizes[TABLE] = len(flows)
         return flow
 

@@ -42,7 +42,7 @@ _NULL_AF_INET6 = {24, 28, 30}
 def format_mac(raw: bytes | None) -> str | None:
     if not raw:
         return None
-    return "%02x:%02x:%02x:%02x:%02x:%02x" % tuple(raw)
+    return raw.hex(":")
 
 
 def ethernet(data: bytes, off: int):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from ..records import DecodeError, DnsMessage, FlowStart, PacketContext
 from ..stats import Stats
 from . import dns, http, tls
-from .capture_loss import CaptureLoss, reverse_key
+from .capture_loss import CaptureLoss
 from .fragments import Reassembler
 from .link import ETH_IPV4, ETH_IPV6, ETH_TEB, LINK_DECODERS, ethernet, format_mac
 from .tcp_stream import KIND_HTTP, KIND_TLS, REJECT_HEAD, SEQ_MOD, SEQ_WINDOW, StreamTable
@@ -249,7 +249,7 @@ class PacketDecoder:
                                             else:
                                                 client_segment(key, seq, payload)
                                     elif flags & 0x10 and loss.flows:
-                                        self._judge_loss(key, flags, buf, l4, payload)
+                                        self._judge_loss(key, flags, seq, buf, l4, payload)
                                     continue
                             elif seen is None and payload > 0:
                                 start = ip_end - payload
@@ -267,7 +267,7 @@ class PacketDecoder:
                                     settled = False
                                 if settled:
                                     if loss.flows:
-                                        self._judge_loss(key, flags, buf, l4, payload)
+                                        self._judge_loss(key, flags, seq, buf, l4, payload)
                                     continue
                         elif flags & 0x12 == 0x12:
                             if buf[l4] != 0 or buf[l4 + 1] != 53:
@@ -282,7 +282,7 @@ class PacketDecoder:
                         elif flags & 0x05 and payload == 0:
                             key = buf[addr:l4 + 4]
                             if loss.flows:
-                                self._judge_loss(key, flags, buf, l4, 0)
+                                self._judge_loss(key, flags, seq, buf, l4, 0)
                             close(key)
                             continue
                 elif proto == 17 and screen is not None and l4 + 20 <= ip_end <= end:
@@ -485,7 +485,7 @@ class PacketDecoder:
             self.loss.client_segment(key, seq, end - start)
         else:
             if self.loss.flows and start <= end:
-                self._judge_loss(key, flags, data, l4, end - start)
+                self._judge_loss(key, flags, seq, data, l4, end - start)
             if start >= end:
                 if start > end and end - l4 >= 20 and doff > 60:
                     raise DecodeError("tcp_bad_offset")
@@ -519,11 +519,11 @@ class PacketDecoder:
             except DecodeError as err:
                 self.stats.bad(err.reason)
 
-    def _judge_loss(self, key: bytes, flags: int, data, l4: int, payload_len: int) -> None:
+    def _judge_loss(self, key: bytes, flags: int, seq: int, data, l4: int,
+                    payload_len: int) -> None:
         """Feed the capture-loss estimate: the client's bytes and FIN, the server's acks.
         Only connections whose SYN was seen are judged, so the direction is known."""
         loss = self.loss
-        seq = int.from_bytes(data[l4 + 4:l4 + 8], "big")
         if key in loss.flows:
             if payload_len:
                 loss.client_segment(key, seq, payload_len)
@@ -531,12 +531,8 @@ class PacketDecoder:
                 loss.client_fin(key, seq + payload_len)
             if flags & TCP_RST:
                 loss.close(key)
-        elif flags & TCP_ACK:
-            client = reverse_key(key)
-            if client in loss.flows:
-                loss.server_ack(client, int.from_bytes(data[l4 + 8:l4 + 12], "big"))
-                if flags & TCP_RST:
-                    loss.close(client)
+        elif flags & TCP_ACK and key in loss.servers:
+            loss.server_segment(key, int.from_bytes(data[l4 + 8:l4 + 12], "big"), flags & TCP_RST)
 
     def _udp(self, out, ts, data, l4, end, src, dst, version, src_mac, dst_mac, vlans, tunnel,
              interface, depth):

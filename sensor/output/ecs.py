@@ -25,7 +25,6 @@ import ipaddress
 import json
 import os
 import random
-import uuid
 from datetime import datetime, timezone
 
 from .. import __version__
@@ -52,10 +51,14 @@ PORT_ACTION = "ksc_port"  # the indicator is ``ip:port/transport``, not a name
 # so that no two processes share a sequence.
 _event_ids = random.Random()
 os.register_at_fork(after_in_child=_event_ids.seed)
+# The bits uuid.UUID(version=4) sets, set here without building the object: version
+# nibble 0100 (bits 76-79), variant 10 (bits 62-63), RFC 9562.
+_UUID4_CLEAR = ~((0xF << 76) | (0x3 << 62))
+_UUID4_SET = (0x4 << 76) | (0x2 << 62)
 
 
 def event_id() -> str:
-    return uuid.UUID(int=_event_ids.getrandbits(128), version=4).hex
+    return "%032x" % (_event_ids.getrandbits(128) & _UUID4_CLEAR | _UUID4_SET)
 
 
 def iso_time(ts: float) -> str:
@@ -65,7 +68,9 @@ def iso_time(ts: float) -> str:
         moment = datetime.fromtimestamp(ts, timezone.utc)
     except (OverflowError, OSError, ValueError, TypeError):
         moment = datetime.fromtimestamp(0, timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat is several times cheaper than strftime and pads the year to four digits,
+    # as ISO 8601 wants; in UTC its offset is always "+00:00".
+    return moment.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def dns_type_name(rtype: int) -> str:
