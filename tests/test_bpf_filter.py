@@ -510,3 +510,23 @@ def test_a_frame_the_filter_rejects_yields_no_record():
         if records and not program.filter(frame):
             lost.append(Ether(frame).summary())
     assert lost == []
+
+
+def test_the_switch_interval_is_short_while_the_reader_runs_and_restored_after():
+    """The reader thread returns a batch only once it has the GIL: while it runs, the
+    switch interval is READER_SWITCH_INTERVAL at most, and the caller's own comes back when
+    the capture is read to its end (or closed early)."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.004)
+    try:
+        for read_all in (True, False):
+            with bpf.open_prefiltered(str(ROOT / "pcaps" / "demo.pcap")) as cap:
+                batches = iter(cap.batches())
+                next(batches)
+                assert sys.getswitchinterval() <= bpf.READER_SWITCH_INTERVAL
+                if read_all:
+                    for _ in batches:
+                        pass
+            assert sys.getswitchinterval() == 0.004
+    finally:
+        sys.setswitchinterval(before)
