@@ -208,10 +208,11 @@ class StreamTable:
     def _drain(self, st: _Stream) -> tuple[list, bool]:
         """Hand out whatever is complete; True when the stream needs no more bytes."""
         buf = st.buf
+        status = None
         if st.kind == KIND_UNKNOWN:
             if not buf:
                 return [], False
-            status = tls.client_hello_status(bytes(buf))
+            status = tls.client_hello_status(buf)
             if status != tls.NOT_TLS:
                 st.kind = KIND_TLS
             else:
@@ -220,7 +221,8 @@ class StreamTable:
                     return [], st.syn
                 st.kind = KIND_HTTP
         if st.kind == KIND_TLS:
-            status = tls.client_hello_status(bytes(buf))
+            if status is None:
+                status = tls.client_hello_status(buf)
             if status == tls.COMPLETE:
                 return [(KIND_TLS, bytes(buf))], True
             if status == tls.NOT_TLS:
@@ -280,7 +282,9 @@ class StreamTable:
     def _forget(self, key: tuple) -> None:
         st = self.streams.pop(key, None)
         if st is not None:
-            self.bytes -= len(st.buf) + sum(len(p) for p in st.pending.values())
+            self.bytes -= len(st.buf)
+            if st.pending:
+                self.bytes -= sum(len(p) for p in st.pending.values())
             self.stats.table_sizes["tcp_streams"] = len(self.streams)
 
     def _finish(self, key: tuple, st: _Stream) -> None:

@@ -143,6 +143,8 @@ def client_hello_status(buf: bytes) -> int:
         # A record's cap (2^14) is below MAX_CLIENT_HELLO, so the message is within it too.
         if needed <= (buf[3] << 8 | buf[4]) <= MAX_RECORD_PAYLOAD:
             return COMPLETE if len(buf) - RECORD_HEADER_LEN >= needed else NEED_MORE
+    if isinstance(buf, bytearray):
+        buf = bytes(buf)  # the walk's memoryview would pin a stream buffer that must still grow
     return _scan_records(buf, None)[0]
 
 
