@@ -195,3 +195,58 @@ def mutated_frames(draw):
 def test_mutated_frames_give_the_same_records_and_counters(frames):
     stamped = _times([(0.0, data) for data in frames])
     assert _batched(stamped) == _one_by_one(stamped)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.floats(-1.5, 0.5), st.floats(57.5, 61.0)), min_size=1, max_size=12),
+       st.sampled_from([IP, IPv6]))
+def test_screened_dns_reports_agree_at_the_ends_of_the_report_interval(steps, network):
+    """A resolver's screened-out DNS is skipped on the buffer only within
+    RESOLVER_REPORT_INTERVAL of its last report, judged from the whole second where that
+    settles it: at times just inside, at and past the interval's end (and a clock that
+    steps back), the buffer reports exactly what decoding each frame does."""
+    from scapy.layers.dns import DNS, DNSQR
+    from scapy.layers.inet import UDP
+
+    client, server = ("192.0.2.10", "198.51.100.53") if network is IP else ("2001:db8::10", "2001:db8::53")
+    link = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    query = bytes(link / network(src=client, dst=server) / UDP(sport=40000, dport=53)
+                  / DNS(id=7, qd=DNSQR(qname="www.example.org")))
+    answer = bytes(link / network(src=server, dst=client) / UDP(sport=53, dport=40000)
+                   / DNS(id=7, qr=1, qd=DNSQR(qname="www.example.org")))
+    ts = 1_700_000_000.25
+    frames = []
+    for step in steps:
+        ts += step
+        frames += [(round(ts, 6), query), (round(ts + 0.0004, 6), answer)]
+    assert _batched(frames) == _one_by_one(frames)
+
+
+def test_screened_dns_within_the_report_interval_stays_on_the_buffer():
+    """The point of the DNS screen on the buffer: after a resolver's report, its queries
+    and answers that hold no signature label are not sliced out again until the interval
+    has passed (only the frame that runs the table expiry, once a second, takes the full
+    path), in either direction and for both address families."""
+    from scapy.layers.dns import DNS, DNSQR
+    from scapy.layers.inet import UDP
+
+    from sensor.records import DnsMessage
+
+    for network, client, server in ((IP, "192.0.2.10", "198.51.100.53"),
+                                     (IPv6, "2001:db8::10", "2001:db8::53")):
+        link = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+        query = bytes(link / network(src=client, dst=server) / UDP(sport=40000, dport=53)
+                      / DNS(id=7, qd=DNSQR(qname="www.example.org")))
+        answer = bytes(link / network(src=server, dst=client) / UDP(sport=53, dport=40000)
+                       / DNS(id=7, qr=1, qd=DNSQR(qname="www.example.org")))
+        decoder = _decoder()
+        frames = [(1_700_000_000 + n * 0.25 + part * 0.001, data)
+                  for n in range(260) for part, data in enumerate((query, answer))]
+        buf, meta = _batch(frames)
+        yielded = 0
+        reports = []
+        for ts, frame, _ in decoder.ethernet_batch(buf, meta):
+            yielded += 1
+            reports += [r.ctx.ts for r in decoder.decode(ts, 1, frame) if isinstance(r, DnsMessage)]
+        assert yielded <= 70, "about one frame a second, for the table expiry"
+        assert [round(ts - 1_700_000_000) for ts in reports] == [0, 0, 60, 60]

@@ -39,6 +39,8 @@ _BATCH_IPV4 = struct.Struct("!HBxHxxHxB")
 _BATCH_IPV6 = struct.Struct("!B3xHB")
 # From the TCP header: (sequence number, data offset byte, flags)
 _BATCH_TCP = struct.Struct("!4xI4xBB")
+# From the UDP header: (source port, destination port, DNS flags' first byte)
+_BATCH_UDP_DNS = struct.Struct("!HH6xB")
 _DNS_QR = 0x8000
 _DNS_HEADER_LEN = 12
 MDNS_PORT = 5353
@@ -198,6 +200,7 @@ class PacketDecoder:
         ipv4_at = _BATCH_IPV4.unpack_from
         ipv6_at = _BATCH_IPV6.unpack_from
         tcp_at = _BATCH_TCP.unpack_from
+        udp_dns_at = _BATCH_UDP_DNS.unpack_from
         for sec, fraction, off, caplen in _BATCH_META.iter_unpack(meta):
             end = off + caplen
             # Before the next table expiry only: the full path runs it first.
@@ -286,16 +289,22 @@ class PacketDecoder:
                             close(key)
                             continue
                 elif proto == 17 and screen is not None and l4 + 20 <= ip_end <= end:
-                    if buf[l4 + 2] == 0 and buf[l4 + 3] == 53 and not buf[l4 + 10] & 0x80:
-                        server = buf[addr + width:addr + 2 * width] + b"q"
-                    elif buf[l4] == 0 and buf[l4 + 1] == 53 and buf[l4 + 10] & 0x80:
+                    sport, dport, dns_flags = udp_dns_at(buf, l4)
+                    # The destination address ends where the UDP header starts.
+                    if dport == 53 and not dns_flags & 0x80:
+                        server = buf[addr + width:l4] + b"q"
+                    elif sport == 53 and dns_flags & 0x80:
                         server = buf[addr:addr + width] + b"r"
                     else:
                         server = None
                     if server is not None:
                         last = reports.get(server)
-                        ts = (sec * units + fraction) / units
-                        if last is not None and 0.0 <= ts - last < RESOLVER_REPORT_INTERVAL \
+                        # The whole second alone settles it unless it straddles an end of the
+                        # interval: the frame's time lies in [sec, sec + 1).
+                        if last is not None and (
+                                0.0 <= sec - last < RESOLVER_REPORT_INTERVAL - 1.0
+                                or 0.0 <= (sec * units + fraction) / units - last
+                                < RESOLVER_REPORT_INTERVAL) \
                                 and screen.search(buf, l4 + 8, ip_end) is None:
                             continue
             yielded += 1
