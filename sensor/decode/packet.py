@@ -256,18 +256,18 @@ class PacketDecoder:
                                     continue
                             elif seen is None and payload > 0:
                                 start = ip_end - payload
-                                if hello_may_match is not None and settle_hello(
-                                        key, seq, buf[start:ip_end], hello_may_match,
-                                        (sec * units + fraction) / units):
+                                # A flight first: it is never a held hello's stream, so
+                                # settle_hello would decline it, after copying it out.
+                                # DNS over TCP (port 53) is never a flight.
+                                if payload > 5 and buf[start] == 0x16 and buf[start + 5] != 0x01 \
+                                        and buf[l4:l4 + 2] != b"\x00\x35" \
+                                        and buf[l4 + 2:l4 + 4] != b"\x00\x35" \
+                                        and settle_flight(key, seq, buf[start:start + REJECT_HEAD]):
                                     settled = True
-                                elif payload > 5 and buf[start] == 0x16 and buf[start + 5] != 0x01:
-                                    # DNS over TCP (port 53) is never a flight.
-                                    sport = buf[l4] << 8 | buf[l4 + 1]
-                                    dport = buf[l4 + 2] << 8 | buf[l4 + 3]
-                                    settled = sport != 53 and dport != 53 \
-                                        and settle_flight(key, seq, buf[start:start + REJECT_HEAD])
                                 else:
-                                    settled = False
+                                    settled = hello_may_match is not None and settle_hello(
+                                        key, seq, buf[start:ip_end], hello_may_match,
+                                        (sec * units + fraction) / units)
                                 if settled:
                                     if loss.flows:
                                         self._judge_loss(key, flags, seq, buf, l4, payload)
