@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from scapy.all import IP, TCP, Ether, Raw
 
 from sensor.decode.packet import DecoderConfig, PacketDecoder
-from sensor.decode.tcp_stream import StreamTable
+from sensor.decode.tcp_stream import StreamTable, may_open_client_stream
 from sensor.records import ClientHello, DnsMessage, HttpRequest
 from sensor.stats import Stats
 from tests.test_decode_tls import default_extensions, hello_message, key_share_ext, records
@@ -170,3 +170,15 @@ def test_http_update_path_on_a_lookalike_host_is_not_evidence():
         found[host] = [d.signature.id for r in out for d in detector.detect(r)]
     assert found[b"notkaspersky.com"] == []
     assert found[b"dnl-03.geo.kaspersky.com"] and found[b"10.10.0.20"]
+
+
+_NO_HELLO_RECORDS = st.binary(min_size=6, max_size=40).map(
+    lambda b: b"\x16" + b[1:5] + bytes([b[5] if b[5] != 1 else 2]) + b[6:])
+
+
+@given(_NO_HELLO_RECORDS)
+@settings(max_examples=300)
+def test_a_handshake_record_holding_no_hello_never_opens_a_client_stream(payload):
+    """What the batch path checks before StreamTable.settle_server_flight (a handshake
+    record whose sixth byte is not ClientHello) is a start ``segment`` bypasses too."""
+    assert not may_open_client_stream(payload)

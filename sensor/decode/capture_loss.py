@@ -154,9 +154,7 @@ class CaptureLoss:
     def server_ack(self, client_key: bytes, ack: int) -> None:
         """An acknowledgement number the server sent for the client's stream (SYN-ACK,
         ServerHello segment, FIN or RST).  Call it before ``close`` for a RST."""
-        flow = self.flows.get(client_key)
-        if flow is not None:
-            self._judge(flow, ack)
+        self.server_segment(reverse_key(client_key), ack, False)
 
     def server_segment(self, server_key: bytes, ack: int, rst: bool) -> None:
         """``server_ack`` for a segment keyed by its own (server) direction; a RST then

@@ -17,7 +17,7 @@ from . import dns, http, tls
 from .capture_loss import CaptureLoss
 from .fragments import Reassembler
 from .link import ETH_IPV4, ETH_IPV6, ETH_TEB, LINK_DECODERS, ethernet, format_mac
-from .tcp_stream import KIND_HTTP, KIND_TLS, REJECT_HEAD, SEQ_MOD, SEQ_WINDOW, StreamTable
+from .tcp_stream import KIND_HTTP, KIND_TLS, SEQ_MOD, SEQ_WINDOW, StreamTable
 from .tunnels import GENEVE_PORT, VXLAN_PORT, geneve, gre, vxlan
 
 _u16 = struct.Struct("!H").unpack_from
@@ -41,6 +41,7 @@ _BATCH_IPV6 = struct.Struct("!B3xHB")
 _BATCH_TCP = struct.Struct("!4xI4xBB")
 # From the UDP header: (source port, destination port, DNS flags' first byte)
 _BATCH_UDP_DNS = struct.Struct("!HH6xB")
+_DNS_PORT_BYTES = b"\x00\x35"  # 53 as a header carries it
 _DNS_QR = 0x8000
 _DNS_HEADER_LEN = 12
 MDNS_PORT = 5353
@@ -256,13 +257,14 @@ class PacketDecoder:
                                     continue
                             elif seen is None and payload > 0:
                                 start = ip_end - payload
-                                # A flight first: it is never a held hello's stream, so
-                                # settle_hello would decline it, after copying it out.
-                                # DNS over TCP (port 53) is never a flight.
+                                # A flight (a handshake record holding no ClientHello)
+                                # first: it is never a held hello's stream, so settle_hello
+                                # would decline it, after copying it out.  DNS over TCP
+                                # (port 53) is never a flight.
                                 if payload > 5 and buf[start] == 0x16 and buf[start + 5] != 0x01 \
-                                        and buf[l4:l4 + 2] != b"\x00\x35" \
-                                        and buf[l4 + 2:l4 + 4] != b"\x00\x35" \
-                                        and settle_flight(key, seq, buf[start:start + REJECT_HEAD]):
+                                        and buf[l4:l4 + 2] != _DNS_PORT_BYTES \
+                                        and buf[l4 + 2:l4 + 4] != _DNS_PORT_BYTES \
+                                        and settle_flight(key, seq):
                                     settled = True
                                 else:
                                     settled = hello_may_match is not None and settle_hello(

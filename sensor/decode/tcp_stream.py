@@ -142,11 +142,12 @@ class StreamTable:
         self._finish(key, st)
         return True
 
-    def settle_server_flight(self, key: tuple, seq: int, head: bytes) -> bool:
-        """What ``segment`` concludes for a non-DNS stream first seen at a handshake record
-        that cannot hold a ClientHello (``head``: the payload's first REJECT_HEAD bytes):
-        bypassed at once.  False changes nothing."""
-        if key in self.streams or key in self.bypass or may_open_client_stream(head):
+    def settle_server_flight(self, key: tuple, seq: int) -> bool:
+        """What ``segment`` concludes for a non-DNS stream first seen at a segment of six or
+        more bytes that opens with a handshake record whose message type (the sixth byte) is
+        not ClientHello, as the caller has checked: ``may_open_client_stream`` rules any such
+        start out, so the stream is bypassed at once.  False changes nothing."""
+        if key in self.streams or key in self.bypass:
             return False
         self._bypass(key, seq)
         return True
