@@ -4,6 +4,7 @@
     python3 bench/run.py                 # offline: read vs tcpdump -r vs tshark -r
     python3 bench/run.py --live          # also live: tcpreplay into a veth (root)
     python3 bench/run.py --live --workers 2   # live capture with two fanout workers
+    python3 bench/run.py --python /usr/bin/python3   # read also under another interpreter
 
 Offline, each tool reads the mix (bench/out/mix.pcap, written by make_mix.py when
 missing) once from the page cache: ``purge-sensor read`` (its default BPF prefilter; state
@@ -62,8 +63,36 @@ def timed(argv: list[str], stdout=subprocess.DEVNULL, cwd=ROOT) -> tuple[float, 
     return time.monotonic() - start, proc.returncode, usage.ru_maxrss * 1024
 
 
-def sensor_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "sensor.cli", *args]
+def sensor_argv(*args: str, python: str = sys.executable) -> list[str]:
+    return [python, "-m", "sensor.cli", *args]
+
+
+def describe_python(python: str) -> str:
+    """Version and libpython linkage of an interpreter: the same code runs measurably
+    slower on a build with a shared libpython and no profile-guided optimisation (pyenv's
+    default) than on a distribution's or the container image's."""
+    # What the running process mapped, not sysconfig's Py_ENABLE_SHARED: Debian builds a
+    # shared libpython too but links its interpreter statically.
+    probe = ("import sys; maps = open('/proc/self/maps').read(); "
+             "print(sys.version.split()[0], 'shared' if 'libpython' in maps else 'static')")
+    version, linkage = subprocess.run([python, "-c", probe], capture_output=True, text=True,
+                                      check=True).stdout.split()
+    return f"Python {version}, {linkage} libpython"
+
+
+def interpreter_venv(python: str) -> str:
+    """A virtual environment of ``python`` under bench/out with the sensor's dependencies
+    (installed with the checkout when the venv is made); returns its interpreter.  The
+    sensor itself runs from the checkout, as under the first interpreter, so both time the
+    same code (their bytecode is compiled alike)."""
+    resolved = Path(shutil.which(python) or python).resolve()
+    venv = ROOT / "bench" / "out" / ("venv-" + re.sub(r"[^A-Za-z0-9.]+", "_", str(resolved)).strip("_"))
+    bin_python = venv / "bin" / "python3"
+    if not bin_python.exists():
+        subprocess.run([str(resolved), "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(bin_python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                        str(ROOT)], check=True)
+    return str(bin_python)
 
 
 def _generator_of(mix: Path) -> int | None:
@@ -96,16 +125,26 @@ def outputs_of(argv: list[str]) -> list[Path]:
     return files
 
 
-def offline(mix: Path, repeat: int, skip_tshark: bool, skip_plain: bool) -> None:
+def offline(mix: Path, repeat: int, skip_tshark: bool, skip_plain: bool,
+            pythons: list[str] = ()) -> None:
     packets, wire_bytes = count_packets(mix)
     file_mb = mix.stat().st_size / 1e6
     print(f"mix: {mix} — {packets:,} packets, {file_mb:,.0f} MB file")
+    print(f"{SENSOR_RUN}: {sys.executable} ({describe_python(sys.executable)})")
+    others = {}
+    for number, python in enumerate(pythons, 1):
+        name = f"{SENSOR_RUN} [python {number}]"
+        others[name] = interpreter_venv(python)
+        print(f"{name}: {python} ({describe_python(others[name])}), in {Path(others[name]).parents[1]}")
     with tempfile.TemporaryDirectory(prefix="purge-bench-") as tmp:
         runs = {
             "tcpdump -r (sensor filter)": ["tcpdump", "-r", str(mix), "-w", "/dev/null", build_filter()],
             SENSOR_RUN: sensor_argv(
                 "read", "-q", "--state", f"{tmp}/a.sqlite", "-o", f"file:{tmp}/a.json", str(mix)),
         }
+        for number, (name, python) in enumerate(others.items(), 1):
+            runs[name] = sensor_argv("read", "-q", "--state", f"{tmp}/p{number}.sqlite",
+                                     "-o", f"file:{tmp}/p{number}.json", str(mix), python=python)
         if not skip_plain:
             runs[PLAIN_RUN] = sensor_argv(
                 "read", "-q", "--no-bpf-prefilter", "--state", f"{tmp}/b.sqlite", "-o", f"file:{tmp}/b.json",
@@ -114,8 +153,9 @@ def offline(mix: Path, repeat: int, skip_tshark: bool, skip_plain: bool) -> None
             fields = [arg for field in TSHARK_FIELDS for arg in ("-e", field)]
             runs["tshark -r (DNS, SNI, Host)"] = ["tshark", "-r", str(mix), "-n", "-T", "fields", *fields]
         subprocess.run(["cat", str(mix)], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
-        subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "sensor")], check=True,
-                       stdout=subprocess.DEVNULL)
+        for python in [sys.executable, *others.values()]:
+            subprocess.run([python, "-m", "compileall", "-q", str(ROOT / "sensor")], check=True,
+                           stdout=subprocess.DEVNULL)
         # Rounds interleave the tools, so a slow spell of a shared machine falls on all of
         # them rather than on one tool's repetitions; each tool keeps its best round.
         results = {}
@@ -132,6 +172,8 @@ def offline(mix: Path, repeat: int, skip_tshark: bool, skip_plain: bool) -> None
                     results[name] = (seconds, code, rss)
         filtered = alerts_of(Path(tmp) / "a.json")
         unfiltered = alerts_of(Path(tmp) / "b.json") if not skip_plain else None
+        other_alerts = {name: alerts_of(Path(tmp) / f"p{number}.json")
+                        for number, name in enumerate(others, 1)}
     base = results["tcpdump -r (sensor filter)"][0]
     tshark = results.get("tshark -r (DNS, SNI, Host)")
     print(f"{'tool':<36} {'seconds':>8} {'packets/s':>12} {'MB/s':>8} {'peak RSS MB':>12} {'x tcpdump':>10}")
@@ -146,12 +188,19 @@ def offline(mix: Path, repeat: int, skip_tshark: bool, skip_plain: bool) -> None
         print(f"detections with and without the prefilter: {sum(filtered.values()):,} and "
               f"{sum(unfiltered.values()):,} alerts, "
               + ("identical" if not difference else f"DIFFERENT: {dict(difference)}"))
+    for name, alerts in other_alerts.items():
+        print(f"detections of {name}: {sum(alerts.values()):,} alerts, "
+              + ("identical" if alerts == filtered else "DIFFERENT from the first interpreter's"))
     checks = [(f"read at most {MAX_TCPDUMP_RATIO}x tcpdump", f"{sensor / base:.2f}x", sensor / base <= MAX_TCPDUMP_RATIO),
               (f"peak RSS at most {MAX_RSS_MB} MB", f"{results[SENSOR_RUN][2] / 1e6:.0f} MB",
                results[SENSOR_RUN][2] / 1e6 <= MAX_RSS_MB)]
     if tshark:
         checks.append((f"at least {MIN_TSHARK_RATIO}x faster than tshark", f"{tshark[0] / sensor:.1f}x",
                        tshark[0] / sensor >= MIN_TSHARK_RATIO))
+    for number, name in enumerate(others, 1):
+        seconds = results[name][0]
+        checks.append((f"[python {number}] read at most {MAX_TCPDUMP_RATIO}x tcpdump",
+                       f"{seconds / base:.2f}x", seconds / base <= MAX_TCPDUMP_RATIO))
     for target, measured, met in checks:
         print(f"target: {target:<36} {measured:>9}  {'met' if met else 'NOT MET'}")
 
@@ -274,12 +323,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5, help="rounds, each running every tool once; best kept (tshark runs once)")
     parser.add_argument("--no-tshark", action="store_true", help="skip tshark (slow, >1 GB RSS)")
     parser.add_argument("--no-plain", action="store_true", help="skip read without the prefilter")
+    parser.add_argument("--python", action="append", default=[], metavar="INTERPRETER",
+                        help="also time read under this interpreter (e.g. /usr/bin/python3, a "
+                             "distribution's build), in a venv under bench/out with the sensor's "
+                             "dependencies; repeatable")
     parser.add_argument("--live", action="store_true", help="also run the live veth benchmark (root)")
     parser.add_argument("--live-packets", type=int, default=200_000)
     parser.add_argument("--workers", type=int, default=1, help="purge-sensor run --workers (live only)")
     parser.add_argument("--pps", default="10000,25000,50000,100000,200000",
                         help="comma-separated tcpreplay --pps steps; --topspeed is always tried last")
     args = parser.parse_args(argv)
+    for python in args.python:
+        if shutil.which(python) is None:
+            parser.error(f"--python {python}: no such interpreter")
+        try:
+            describe_python(python)
+        except (OSError, subprocess.CalledProcessError, ValueError):
+            parser.error(f"--python {python}: not a Python interpreter")
     if args.mix != DEFAULT_MIX:
         if not args.mix.exists():
             parser.error(f"{args.mix}: no such file")
@@ -288,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     for tool in ("tcpdump",) + (() if args.no_tshark else ("tshark",)):
         if shutil.which(tool) is None:
             parser.error(f"{tool} is not installed")
-    offline(args.mix, args.repeat, args.no_tshark, args.no_plain)
+    offline(args.mix, args.repeat, args.no_tshark, args.no_plain, args.python)
     if args.live:
         live(args.mix, args.live_packets, [s for s in args.pps.split(",") if s] + ["topspeed"], args.workers)
     return 0
