@@ -166,6 +166,9 @@ def cmd_read(args) -> int:
             if cap.truncated:
                 stats.capture_errors.append(f"{path}: {cap.truncated}")
                 print(f"purge-sensor: warning: {path}: {cap.truncated}", file=sys.stderr)
+            if cap.skipped:
+                # Records naming no described interface or an impossible time.
+                stats.malformed["capture_record"] += cap.skipped
     except KeyboardInterrupt:
         print("purge-sensor: interrupted", file=sys.stderr)
     finally:

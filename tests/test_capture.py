@@ -314,6 +314,21 @@ def test_pcapng_second_section_resets_interfaces_and_byte_order():
     assert cap.skipped == 1 and cap.truncated is None
 
 
+def test_pcapng_timestamps_outside_years_1_to_9999_are_skipped_and_counted():
+    o = "<"
+    data = (shb(o) + idb(o, 1, tsresol=0) + idb(o, 1, tsresol=9, tsoffset=-(1 << 62))
+            + epb(o, 0, (1 << 64) - 1, FRAMES[0])
+            + epb(o, 0, 253402300799, FRAMES[1])
+            + epb(o, 0, 253402300800, FRAMES[2])
+            + epb(o, 1, 0, FRAMES[0])
+            + spb(o, FRAMES[1]))
+    cap, got = read_bytes(data)
+    assert cap.truncated is None and cap.skipped == 3
+    # The kept packet's time carries on to the Simple Packet Block after the skipped ones.
+    assert [(ts, frame) for ts, _, frame, _, _ in got] == [(253402300799.0, FRAMES[1]),
+                                                           (253402300799.0, FRAMES[1])]
+
+
 def test_pcapng_skips_other_blocks_by_length():
     o = "<"
     nrb = block(o, 4, struct.pack(o + "HH4s", 1, 4, b"\x0a\0\0\x01") + b"host\0" + struct.pack(o + "HH", 0, 0))

@@ -141,3 +141,37 @@ def test_reading_twice_does_not_double_evidence(tmp_path):
     assert verdicts["10.10.1.40"] == "website_only"
     assert verdicts["10.10.0.20"] == "management_server"
     assert sum(v == "install" for v in verdicts.values()) >= 3
+
+
+def test_a_pcapng_from_beyond_year_9999_is_counted_not_a_crash(tmp_path):
+    """A hostile pcapng timestamp (64 bits of seconds) used to reach the inventory's time
+    formatting and end the read, then every later `hosts`, with a traceback."""
+    import struct
+
+    frames = []
+    data = (PCAPS / "demo.pcap").read_bytes()
+    pos = 24
+    while pos + 16 <= len(data):
+        caplen = struct.unpack_from("<I", data, pos + 8)[0]
+        frames.append(data[pos + 16:pos + 16 + caplen])
+        pos += 16 + caplen
+
+    def block(kind, body):
+        body += b"\0" * (-len(body) % 4)
+        return struct.pack("<II", kind, len(body) + 12) + body + struct.pack("<I", len(body) + 12)
+
+    resolution_seconds = struct.pack("<HH", 9, 1) + b"\0\0\0\0" + struct.pack("<HH", 0, 0)
+    capture = (block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1))
+               + block(1, struct.pack("<HHI", 1, 0, 65535) + resolution_seconds))
+    for n, frame in enumerate(frames):
+        seconds = (1 << 64) - 1 - n if n % 2 else 1_700_000_000 + n
+        capture += block(6, struct.pack("<IIIII", 0, seconds >> 32, seconds & 0xFFFFFFFF,
+                                        len(frame), len(frame)) + frame)
+    path = tmp_path / "future.pcapng"
+    path.write_bytes(capture)
+    state = str(tmp_path / "s.sqlite")
+    proc = sensor("read", "--state", state, str(path), check=0)
+    assert f"capture_record={len(frames) // 2}" in proc.stderr.decode()
+    assert all(doc["@timestamp"].startswith("2023-11-") for doc in alerts(proc))
+    hosts = sensor("hosts", "--state", state, "--format", "json", check=0)
+    assert json.loads(hosts.stdout)

@@ -22,6 +22,11 @@ MAX_CAPLEN = 262144
 MAX_BLOCK_LEN = 16 << 20
 # IDBs are only a few bytes long; without a cap a hostile file could build a huge table.
 MAX_INTERFACES = 4096
+# datetime's range, years 1 to 9999.  A pcapng timestamp (64 bits of units plus a signed
+# offset) can lie far beyond it; no capture was taken then, and every time formatted from
+# it downstream (alerts, the inventory) would fail.
+MIN_TIMESTAMP = -62135596800.0
+MAX_TIMESTAMP = 253402300799.0
 READ_CHUNK = 1 << 20
 
 _PCAP_MICRO = 0xA1B2C3D4
@@ -143,7 +148,8 @@ class CaptureFile:
     Iteration yields ``(ts_seconds, linktype, frame, wire_len, interface_index)``.
     Timestamps are computed as one exact integer division, so a nanosecond capture
     gives the float nearest to the true instant.  ``skipped`` counts packets that
-    name an interface the section never described.
+    name an interface the section never described or whose timestamp lies outside the
+    years 1-9999 (MIN_TIMESTAMP, MAX_TIMESTAMP).
     """
 
     format: str
@@ -346,9 +352,13 @@ class CaptureFile:
                         break
                     if interface < len(interfaces):
                         linktype, _snaplen, units, offset_units = interfaces[interface]
-                        last_ts = ((ts_high << 32) + ts_low + offset_units) / units
-                        self._consumed = self._base + block_end
-                        yield last_ts, linktype, buf[pos + 28:pos + 28 + caplen], wire_len, interface
+                        ts = ((ts_high << 32) + ts_low + offset_units) / units
+                        if MIN_TIMESTAMP <= ts <= MAX_TIMESTAMP:
+                            last_ts = ts
+                            self._consumed = self._base + block_end
+                            yield ts, linktype, buf[pos + 28:pos + 28 + caplen], wire_len, interface
+                        else:
+                            self.skipped += 1
                     else:
                         self.skipped += 1
                 elif block_type == _IDB:
