@@ -25,9 +25,9 @@ import ipaddress
 import json
 import os
 import random
-from datetime import datetime, timezone
 
 from .. import __version__
+from ..isotime import iso_micro
 from ..records import (ClientHello, Detection, DnsMessage, HostEvent, HttpRequest,
                        escape_text_bytes)
 
@@ -65,12 +65,9 @@ def iso_time(ts: float) -> str:
     """ISO 8601 UTC with microseconds and ``Z``; an impossible time becomes the epoch
     rather than an exception, since ``ts`` comes from a capture file."""
     try:
-        moment = datetime.fromtimestamp(ts, timezone.utc)
+        return iso_micro(ts)
     except (OverflowError, OSError, ValueError, TypeError):
-        moment = datetime.fromtimestamp(0, timezone.utc)
-    # isoformat is several times cheaper than strftime and pads the year to four digits,
-    # as ISO 8601 wants; in UTC its offset is always "+00:00".
-    return moment.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+        return iso_micro(0.0)
 
 
 def dns_type_name(rtype: int) -> str:
@@ -341,8 +338,11 @@ def _json_default(value):
     return str(value)
 
 
+# One encoder for every document: json.dumps with options builds a new one per call.
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), default=_json_default)
+
+
 def to_json_line(doc: dict) -> str:
     """One ASCII line: ``ensure_ascii`` turns every control and non-ASCII character into
     ``\\uXXXX``, DEL included, so no field can end the line or start a new event."""
-    return json.dumps(doc, ensure_ascii=True, separators=(",", ":"),
-                      default=_json_default).replace("\x7f", "\\u007f")
+    return _JSON_ENCODER.encode(doc).replace("\x7f", "\\u007f")

@@ -34,7 +34,7 @@ relative to the reference time, ``dormant`` after that.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from ..isotime import iso_seconds
 
 INSTALL_VERDICTS = ("install", "management_server", "oem_engine")
 VERDICTS = ("install", "management_server", "oem_engine", "website_only", "none")
@@ -87,7 +87,7 @@ def activity_state(last_seen: float, reference: float, dormant_days: float) -> s
 def iso_utc(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return iso_seconds(ts)
 
 
 def summarize(*, key: str, ip: str | None, mac: str | None, hostname: str | None, role: str,
