@@ -6,9 +6,12 @@
 
 Targets: frame (whole frames through PacketDecoder, every link type), batch (a libpcap
 batch of Ethernet frames through the buffer fast path, which must give exactly what
-decoding each frame gives), capture (pcap/pcapng files), dns, dns_tcp, http, tls, quic, dhcp.  Seeds come from the sample captures in
-pcaps/ (written to fuzz/corpus/TARGET on first use).  A crash is any exception other than
-the decoder's own DecodeError / CaptureError, or a state table above its cap.
+decoding each frame gives), capture (pcap/pcapng files), pipeline (a capture file through
+every stage: decoder, detector, tracker, ECS and JSON alerts, inventory snapshots), dns,
+dns_tcp, http, tls, quic, dhcp.  Seeds come from the sample captures in pcaps/, for
+capture and pipeline as pcap and as pcapng too (written to fuzz/corpus/TARGET on first
+use).  A crash is any exception other than the decoder's own DecodeError / CaptureError,
+or a state table above its cap.
 """
 
 from __future__ import annotations
@@ -30,12 +33,14 @@ with atheris.instrument_imports():
     from sensor.decode.link import LINK_DECODERS
     from sensor.decode.packet import DecoderConfig, PacketDecoder
     from sensor.detect.signatures import default_signature_paths, load_signatures
-    from sensor.pipeline import decoder_interest
+    from sensor.output.ecs import host_event_to_ecs, to_json_line
+    from sensor.pipeline import Sensor, decoder_interest
+    from sensor.records import HostEvent
     from sensor.decode.quic import QuicInitialTable
     from sensor.records import DecodeError, PacketContext
     from sensor.stats import Stats
 
-TARGETS = ("frame", "batch", "capture", "dns", "dns_tcp", "http", "tls", "quic", "dhcp")
+TARGETS = ("frame", "batch", "capture", "pipeline", "dns", "dns_tcp", "http", "tls", "quic", "dhcp")
 LINKTYPES = sorted(LINK_DECODERS)
 CTX = PacketContext(1.0, "10.0.0.1", "10.0.0.2", 50000, 443, "udp")
 STATS = Stats()
@@ -103,6 +108,36 @@ def one_capture(data: bytes) -> None:
         pass
 
 
+_PIPELINE: list = []
+
+
+def _pipeline_sensor():
+    """One sensor for every run, as a long read has: no state store, alerts through the
+    JSON sink into /dev/null.  Its tables are capped, so runs cannot grow it unbounded."""
+    if not _PIPELINE:
+        from sensor import cli
+
+        args = cli.build_parser().parse_args(["read", "-q", "--no-state", "-o", "file:/dev/null", "fuzz"])
+        _PIPELINE.append(Sensor(cli._settings(args)))
+    return _PIPELINE[0]
+
+
+def one_pipeline(data: bytes) -> None:
+    sensor = _pipeline_sensor()
+    try:
+        capture = CaptureFile("fuzz", io.BytesIO(data), len(data))
+    except CaptureError:
+        return
+    last = None
+    for ts, linktype, frame, wire_len, interface in capture:
+        sensor.handle(ts, linktype, frame, wire_len, interface)
+        last = ts
+    if last is not None:
+        sensor.tick(last)
+        for host in sensor.tracker.inventory(last):
+            to_json_line(host_event_to_ecs(HostEvent(last, "inventory", host), observer="fuzz"))
+
+
 def one_dns(data: bytes) -> None:
     dns.parse_dns(data, CTX)
 
@@ -132,8 +167,29 @@ def one_dhcp(data: bytes) -> None:
     dhcp.parse_dhcp(data, CTX)
 
 
-HANDLERS = {"frame": one_frame, "batch": one_batch, "capture": one_capture, "dns": one_dns, "dns_tcp": one_dns_tcp,
+HANDLERS = {"frame": one_frame, "batch": one_batch, "capture": one_capture, "pipeline": one_pipeline,
+            "dns": one_dns, "dns_tcp": one_dns_tcp,
             "http": one_http, "tls": one_tls, "quic": one_quic, "dhcp": one_dhcp}
+
+
+def _as_pcapng(records) -> bytes:
+    """The records as a little-endian pcapng with nanosecond interfaces, one per link type."""
+
+    def block(kind: int, body: bytes) -> bytes:
+        body += b"\0" * (-len(body) % 4)
+        return struct.pack("<II", kind, len(body) + 12) + body + struct.pack("<I", len(body) + 12)
+
+    out = block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1))
+    interfaces: dict[int, int] = {}
+    for ts, linktype, frame, wire_len, _ in records:
+        if linktype not in interfaces:
+            interfaces[linktype] = len(interfaces)
+            nanoseconds = struct.pack("<HH", 9, 1) + b"\x09\0\0\0" + struct.pack("<HH", 0, 0)
+            out += block(1, struct.pack("<HHI", linktype, 0, 262144) + nanoseconds)
+        units = round(ts * 1e9)
+        out += block(6, struct.pack("<IIIII", interfaces[linktype], units >> 32, units & 0xFFFFFFFF,
+                                    len(frame), wire_len) + frame)
+    return out
 
 
 def seeds(target: str) -> list[bytes]:
@@ -143,8 +199,12 @@ def seeds(target: str) -> list[bytes]:
     out: list[bytes] = []
     for path in sorted((ROOT / "pcaps").glob("*.pcap*")):
         data = path.read_bytes()
-        if target == "capture":
+        if target in ("capture", "pipeline"):
             out.append(data[:65536])
+            try:
+                out.append(_as_pcapng(list(CaptureFile(str(path), io.BytesIO(data), len(data)))[:64]))
+            except CaptureError:
+                pass
             continue
         try:
             frames = list(CaptureFile(str(path), io.BytesIO(data), len(data)))

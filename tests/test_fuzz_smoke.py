@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGETS = ("frame", "batch", "capture", "dns", "dns_tcp", "http", "tls", "quic", "dhcp")
+TARGETS = ("frame", "batch", "capture", "pipeline", "dns", "dns_tcp", "http", "tls", "quic", "dhcp")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason="atheris not installed")
