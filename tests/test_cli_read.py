@@ -175,3 +175,28 @@ def test_a_pcapng_from_beyond_year_9999_is_counted_not_a_crash(tmp_path):
     assert all(doc["@timestamp"].startswith("2023-11-") for doc in alerts(proc))
     hosts = sensor("hosts", "--state", state, "--format", "json", check=0)
     assert json.loads(hosts.stdout)
+
+
+def test_read_raises_the_collector_threshold_only_while_it_runs(tmp_path, monkeypatch):
+    import gc
+
+    from sensor import cli, pipeline
+
+    seen = []
+    handle_batch = pipeline.Sensor.handle_batch
+
+    def recording(self, *args, **kwargs):
+        seen.append(gc.get_threshold()[0])
+        return handle_batch(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.Sensor, "handle_batch", recording)
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(555, before[1], before[2])
+        code = cli.main(["read", "-q", "--state", str(tmp_path / "s.sqlite"),
+                         "-o", f"file:{tmp_path / 'a.json'}", str(PCAPS / "demo.pcap")])
+        assert code == 0
+        assert seen and set(seen) == {cli.READ_GC_THRESHOLD}
+        assert gc.get_threshold()[0] == 555
+    finally:
+        gc.set_threshold(*before)
