@@ -173,23 +173,17 @@ HANDLERS = {"frame": one_frame, "batch": one_batch, "capture": one_capture, "pip
 
 
 def _as_pcapng(records) -> bytes:
-    """The records as a little-endian pcapng with nanosecond interfaces, one per link type."""
+    """The records as pcapng with nanosecond interfaces, one per link type, written by the
+    sample generator's pcapng writer."""
+    sys.path.insert(0, str(ROOT / "pcaps"))
+    from make_samples import pcapng_file
 
-    def block(kind: int, body: bytes) -> bytes:
-        body += b"\0" * (-len(body) % 4)
-        return struct.pack("<II", kind, len(body) + 12) + body + struct.pack("<I", len(body) + 12)
-
-    out = block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1))
     interfaces: dict[int, int] = {}
-    for ts, linktype, frame, wire_len, _ in records:
-        if linktype not in interfaces:
-            interfaces[linktype] = len(interfaces)
-            nanoseconds = struct.pack("<HH", 9, 1) + b"\x09\0\0\0" + struct.pack("<HH", 0, 0)
-            out += block(1, struct.pack("<HHI", linktype, 0, 262144) + nanoseconds)
-        units = round(ts * 1e9)
-        out += block(6, struct.pack("<IIIII", interfaces[linktype], units >> 32, units & 0xFFFFFFFF,
-                                    len(frame), wire_len) + frame)
-    return out
+    for _, linktype, _, _, _ in records:
+        interfaces.setdefault(linktype, len(interfaces))
+    return pcapng_file([(linktype, 9, b"fuzz") for linktype in interfaces],
+                       [(round(ts * 1e9), frame, interfaces[linktype])
+                        for ts, linktype, frame, _, _ in records])
 
 
 def seeds(target: str) -> list[bytes]:

@@ -25,8 +25,9 @@ class DecodeError(Exception):
 
 
 # Bytes that render as themselves: ``translate`` deleting them leaves nothing of a label or
-# text that needs no escaping, which is nearly every one, at C speed.
-_PLAIN_LABEL_BYTES = bytes(b for b in range(0x21, 0x7F) if b not in (0x2E, 0x5C, 0x22))
+# text that needs no escaping, which is nearly every one, at C speed.  The matcher uses the
+# label set too, to join plain labels without escaping them.
+PLAIN_LABEL_BYTES = bytes(b for b in range(0x21, 0x7F) if b not in (0x2E, 0x5C, 0x22))
 _PLAIN_TEXT_BYTES = bytes(b for b in range(0x20, 0x7F) if b != 0x5C)
 
 
@@ -37,7 +38,7 @@ def escape_label_bytes(label: bytes) -> str:
     other byte (controls, space, >126) becomes ``\\DDD``.  A name built from
     attacker-chosen bytes therefore always renders as one unambiguous line.
     """
-    if isinstance(label, (bytes, bytearray)) and not label.translate(None, _PLAIN_LABEL_BYTES):
+    if isinstance(label, (bytes, bytearray)) and not label.translate(None, PLAIN_LABEL_BYTES):
         return label.decode("ascii")
     out = []
     for b in label:

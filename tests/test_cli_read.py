@@ -146,27 +146,16 @@ def test_reading_twice_does_not_double_evidence(tmp_path):
 def test_a_pcapng_from_beyond_year_9999_is_counted_not_a_crash(tmp_path):
     """A hostile pcapng timestamp (64 bits of seconds) used to reach the inventory's time
     formatting and end the read, then every later `hosts`, with a traceback."""
-    import struct
+    from sensor.capture.pcapfile import open_capture
+    from tests.helpers import load_make_samples
 
-    frames = []
-    data = (PCAPS / "demo.pcap").read_bytes()
-    pos = 24
-    while pos + 16 <= len(data):
-        caplen = struct.unpack_from("<I", data, pos + 8)[0]
-        frames.append(data[pos + 16:pos + 16 + caplen])
-        pos += 16 + caplen
-
-    def block(kind, body):
-        body += b"\0" * (-len(body) % 4)
-        return struct.pack("<II", kind, len(body) + 12) + body + struct.pack("<I", len(body) + 12)
-
-    resolution_seconds = struct.pack("<HH", 9, 1) + b"\0\0\0\0" + struct.pack("<HH", 0, 0)
-    capture = (block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1))
-               + block(1, struct.pack("<HHI", 1, 0, 65535) + resolution_seconds))
-    for n, frame in enumerate(frames):
-        seconds = (1 << 64) - 1 - n if n % 2 else 1_700_000_000 + n
-        capture += block(6, struct.pack("<IIIII", 0, seconds >> 32, seconds & 0xFFFFFFFF,
-                                        len(frame), len(frame)) + frame)
+    with open_capture(str(PCAPS / "demo.pcap")) as cap:
+        frames = [frame for _, _, frame, _, _ in cap]
+    # One interface counting whole seconds (if_tsresol 10^0); every other packet's time is
+    # the largest 64-bit count, some 584 billion years out.
+    seconds = [(1 << 64) - 1 - n if n % 2 else 1_700_000_000 + n for n in range(len(frames))]
+    capture = load_make_samples().pcapng_file(
+        [(1, 0, b"eth0")], [(second * 10**9, frame, 0) for second, frame in zip(seconds, frames)])
     path = tmp_path / "future.pcapng"
     path.write_bytes(capture)
     state = str(tmp_path / "s.sqlite")

@@ -68,8 +68,9 @@ class LossInterval(NamedTuple):
 def reverse_key(key: bytes) -> bytes:
     """The key of the opposite direction: addresses and ports swapped.
 
-    The lead's hot path builds the key of the packet's own direction; a server packet's
-    key reversed is the client key that ``server_ack`` expects.
+    The decoder builds the key of the packet's own direction; CaptureLoss keys each flow
+    by the client's and, in ``servers``, by this reversal of it, so a server packet finds
+    its flow with the key it carries.
     """
     half = (len(key) - 4) // 2
     ports = 2 * half

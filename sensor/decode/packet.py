@@ -275,7 +275,7 @@ class PacketDecoder:
                                         self._judge_loss(key, flags, seq, buf, l4, payload)
                                     continue
                         elif flags & 0x12 == 0x12:
-                            if buf[l4] != 0 or buf[l4 + 1] != 53:
+                            if buf[l4:l4 + 2] != _DNS_PORT_BYTES:
                                 continue
                         elif flags & 0x02 and payload == 0:
                             dport = (buf[l4 + 2] << 8) | buf[l4 + 3]

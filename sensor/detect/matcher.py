@@ -22,7 +22,7 @@ import re._parser as regex_parser
 import re._constants as regex_constants
 import time
 
-from ..records import DomainName, Signature, escape_label_bytes
+from ..records import PLAIN_LABEL_BYTES, DomainName, Signature, escape_label_bytes
 
 NAME_KINDS = ("exact", "suffix", "pattern")
 STRENGTH_RANK = {"none": 0, "weak": 1, "medium": 2, "strong": 3}
@@ -34,7 +34,6 @@ DNS name is longer than 253 characters (1012 when every byte is escaped), and th
 keeps an attacker-sized SNI from feeding long input to a regex."""
 
 _ZONE_LABEL = re.compile(r"[a-z0-9_-]{1,63}")
-_PLAIN_NAME_BYTES = bytes(b for b in range(0x21, 0x7F) if b not in (0x2E, 0x5C, 0x22))
 
 _ANCHORS = (regex_constants.AT_BEGINNING, regex_constants.AT_BEGINNING_STRING)
 _END_ANCHORS = (regex_constants.AT_END, regex_constants.AT_END_STRING)
@@ -89,7 +88,7 @@ def _pattern_text(key: tuple[bytes, ...]) -> str:
     """Presentation text of lower-cased labels.  The common case (plain labels) skips the
     per-byte escaping: joining is unambiguous when the only dots left are separators."""
     joined = b".".join(key)
-    if len(joined.translate(None, _PLAIN_NAME_BYTES)) == len(key) - 1:
+    if len(joined.translate(None, PLAIN_LABEL_BYTES)) == len(key) - 1:
         return joined.decode("ascii")
     return ".".join(escape_label_bytes(label) for label in key)
 
