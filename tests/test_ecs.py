@@ -246,3 +246,37 @@ CEF_KEYS = {"rt", "src", "spt", "smac", "shost", "dst", "dpt", "dmac", "dhost", 
             "cs4", "cs4Label", "cs5", "cs5Label", "cs6", "cs6Label"}
 
 
+
+
+JSON_SCALARS = (st.none() | st.booleans() | st.integers(min_value=-(2 ** 80), max_value=2 ** 80)
+                | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12)
+                | st.binary(max_size=6) | st.sets(st.integers(0, 9), max_size=3))
+JSON_DOCS = st.recursive(
+    JSON_SCALARS,
+    lambda inner: (st.lists(inner, max_size=4) | st.tuples(inner, inner)
+                   | st.dictionaries(st.text(max_size=6) | st.integers(0, 3), inner, max_size=4)),
+    max_leaves=24)
+
+
+@settings(max_examples=400)
+@given(JSON_DOCS)
+def test_json_line_has_the_stdlib_encoders_value(doc):
+    """orjson writes most lines; whatever it writes or refuses must read back as the stdlib
+    encoder's line does, and stay one ASCII line."""
+    from sensor.output.ecs import _JSON_ENCODER
+
+    line = to_json_line({"doc": doc})
+    assert all(0x20 <= ord(c) <= 0x7E for c in line)
+    assert json.loads(line) == json.loads(_JSON_ENCODER.encode({"doc": doc}))
+
+
+def test_json_line_of_non_ascii_text_is_the_stdlib_encoders():
+    from sensor.output.ecs import _JSON_ENCODER
+
+    doc = {"name": "k\u00e4spersky.\U0001f600\u2028", "big": 2 ** 70, 3: "int key"}
+    assert to_json_line(doc) == _JSON_ENCODER.encode(doc)
+
+
+def test_json_line_escapes_del_in_ascii_text():
+    """DEL is ASCII, so orjson's line keeps it raw unless escaped afterwards."""
+    assert to_json_line({"a": "x\x7fy"}) == '{"a":"x\\u007fy"}'

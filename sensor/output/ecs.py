@@ -26,6 +26,8 @@ import json
 import os
 import random
 
+import orjson
+
 from .. import __version__
 from ..isotime import iso_micro
 from ..records import (ClientHello, Detection, DnsMessage, HostEvent, HttpRequest,
@@ -338,11 +340,32 @@ def _json_default(value):
     return str(value)
 
 
-# One encoder for every document: json.dumps with options builds a new one per call.
+# The stdlib encoder writes what orjson will not: non-ASCII text as \uXXXX escapes,
+# integers beyond 64 bits, keys that are not strings.  One for every document: json.dumps
+# with options builds a new one per call.
 _JSON_ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), default=_json_default)
+# Dataclasses and datetimes go to _json_default (``str``) as with the stdlib encoder.
+_ORJSON_OPTIONS = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
+
+
+def to_json_bytes(doc: dict) -> bytes:
+    """One ASCII line: every control and non-ASCII character becomes ``\\uXXXX``, DEL
+    included, so no field can end the line or start a new event.
+
+    orjson writes a 1.6 KB alert in about 5 us, the stdlib encoder in 31 (it builds a list
+    of small strings and joins them).  orjson escapes control characters as the stdlib
+    does but writes other text as UTF-8: a line that is not pure ASCII, or a document
+    orjson refuses, is written by the stdlib encoder instead.  Both give the same JSON
+    value; floats may differ in spelling (``1e16`` against ``1e+16``)."""
+    try:
+        line = orjson.dumps(doc, default=_json_default, option=_ORJSON_OPTIONS)
+    except TypeError:  # orjson.JSONEncodeError: a big integer, a key that is not a string
+        line = None
+    if line is None or not line.isascii():
+        line = _JSON_ENCODER.encode(doc).encode("ascii")
+    return line.replace(b"\x7f", b"\\u007f")
 
 
 def to_json_line(doc: dict) -> str:
-    """One ASCII line: ``ensure_ascii`` turns every control and non-ASCII character into
-    ``\\uXXXX``, DEL included, so no field can end the line or start a new event."""
-    return _JSON_ENCODER.encode(doc).replace("\x7f", "\\u007f")
+    """``to_json_bytes`` as text."""
+    return to_json_bytes(doc).decode("ascii")

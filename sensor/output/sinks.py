@@ -47,7 +47,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from ..stats import Stats
 from .cef import cef_syslog_message
-from .ecs import to_json_line
+from .ecs import to_json_bytes
 from .spool import FSYNC_POLICIES, Spool
 from .syslog import (DEFAULT_FACILITY, DEFAULT_SD_ID, TcpTransport, UdpTransport,
                      ecs_syslog_message, facility_number, tls_context, validate_sd_id)
@@ -109,14 +109,14 @@ class JsonFileSink:
         return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
 
     def send(self, doc: dict) -> None:
-        line = to_json_line(doc) + "\n"
+        line = to_json_bytes(doc) + b"\n"
         with self._lock:
             try:
                 if self._fd is None:
-                    sys.stdout.write(line)
+                    sys.stdout.write(line.decode("ascii"))
                     sys.stdout.flush()
                 else:
-                    self._write_all(line.encode("ascii"))
+                    self._write_all(line)
                 self.delivered += 1
             except (OSError, ValueError):
                 self.failed += 1
