@@ -124,20 +124,27 @@ def _read(args) -> int:
 
     # The first capture opens before the pipeline is even imported: libpcap's reader thread
     # reads and filters while the modules, signatures and state store load
-    # (PrefilteredCapture.batches).
+    # (PrefilteredCapture.batches).  Whatever ends the read, the capture is closed here:
+    # an exception left to unwind past a running reader thread (a failed import, say) made
+    # the interpreter's exit crash in libpcap.
     prefilter = args.bpf_prefilter or bool(args.bpf)
     captures = _iterate(args.captures, on_error, prefilter, args.bpf)
+    try:
+        return _read_captures(args, settings, captures, prefilter, failed)
+    finally:
+        captures.close()
+
+
+def _read_captures(args, settings, captures, prefilter: bool, failed: list) -> int:
     first = next(captures, None)
     if first is not None and hasattr(first[1], "batches"):
         first[1].batches()
-    from .detect.signatures import SignatureError
-    from .pipeline import Progress, Sensor
+    from .pipeline import SENSOR_START_ERRORS, Progress, Sensor
 
     progress = Progress(sys.stderr.isatty() and not args.quiet)
     try:
         sensor = Sensor(settings)
-    except (ConfigError, SignatureError, ValueError) as err:
-        captures.close()
+    except SENSOR_START_ERRORS as err:
         print(f"purge-sensor: {err}", file=sys.stderr)
         return EXIT_USAGE
     metrics = None
@@ -148,7 +155,6 @@ def _read(args) -> int:
             metrics = start_metrics(settings, sensor)
         except (OSError, ValueError) as err:
             print(f"purge-sensor: metrics: {err}", file=sys.stderr)
-            captures.close()
             sensor.close()
             return EXIT_USAGE
     signal.signal(signal.SIGHUP, lambda *_: sensor.reopen())

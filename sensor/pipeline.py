@@ -14,21 +14,25 @@ import sys
 import time
 from datetime import date
 
-from .config import DEFAULT_INTERNAL, Settings
+from .config import DEFAULT_INTERNAL, ConfigError, Settings
 from .decode.packet import DecoderConfig, Interest, PacketDecoder
 from .detect.engine import Detector
-from .detect.signatures import default_signature_paths, load_signatures
+from .detect.signatures import SignatureError, default_signature_paths, load_signatures
 from .output.ecs import detection_to_ecs, host_event_to_ecs
 from .output.lifecycle import AlertLifecycle
 from .output.sinks import AlertRouter, build_sinks
 from .records import Detection, HostEvent
 from .stats import Stats
-from .track.store import Store, default_state_path
+from .track.store import Store, StoreError, default_state_path
 from .track.tracker import KSC_TCP_PORTS, KSC_UDP_PORTS, Tracker, TrackerConfig
 
 BATCH_META = struct.Struct("=IIII")  # libpcap next_batch: sec, fraction, offset, caplen
 LINKTYPE_ETHERNET = 1
 FLUSH_INTERVAL = 5.0  # seconds of packet time between store commits and summary checks
+# What Sensor() raises when the configuration, the signatures or the state store are not
+# usable (a state file that is not an inventory, a directory that cannot be made): the
+# commands report it in one line and exit 2 without starting half-configured.
+SENSOR_START_ERRORS = (ConfigError, SignatureError, StoreError, ValueError, OSError)
 FLOW_EVIDENCE_PORTS = frozenset([("tcp", p) for p in KSC_TCP_PORTS] + [("udp", p) for p in KSC_UDP_PORTS])
 
 

@@ -189,3 +189,44 @@ def test_read_raises_the_collector_threshold_only_while_it_runs(tmp_path, monkey
         assert gc.get_threshold()[0] == 555
     finally:
         gc.set_threshold(*before)
+
+
+def test_a_state_file_that_is_no_inventory_refuses_to_start(tmp_path):
+    """A foreign or corrupt state file is a configuration error: one line naming the file
+    and exit 2, not a traceback."""
+    state = tmp_path / "s.sqlite"
+    state.write_bytes(b"\x00not sqlite at all" * 300)
+    proc = sensor("read", "--state", str(state), str(PCAPS / "demo.pcap"), check=2)
+    err = proc.stderr.decode()
+    assert str(state) in err and "not a purge-sensor inventory" in err
+    assert "Traceback" not in err and proc.stdout == b""
+
+
+def test_a_failed_start_stops_libpcaps_reader_thread(tmp_path, monkeypatch):
+    """The capture opens (and libpcap's reader starts) before the sensor is built; when
+    building it fails in a way nobody expected, the reader must still be stopped: left
+    running into the interpreter's exit, it crashed the process in libpcap."""
+    import threading
+
+    from sensor import cli, pipeline
+    from sensor.capture import bpf
+    from tests.helpers import load_make_samples
+
+    def broken(self, settings, stats=None):
+        raise RuntimeError("start-up broke")
+
+    monkeypatch.setattr(bpf, "PREFETCH_BYTES", 1 << 16)
+    monkeypatch.setattr(pipeline.Sensor, "__init__", broken)
+    from sensor.capture.pcapfile import open_capture
+
+    with open_capture(str(PCAPS / "demo.pcap")) as cap:
+        frames = [frame for _, _, frame, _, _ in cap]
+    # The demo repeated: megabytes the filter passes, far beyond the reader's prefetch.
+    records = [(n * 1000, frame) for n, frame in enumerate(frames * 200)]
+    path = tmp_path / "many.pcap"
+    path.write_bytes(load_make_samples().pcap_file(1, records))
+    with pytest.raises(RuntimeError, match="start-up broke") as raised:
+        cli.main(["read", "-q", "--no-state", str(path)])
+    # Checked while the traceback (and so every frame of the read) is still alive, as it is
+    # while the interpreter prints it and exits.
+    assert raised.traceback and not [t for t in threading.enumerate() if t.name == "pcap-reader"]

@@ -181,6 +181,19 @@ def test_worker_count_is_validated(count):
     assert "--workers: must be a whole number from 1 to 64" in proc.stderr
 
 
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]])
+def test_a_state_file_that_is_no_inventory_stops_run_with_one_line(live, tmp_path, workers):
+    """Capture opened (on lo: nothing is sent), then the state store refuses: exit 2 and
+    the reason in one line, from the single process and from the worker pool's owner."""
+    state = tmp_path / "s.sqlite"
+    state.write_bytes(b"\x00not sqlite at all" * 300)
+    proc = subprocess.run([sys.executable, "-m", "sensor.cli", "run", "-i", "lo", *workers,
+                           "--state", str(state), "-o", f"file:{tmp_path / 'a.json'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{state}: not a purge-sensor inventory" in proc.stderr and "Traceback" not in proc.stderr
+
+
 PLACEHOLDER_SIGNATURES = """\
 version: "1"
 ruleset: kaspersky

@@ -183,8 +183,7 @@ def _start_sensor(settings):
 
 def _run_single(args) -> int:
     from ..cli import EXIT_OK, EXIT_USAGE, _settings
-    from ..config import ConfigError
-    from ..detect.signatures import SignatureError
+    from ..pipeline import SENSOR_START_ERRORS
 
     sources = []
     try:
@@ -198,7 +197,7 @@ def _run_single(args) -> int:
     try:
         settings = _settings(args)
         sensor, metrics = _start_sensor(settings)
-    except (ConfigError, SignatureError, ValueError, OSError) as err:
+    except SENSOR_START_ERRORS as err:
         print(f"purge-sensor: {err}", file=sys.stderr)
         return EXIT_USAGE
     flags = {"stop": False, "reload": False}
@@ -580,13 +579,13 @@ class WorkerPool:
 
 def _run_workers(args) -> int:
     from ..cli import EXIT_USAGE, _settings
-    from ..config import ConfigError
-    from ..detect.signatures import SignatureError, default_signature_paths, load_signatures
+    from ..detect.signatures import default_signature_paths, load_signatures
+    from ..pipeline import SENSOR_START_ERRORS
 
     try:
         settings = _settings(args)
         signatures = load_signatures(settings.signatures or default_signature_paths())
-    except (ConfigError, SignatureError, ValueError, OSError) as err:
+    except SENSOR_START_ERRORS as err:
         print(f"purge-sensor: {err}", file=sys.stderr)
         return EXIT_USAGE
     pool = WorkerPool(args, settings, signatures, args.workers)
@@ -600,7 +599,7 @@ def _run_workers(args) -> int:
             return EXIT_USAGE
         try:
             sensor, metrics = _start_sensor(settings)
-        except (ConfigError, SignatureError, ValueError, OSError) as err:
+        except SENSOR_START_ERRORS as err:
             print(f"purge-sensor: {err}", file=sys.stderr)
             return EXIT_USAGE
         return _serve_workers(args, pool, sensor)
@@ -689,13 +688,13 @@ def _status(sensor, prefix: str) -> None:
 
 def _reload(sensor, args) -> bool:
     from ..cli import _settings
-    from ..config import ConfigError
-    from ..detect.signatures import SignatureError, default_signature_paths, load_signatures
+    from ..detect.signatures import default_signature_paths, load_signatures
+    from ..pipeline import SENSOR_START_ERRORS
 
     try:
         settings = _settings(args)
         signatures = load_signatures(settings.signatures or default_signature_paths())
-    except (ConfigError, SignatureError) as err:
+    except SENSOR_START_ERRORS as err:
         print(f"purge-sensor: reload failed, keeping the old configuration: {err}",
               file=sys.stderr, flush=True)
         return False
