@@ -25,6 +25,7 @@ clean rate of each is reported.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -88,10 +89,16 @@ def interpreter_venv(python: str) -> str:
     resolved = Path(shutil.which(python) or python).resolve()
     venv = ROOT / "bench" / "out" / ("venv-" + re.sub(r"[^A-Za-z0-9.]+", "_", str(resolved)).strip("_"))
     bin_python = venv / "bin" / "python3"
+    # Dependencies are installed again whenever pyproject.toml changed since: a venv made
+    # before a new dependency would fail to import the sensor.
+    stamp = venv / "pyproject.sha256"
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
     if not bin_python.exists():
         subprocess.run([str(resolved), "-m", "venv", str(venv)], check=True)
+    if not stamp.exists() or stamp.read_text() != wanted:
         subprocess.run([str(bin_python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                         str(ROOT)], check=True)
+        stamp.write_text(wanted)
     return str(bin_python)
 
 
