@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -179,6 +180,26 @@ def test_worker_count_is_validated(count):
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "--workers: must be a whole number from 1 to 64" in proc.stderr
+
+
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]])
+@pytest.mark.parametrize("how, reason", [
+    ("no device", "nosuchif0: no such device"),
+    ("no CAP_NET_RAW", "lo: permission denied: capturing needs root or CAP_NET_RAW")])
+def test_a_capture_that_cannot_open_says_why(live, workers, how, reason):
+    """libpcap's activation status, not the "not-yet-activated pcap_t" that the filter
+    call after a failed activation reports."""
+    argv = [sys.executable, "-m", "sensor.cli", "run", "--no-state", *workers]
+    if how == "no device":
+        argv += ["-i", "nosuchif0"]
+    else:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("setpriv (util-linux) is needed to drop the capability")
+        argv = [setpriv, "--bounding-set", "-net_raw,-net_admin", *argv, "-i", "lo"]
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert reason in proc.stderr and "not-yet-activated" not in proc.stderr
 
 
 @pytest.mark.parametrize("workers", [[], ["--workers", "2"]])

@@ -43,6 +43,17 @@ MAX_BATCHES = 64
 MAX_WORKERS = 64
 
 
+# pcap_activate's error statuses (pcap/pcap.h), worded as tcpdump reports them.
+ACTIVATE_ERRORS = {
+    -1: "cannot open the device (generic libpcap error)",
+    -5: "no such device",
+    -6: "monitor mode is not supported",
+    -8: "permission denied: capturing needs root or CAP_NET_RAW",
+    -9: "the device is not up",
+    -11: "permission denied for promiscuous mode",
+}
+
+
 class LiveSource:
     """One interface opened through libpcap with the sensor's filter, read without blocking."""
 
@@ -58,7 +69,12 @@ class LiveSource:
             handle.set_promisc(promisc)
             handle.set_timeout(timeout_ms)
             handle.set_buffer_size(buffer_mb << 20)
-            handle.activate()
+            # pcapy returns pcap_activate's status instead of raising: on a negative one
+            # the handle stays unactivated, and the first call on it fails with a message
+            # about that ("not-yet-activated pcap_t") instead of the reason.
+            status = handle.activate()
+            if isinstance(status, int) and status < 0:
+                raise OSError(f"{interface}: {ACTIVATE_ERRORS.get(status, f'libpcap error {status}')}")
             if fanout_group is not None:
                 handle.set_fanout(fanout_group, pcapy.PACKET_FANOUT_HASH)
             self.linktype = handle.datalink()
