@@ -356,7 +356,8 @@ def to_json_bytes(doc: dict) -> bytes:
     of small strings and joins them).  orjson escapes control characters as the stdlib
     does but writes other text as UTF-8: a line that is not pure ASCII, or a document
     orjson refuses, is written by the stdlib encoder instead.  Both give the same JSON
-    value; floats may differ in spelling (``1e16`` against ``1e+16``)."""
+    value; floats may differ in spelling (``1e16`` against ``1e+16``), and orjson writes a
+    NaN or an infinity, which JSON cannot spell, as null."""
     try:
         line = orjson.dumps(doc, default=_json_default, option=_ORJSON_OPTIONS)
     except TypeError:  # orjson.JSONEncodeError: a big integer, a key that is not a string
