@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 SEED = 20240606
 # Bumped whenever the mix changes; bench/run.py rewrites a default mix of another version.
-GENERATOR = 2
+GENERATOR = 3
 BASE_TS = 1_718_000_000
 MSS = 1448
 TLS_RECORD_BODY = 16384 + 17  # a full TLS 1.3 application-data record: plaintext, type, AEAD tag
@@ -112,7 +112,7 @@ class Mix:
         record = b"\x17\x03\x03" + struct.pack("!H", TLS_RECORD_BODY) + rng.randbytes(TLS_RECORD_BODY)
         self.tls_bulk = record * (MAX_BULK_SEGMENTS * MSS // len(record) + 1)
         self.http_body = rng.randbytes(MSS)
-        self.quic_initials = self._quic_pool()
+        self.quic_hellos = self._quic_pool()
         self.names_used: dict[str, int] = {}
 
     # -- pools built once --------------------------------------------------------------
@@ -138,14 +138,14 @@ class Mix:
         return flights, finishes, requests
 
     def _quic_pool(self) -> dict:
-        from make_quic_samples import QUIC_V1, client_hello, client_initial, crypto_frame, fixed_bytes
+        """Per name, the CRYPTO frame of its ClientHello; each flow's Initial is protected
+        under a connection ID of its own (quic_flow), as browsers draw one per connection,
+        so the sensor derives Initial keys for every flow as it must on a span port."""
+        from make_quic_samples import QUIC_V1, client_hello, client_initial, crypto_frame
 
-        pool = {}
-        for name in COMMON_NAMES[:20] + KASPERSKY_NAMES:
-            dcid = fixed_bytes("bench/" + name, 8)
-            message = client_hello(name, "bench/" + name, post_quantum=False)
-            pool[name] = client_initial(QUIC_V1, dcid, b"", 0, crypto_frame(0, message))
-        return pool
+        self._quic_initial = lambda dcid, frames: client_initial(QUIC_V1, dcid, b"", 0, frames)
+        return {name: crypto_frame(0, client_hello(name, "bench/" + name, post_quantum=False))
+                for name in COMMON_NAMES[:20] + KASPERSKY_NAMES}
 
     # -- addressing --------------------------------------------------------------------
     def pick_name(self, pool) -> str:
@@ -240,7 +240,7 @@ class Mix:
         c2s = tpl.for_flow(client, server, cport, 443)
         s2c = tpl.for_flow(server, client, 443, cport)
         name = self.pick_name(COMMON_NAMES[:20])
-        yield tpl.frame(c2s, self.quic_initials[name])
+        yield tpl.frame(c2s, self._quic_initial(rng.randbytes(8), self.quic_hellos[name]))
         yield tpl.frame(s2c, b"\xc0\x00\x00\x00\x01" + rng.randbytes(1195))
         data = b"\x40" + rng.randbytes(1349)
         ack = b"\x40" + rng.randbytes(40)
