@@ -373,3 +373,37 @@ def test_udp_sink_sends_one_datagram_per_alert(tmp_path):
     server.close()
     assert sequence(received) == list(range(10))
     assert all(m.startswith(b"<132>1 2024-01-01T00:00:00.000000Z s1 purge-sensor ") for m in received)
+
+
+def test_udp_sink_keeps_what_a_closed_port_refused(tmp_path, caplog):
+    """A closed UDP port answers with ICMP, which the next send (or the hold) sees: the
+    refused datagrams stay spooled instead of counting as delivered, the outage is logged
+    once (a UDP "connection" always succeeds, and logging each reconnect flapped), and a
+    receiver that comes up later gets every alert, in order."""
+    import logging
+
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens on the port now: the kernel refuses it
+    spool_dir = str(tmp_path / "spool")
+    with caplog.at_level(logging.WARNING, logger="purge_sensor.output"):
+        sink = NetworkSink("syslog+udp://test", UdpTransport("127.0.0.1", port), ecs_syslog_message,
+                           Spool(spool_dir, max_bytes=1 << 20), hold=0.2).start()
+        for i in range(10):
+            sink.send(doc(i))
+        sink.close(timeout=1.5)
+    assert sink.stats()["delivered"] == 0
+    outage = [r for r in caplog.records if "syslog+udp://test" in r.getMessage()]
+    assert len(outage) == 1 and "refused" in outage[0].getMessage()
+
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", port))
+    server.settimeout(5)
+    again = NetworkSink("syslog+udp://test", UdpTransport("127.0.0.1", port), ecs_syslog_message,
+                        Spool(spool_dir, max_bytes=1 << 20), hold=0.2).start()
+    again.close(timeout=5)
+    received = [server.recv(65536) for _ in range(10)]
+    server.close()
+    assert sequence(received) == list(range(10))
+    assert again.stats()["delivered"] == 10

@@ -18,9 +18,12 @@ the hold covers that).  On any failure the sender closes the connection, puts ev
 unconfirmed message back in front of the spool, reconnects with exponential backoff
 (0.1 s doubling to 30 s) and delivers again from the spool, in order.  Messages sent in
 the last ``hold`` seconds before an outage may therefore arrive twice; every document
-carries a unique ``event.id`` for deduplication.  UDP cannot be confirmed: a datagram
-counts as delivered once the kernel accepted it (a refused port is still seen as a
-failure and spools).
+carries a unique ``event.id`` for deduplication.  UDP has no acknowledgement at all: a
+datagram counts as delivered once ``hold`` seconds (default 0.2) have passed without an
+ICMP refusal (closed port, unreachable host) coming back on the socket; a refusal is a
+failure like any other, so what was sent within the hold is spooled and sent again.  A
+datagram lost without a refusal is lost.  The outage is logged once, and its end once a
+message is confirmed again.
 
 Spec syntax for ``build_sinks`` (``--output``):
 
@@ -31,7 +34,7 @@ Spec syntax for ``build_sinks`` (``--output``):
 * options as a query string: ``ca``, ``cert``, ``key``, ``verify`` (default 1),
   ``server_name`` (TLS only); ``sd_id``, ``facility``, ``hostname``, ``queue`` (in-memory
   messages, default 1024), ``spool_max`` (bytes, K/M/G suffix, default 64M), ``fsync``
-  (interval|always|never), ``hold`` (seconds, default 1 for TCP/TLS).
+  (interval|always|never), ``hold`` (seconds, default 1 for TCP/TLS, 0.2 for UDP).
 """
 
 from __future__ import annotations
@@ -73,6 +76,9 @@ MAX_UNCONFIRMED = 4096  # messages sent but not yet confirmed; the sender waits 
 DEFAULT_QUEUE = 1024
 DEFAULT_SPOOL_MAX = 64 * 1024 * 1024
 DEFAULT_HOLD = 1.0
+# UDP has no acknowledgement to wait for, only the ICMP refusal of a closed port or an
+# unreachable host, which comes back within a round trip.
+DEFAULT_UDP_HOLD = 0.2
 DEFAULT_PORTS = {"udp": 514, "tcp": 514, "tls": 6514}
 TLS_OPTIONS = {"ca", "cert", "key", "verify", "server_name"}
 COMMON_OPTIONS = {"sd_id", "facility", "hostname", "queue", "spool_max", "fsync", "hold"}
@@ -182,7 +188,7 @@ class NetworkSink:
         self.formatter = formatter
         self.spool = spool
         self.queue_size = max(1, queue_size)
-        self.hold = hold if transport.reliable else 0.0
+        self.hold = hold
         self.delivered = 0
         self.failed = 0
         self.spooled = 0
@@ -255,9 +261,6 @@ class NetworkSink:
                 log.warning("%s: cannot connect (%s); spooling and retrying", self.name, exc)
                 self._outage_logged = True
             return False
-        if self._outage_logged:
-            log.warning("%s: connected again; delivering the spool", self.name)
-            self._outage_logged = False
         return True
 
     def _pause(self) -> None:
@@ -268,8 +271,9 @@ class NetworkSink:
 
     def _step(self) -> bool:
         """One unit of work on a live connection; False when the sink is done."""
-        if self.transport.peer_closed():
-            self._fail(None, "receiver closed the connection")
+        gone = self.transport.peer_closed()
+        if gone:
+            self._fail(None, gone)
             return True
         self._confirm()
         if len(self._unconfirmed) >= MAX_UNCONFIRMED:
@@ -326,6 +330,11 @@ class NetworkSink:
                 self.spool.commit(entry.token)
             self.delivered += 1
             self._backoff = BACKOFF_START
+            if self._outage_logged:
+                # Said on a confirmed delivery, not on connecting: a UDP "connection" to a
+                # closed port always succeeds, and logging it flapped twice a retry.
+                log.warning("%s: delivering again; sending the spool", self.name)
+                self._outage_logged = False
 
     def _fail(self, current: _Sent | None, reason: str) -> None:
         """Put everything unconfirmed back in front of the spool, in order, and reconnect."""
@@ -547,7 +556,8 @@ def _network_sink(spec: str, spool_dir: str) -> tuple[str, Callable[[], NetworkS
     if spool_max < 4096:
         raise ValueError(f"sink '{spec}': spool_max must be at least 4096 bytes")
     queue_size = _parse_number(spec, "queue", options.get("queue", str(DEFAULT_QUEUE)), int)
-    hold = _parse_number(spec, "hold", options.get("hold", str(DEFAULT_HOLD)))
+    hold = _parse_number(spec, "hold", options.get(
+        "hold", str(DEFAULT_UDP_HOLD if proto == "udp" else DEFAULT_HOLD)))
 
     def make() -> NetworkSink:
         try:

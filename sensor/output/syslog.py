@@ -125,7 +125,9 @@ def ecs_syslog_message(doc: dict, *, sd_id: str = DEFAULT_SD_ID, facility: int =
 
 
 class UdpTransport:
-    """One datagram per message; nothing to confirm, so everything sent counts as delivered."""
+    """One datagram per message.  Nothing acknowledges a datagram, but a closed port or an
+    unreachable host answers with ICMP, which the kernel keeps on the connected socket:
+    ``peer_closed`` reads it, so what was sent within the sink's ``hold`` is sent again."""
 
     reliable = False
 
@@ -157,8 +159,10 @@ class UdpTransport:
     def unacknowledged_bytes(self) -> int:
         return 0
 
-    def peer_closed(self) -> bool:
-        return False
+    def peer_closed(self) -> str | None:
+        """Why an earlier datagram was refused (port or host unreachable), or None."""
+        error = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if self._sock else 0
+        return f"datagram refused: {os.strerror(error)}" if error else None
 
     def close(self, graceful: bool = False) -> None:
         if self._sock is not None:
@@ -213,7 +217,11 @@ class TcpTransport:
             return 0
         return _OUTQ.unpack(raw)[0]
 
-    def peer_closed(self) -> bool:
+    def peer_closed(self) -> str | None:
+        """Why the receiver is gone, or None."""
+        return "receiver closed the connection" if self._peer_gone() else None
+
+    def _peer_gone(self) -> bool:
         """A syslog receiver never talks back, so readable means EOF or reset (or, on TLS,
         a post-handshake message such as a session ticket, which is consumed here)."""
         sock = self._sock
