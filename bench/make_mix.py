@@ -112,7 +112,7 @@ class Mix:
         record = b"\x17\x03\x03" + struct.pack("!H", TLS_RECORD_BODY) + rng.randbytes(TLS_RECORD_BODY)
         self.tls_bulk = record * (MAX_BULK_SEGMENTS * MSS // len(record) + 1)
         self.http_body = rng.randbytes(MSS)
-        self.quic_hellos = self._quic_pool()
+        self.quic_protect, self.quic_hellos = self._quic_pool()
         self.names_used: dict[str, int] = {}
 
     # -- pools built once --------------------------------------------------------------
@@ -137,15 +137,19 @@ class Mix:
         requests = [tls_app_data(rng, rng.randint(90, 600)) for _ in range(16)]
         return flights, finishes, requests
 
-    def _quic_pool(self) -> dict:
-        """Per name, the CRYPTO frame of its ClientHello; each flow's Initial is protected
-        under a connection ID of its own (quic_flow), as browsers draw one per connection,
-        so the sensor derives Initial keys for every flow as it must on a span port."""
+    def _quic_pool(self):
+        """(protect, hellos): ``protect(dcid, frames)`` makes a client Initial, and
+        ``hellos`` holds per name the CRYPTO frame of its ClientHello.  Each flow's Initial
+        is protected under a connection ID of its own (quic_flow), as browsers draw one per
+        connection, so the sensor derives Initial keys for every flow as it must on a span
+        port."""
         from make_quic_samples import QUIC_V1, client_hello, client_initial, crypto_frame
 
-        self._quic_initial = lambda dcid, frames: client_initial(QUIC_V1, dcid, b"", 0, frames)
-        return {name: crypto_frame(0, client_hello(name, "bench/" + name, post_quantum=False))
-                for name in COMMON_NAMES[:20] + KASPERSKY_NAMES}
+        def protect(dcid: bytes, frames: bytes) -> bytes:
+            return client_initial(QUIC_V1, dcid, b"", 0, frames)
+
+        return protect, {name: crypto_frame(0, client_hello(name, "bench/" + name, post_quantum=False))
+                         for name in COMMON_NAMES[:20] + KASPERSKY_NAMES}
 
     # -- addressing --------------------------------------------------------------------
     def pick_name(self, pool) -> str:
@@ -240,7 +244,7 @@ class Mix:
         c2s = tpl.for_flow(client, server, cport, 443)
         s2c = tpl.for_flow(server, client, 443, cport)
         name = self.pick_name(COMMON_NAMES[:20])
-        yield tpl.frame(c2s, self._quic_initial(rng.randbytes(8), self.quic_hellos[name]))
+        yield tpl.frame(c2s, self.quic_protect(rng.randbytes(8), self.quic_hellos[name]))
         yield tpl.frame(s2c, b"\xc0\x00\x00\x00\x01" + rng.randbytes(1195))
         data = b"\x40" + rng.randbytes(1349)
         ack = b"\x40" + rng.randbytes(40)

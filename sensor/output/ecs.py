@@ -363,7 +363,7 @@ def to_json_bytes(doc: dict) -> bytes:
     except TypeError:  # orjson.JSONEncodeError: a big integer, a key that is not a string
         line = None
     if line is None or not line.isascii():
-        line = _JSON_ENCODER.encode(doc).encode("ascii")
+        return _JSON_ENCODER.encode(doc).encode("ascii")  # escapes DEL itself
     return line.replace(b"\x7f", b"\\u007f")
 
 

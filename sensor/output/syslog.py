@@ -129,8 +129,6 @@ class UdpTransport:
     unreachable host answers with ICMP, which the kernel keeps on the connected socket:
     ``peer_closed`` reads it, so what was sent within the sink's ``hold`` is sent again."""
 
-    reliable = False
-
     def __init__(self, host: str, port: int):
         self.host, self.port = host, port
         self._sock: socket.socket | None = None
@@ -180,8 +178,6 @@ def _cut_utf8(data: bytes, limit: int) -> bytes:
 
 class TcpTransport:
     """Octet-counted syslog over TCP, or over TLS when given an ``ssl.SSLContext``."""
-
-    reliable = True
 
     def __init__(self, host: str, port: int, tls: ssl.SSLContext | None = None,
                  server_name: str | None = None):
