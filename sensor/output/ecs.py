@@ -88,8 +88,12 @@ def _unique(values) -> list:
 def _ip_type(text: str) -> str | None:
     """The indicator's address family, if it is an address.  Most indicators are names,
     which ``ip_address`` rejects with two exceptions; a name has no ``:`` and does not
-    start with a digit (the ones that do still get asked)."""
-    if ":" not in text and not text[:1].isdigit():
+    start with a digit (the ones that do still get asked).  ``ip_address`` also takes an
+    IPv6 scope (``fe80::1%eth0``), where anything may follow the ``%``: a hostile name such
+    as ``::%.kaspersky.com`` would be typed an address, and a SIEM that maps
+    ``threat.indicator.ip`` as an address rejects the whole alert.  No indicator is a
+    scoped address."""
+    if "%" in text or (":" not in text and not text[:1].isdigit()):
         return None
     try:
         return "ipv%d-addr" % ipaddress.ip_address(text).version
