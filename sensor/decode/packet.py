@@ -45,6 +45,7 @@ _DNS_PORT_BYTES = b"\x00\x35"  # 53 as a header carries it
 _DNS_QR = 0x8000
 _DNS_HEADER_LEN = 12
 MDNS_PORT = 5353
+QUIC_SERVER_PORT_LIMIT = 1024  # quic.SERVER_PORT_LIMIT: a well-known port is a server's
 RESOLVER_REPORT_INTERVAL = 60.0  # seconds between two reports of one DNS server
 RESOLVER_REPORT_TABLE = 65536
 
@@ -584,6 +585,10 @@ class PacketDecoder:
             quic = False
             if not new_flow:
                 return
+        if quic and not new_flow and sport < QUIC_SERVER_PORT_LIMIT <= dport:
+            # A server's Initial, which QuicInitialTable.feed ignores: one for every client
+            # Initial, not worth a context.
+            return
         if self._duplicate(ts, payload + src + dst + data[l4:l4 + 4]):
             return
         ctx = self._context(ts, src, dst, sport, dport, "udp", version, src_mac, dst_mac, vlans,

@@ -24,7 +24,6 @@ Initial, and whatever follows it (0-RTT, Handshake) is under keys we do not have
 from __future__ import annotations
 
 import hashlib
-import hmac
 import re
 import struct
 
@@ -69,6 +68,10 @@ _U16 = struct.Struct("!H").unpack_from
 _U32 = struct.Struct("!I").unpack_from
 _U64 = struct.Struct("!Q").unpack_from
 _NOT_PADDING = re.compile(rb"[^\x00]")
+_SHA256 = hashlib.sha256
+_SHA256_BLOCK = 64
+_IPAD = bytes(byte ^ 0x36 for byte in range(256))
+_OPAD = bytes(byte ^ 0x5C for byte in range(256))
 
 
 def looks_like_quic_initial(payload: bytes) -> bool:
@@ -79,27 +82,76 @@ def looks_like_quic_initial(payload: bytes) -> bool:
     return nibble is not None and payload[0] & 0xF0 == nibble and payload[5] <= MAX_CID_LEN
 
 
-def _hkdf_expand_label(secret: bytes, label: bytes, length: int) -> bytes:
-    """TLS 1.3 HKDF-Expand-Label with an empty context; one HMAC block covers every
-    length QUIC asks for (<= 32)."""
+def _hmac_pads(key: bytes) -> tuple:
+    """SHA-256 states that have absorbed ``key``'s inner and outer pads (RFC 2104; keys
+    here are at most 32 bytes, under the 64-byte block)."""
+    block = key.ljust(_SHA256_BLOCK, b"\x00")
+    return _SHA256(block.translate(_IPAD)), _SHA256(block.translate(_OPAD))
+
+
+def _hmac(pads: tuple, message: bytes) -> bytes:
+    """HMAC-SHA256 from ``_hmac_pads``: copying the padded states instead of building an
+    ``hmac`` object per call halves the key derivation every QUIC connection pays, and
+    the salts' and each secret's pads are computed once."""
+    inner = pads[0].copy()
+    inner.update(message)
+    outer = pads[1].copy()
+    outer.update(inner.digest())
+    return outer.digest()
+
+
+def _expand_label_info(label: bytes, length: int) -> bytes:
+    """TLS 1.3 HKDF-Expand-Label's info with an empty context, and HKDF-Expand's block
+    counter: one HMAC block covers every length QUIC asks for (<= 32)."""
     full_label = b"tls13 " + label
-    info = struct.pack("!HB", length, len(full_label)) + full_label + b"\x00\x01"
-    return hmac.new(secret, info, hashlib.sha256).digest()[:length]
+    return struct.pack("!HB", length, len(full_label)) + full_label + b"\x00\x01"
+
+
+_SALT_PADS = {version: _hmac_pads(salt) for version, salt in _INITIAL_SALTS.items()}
+_CLIENT_SECRET_INFO = _expand_label_info(b"client in", 32)
+# (key, iv, hp) labels per version, with their lengths.
+_PACKET_KEY_INFOS = {version: (_expand_label_info(prefix + b"key", 16),
+                               _expand_label_info(prefix + b"iv", 12),
+                               _expand_label_info(prefix + b"hp", 16))
+                     for version, prefix in _LABEL_PREFIXES.items()}
 
 
 def derive_initial_keys(dcid: bytes, version: int,
                         secret_label: bytes = b"client in") -> tuple[bytes, bytes, bytes]:
     """(key, iv, hp) protecting Initial packets for the client's original DCID: the client's
     by default, the server's with ``b"server in"`` (what the sample generator needs)."""
-    salt = _INITIAL_SALTS.get(version)
-    if salt is None:
+    salt_pads = _SALT_PADS.get(version)
+    if salt_pads is None:
         raise DecodeError("quic_bad_version")
-    initial_secret = hmac.new(salt, dcid, hashlib.sha256).digest()
-    secret = _hkdf_expand_label(initial_secret, secret_label, 32)
-    prefix = _LABEL_PREFIXES[version]
-    return (_hkdf_expand_label(secret, prefix + b"key", 16),
-            _hkdf_expand_label(secret, prefix + b"iv", 12),
-            _hkdf_expand_label(secret, prefix + b"hp", 16))
+    initial_secret = _hmac(salt_pads, dcid)
+    info = _CLIENT_SECRET_INFO if secret_label == b"client in" else _expand_label_info(secret_label, 32)
+    pads = _hmac_pads(_hmac(_hmac_pads(initial_secret), info))
+    key_info, iv_info, hp_info = _PACKET_KEY_INFOS[version]
+    return _hmac(pads, key_info)[:16], _hmac(pads, iv_info)[:12], _hmac(pads, hp_info)[:16]
+
+
+_cipher_makers = None
+
+
+def _ciphers() -> tuple:
+    """(AESGCM, a function making an AES-ECB encryptor's ``update`` from a key, the AEAD's
+    authentication failure), imported on
+    the first QUIC Initial, not at start-up: cryptography's bindings cost more to load
+    than a whole short pcap read."""
+    global _cipher_makers
+    if _cipher_makers is None:
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        ecb = modes.ECB()
+
+        def ecb_encrypt(key: bytes):
+            # ECB is stateless per block, so one encryptor context serves every packet.
+            return Cipher(algorithms.AES(key), ecb).encryptor().update
+
+        _cipher_makers = AESGCM, ecb_encrypt, InvalidTag
+    return _cipher_makers
 
 
 class InitialKeys:
@@ -108,16 +160,11 @@ class InitialKeys:
     __slots__ = ("aead", "iv", "header_mask")
 
     def __init__(self, dcid: bytes, version: int):
-        # Imported on the first QUIC Initial, not at start-up: cryptography's bindings cost
-        # more to load than a whole short pcap read.
-        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
+        aesgcm, ecb_encrypt, _invalid_tag = _ciphers()
         key, iv, hp = derive_initial_keys(dcid, version)
-        self.aead = AESGCM(key)
+        self.aead = aesgcm(key)
         self.iv = int.from_bytes(iv, "big")
-        # ECB is stateless per block, so one encryptor context serves every packet.
-        self.header_mask = Cipher(algorithms.AES(hp), modes.ECB()).encryptor().update
+        self.header_mask = ecb_encrypt(hp)
 
 
 def _varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
@@ -181,11 +228,9 @@ def decrypt_initial(payload: bytes, pn_offset: int, packet_end: int, keys: Initi
     header = (bytes((first,)) + payload[1:pn_offset]
               + packet_number.to_bytes(pn_len, "big"))
     nonce = (keys.iv ^ packet_number).to_bytes(12, "big")
-    from cryptography.exceptions import InvalidTag
-
     try:
         return keys.aead.decrypt(nonce, payload[pn_end:packet_end], header)
-    except InvalidTag:
+    except _ciphers()[2]:
         raise DecodeError("quic_decrypt_failed") from None
 
 
