@@ -45,6 +45,7 @@ def decoder_interest(signatures, flow_addresses: set | None = None) -> Interest:
     return Interest(dns_screen=screen[0] if screen else None,
                     text_labels=screen[1] if screen else None,
                     fingerprints=signatures.has_fingerprints or screen is None,
+                    ip_literal_paths=signatures.has_standalone_paths,
                     flow_ports=FLOW_EVIDENCE_PORTS, flow_addresses=flow_addresses)
 
 

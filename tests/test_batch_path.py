@@ -16,7 +16,7 @@ from scapy.layers.l2 import Dot1Q, Ether
 
 from sensor.capture.pcapfile import open_capture
 from sensor.decode.packet import DecoderConfig, PacketDecoder
-from sensor.records import ClientHello
+from sensor.records import ClientHello, HttpRequest
 from sensor.detect.signatures import default_signature_paths, load_signatures
 from sensor.pipeline import decoder_interest
 from sensor.stats import Stats
@@ -54,9 +54,13 @@ def _batch(frames) -> tuple[bytes, bytes]:
 
 
 def _outcome(decoder: PacketDecoder, records: list) -> tuple:
+    """Records, counters and the stream table, each stream with what decides how its later
+    segments are read (kind, requests handed out, bytes consumed and buffered)."""
     s = decoder.stats
+    streams = sorted((key, st.kind, st.items, st.consumed, bytes(st.buf), sorted(st.pending))
+                     for key, st in decoder.streams.streams.items())
     return ([repr(r) for r in records], s.packets, s.bytes, s.decoded, dict(s.malformed),
-            dict(s.capture_loss), sorted(decoder.streams.bypass), sorted(decoder.streams.streams))
+            dict(s.capture_loss), sorted(decoder.streams.bypass), streams)
 
 
 def _one_by_one(frames) -> tuple:
@@ -171,6 +175,109 @@ def test_what_the_fast_path_keeps_from_the_full_decoder(network, tagged, server_
     assert decoder.stats.packets == len(frames) - len(kept)
     assert sorted(decoder.streams.bypass) == [], "the FINs closed the settled streams"
     assert decoder.stats.decoded == len(frames)
+
+
+def _http_frames(network, requests: list[bytes]) -> dict[str, bytes]:
+    """One HTTP connection: SYN, SYN-ACK, ``requests`` one segment each (keep-alive), FINs."""
+    client, server = (("192.0.2.10", "198.51.100.20") if network is IP
+                      else ("2001:db8::10", "2001:db8:1::20"))
+    up = Ether() / network(src=client, dst=server)
+    down = Ether() / network(src=server, dst=client)
+    seq = 5000
+    frames = {
+        "syn": up / TCP(sport=50001, dport=80, flags="S", seq=seq - 1),
+        "syn_ack": down / TCP(sport=80, dport=50001, flags="SA", seq=900, ack=seq),
+    }
+    for n, request in enumerate(requests):
+        frames[f"request{n}"] = up / TCP(sport=50001, dport=80, flags="PA", seq=seq, ack=901) / request
+        seq += len(request)
+    frames["fin"] = up / TCP(sport=50001, dport=80, flags="FA", seq=seq, ack=901)
+    frames["server_fin"] = down / TCP(sport=80, dport=50001, flags="FA", seq=901, ack=seq + 1)
+    return {name: bytes(frame) for name, frame in frames.items()}
+
+
+def _get(host: bytes, path: bytes = b"/files/a.bin", extra: bytes = b"") -> bytes:
+    return b"GET " + path + b" HTTP/1.1\r\nHost: " + host + b"\r\nAccept: */*\r\n" + extra + b"\r\n"
+
+
+@pytest.mark.parametrize("requests, kept, hosts", [
+    ([_get(b"www.example.org")], [], []),
+    ([_get(b"S07.UPD.Kaspersky.com")], ["request0"], ["S07.UPD.Kaspersky.com"]),
+    ([_get(b"10.0.0.5:8060", b"/Updates/index/u0607g.xml")], ["request0"], ["10.0.0.5"]),
+    ([_get(b"[fd00::5]", b"/Updates/index/u0607g.xml")], ["request0"], ["fd00::5"]),
+    ([_get(b"www.example.org"), _get(b"dnl-03.geo.kaspersky.com")], ["request1"],
+     ["dnl-03.geo.kaspersky.com"]),
+    ([_get(b"www.example.org", extra=b"Content-Length: 4\r\n") + b"body"], ["request0"], []),
+], ids=["ruled-out", "kaspersky-host", "ip-literal-host", "ipv6-literal-host",
+        "second-request-on-the-connection", "request-with-body"])
+@pytest.mark.parametrize("network", [IP, IPv6], ids=["ipv4", "ipv6"])
+def test_what_the_fast_path_keeps_of_http_requests(network, requests, kept, hosts):
+    """A request head that fills its segment and names no indicator (nor an IP-literal
+    host, on which a URL path alone can match) is read into the stream on the buffer and
+    dropped unparsed, as the full decoder drops it; the stream stays open, so a later
+    request on the same connection is still read.  A segment carrying more than the head
+    takes the full path.  Either way the outcome equals decoding frame by frame."""
+    frames = _http_frames(network, requests)
+    stamped = [(1_700_000_000 + i * 0.001, data) for i, data in enumerate(frames.values())]
+    decoder = _decoder()
+    decoder.expire(1_700_000_000)
+    buf, meta = _batch(stamped)
+    names = list(frames)
+    yielded = []
+    found = []
+    for ts, frame, _ in decoder.ethernet_batch(buf, meta):
+        yielded.append(names[list(frames.values()).index(frame)])
+        found += [r.host.text for r in decoder.decode(ts, 1, frame) if isinstance(r, HttpRequest)]
+    assert yielded == kept
+    assert found == hosts
+    assert _batched(stamped) == _one_by_one(stamped)
+
+
+_HOSTS = [b"s07.upd.kaspersky.com", b"DNL-03.GEO.Kaspersky.COM", b"activation-v2.kaspersky.com",
+          b"10.0.0.5", b"192.168.1.20:8060", b"[fd00::5]", b"[fd00::5]:8080", b"fd00::5",
+          b"www.example.org", b"update.example.com:8080", b"kaspersky.example", b"1password.com"]
+_PATHS = [b"/Updates/index/u0607g.xml", b"/diffs/bases/av/kdb/i386/kdb.kdc",
+          b"/activationservice/activationservice.svc", b"/index.html", b"/"]
+
+
+@st.composite
+def request_heads(draw):
+    host, path = draw(st.sampled_from(_HOSTS)), draw(st.sampled_from(_PATHS))
+    form = draw(st.sampled_from(["origin", "absolute", "connect", "folded", "spaced"]))
+    if form == "absolute":
+        return b"GET http://" + host + path + b" HTTP/1.1\r\nAccept: */*\r\n\r\n"
+    if form == "connect":
+        return b"CONNECT " + host + b":443 HTTP/1.1\r\n\r\n"
+    if form == "folded":
+        return b"GET " + path + b" HTTP/1.1\r\nHost:\r\n " + host + b"\r\n\r\n"
+    name = b"  HOST  " if form == "spaced" else b"Host"
+    return b"GET " + path + b" HTTP/1.1\r\n" + name + b": " + host + b"\r\nUser-Agent: x/1.0\r\n\r\n"
+
+
+@settings(max_examples=400, deadline=None)
+@given(request_heads())
+def test_the_request_screen_passes_every_request_that_can_match(head):
+    """request_may_match may pass requests that cannot match (they are parsed, that is
+    all), never the reverse: any request the full decoder and detector would report is
+    let through, whether by its host's labels or as an IP-literal host with a URL path."""
+    from sensor.decode.http import parse_http_request
+    from sensor.detect.engine import Detector
+    from sensor.records import DecodeError, PacketContext
+
+    ctx = PacketContext(1.0, "192.0.2.10", "198.51.100.20", 50001, 80, "tcp", 4, "", "")
+    try:
+        request = parse_http_request(head, ctx)
+    except DecodeError:
+        return
+    if Detector(SIGNATURES, Stats()).detect(request):
+        assert _decoder().interest.request_may_match(head)
+
+
+def test_the_request_screen_rules_out_ordinary_requests():
+    interest = _decoder().interest
+    assert not interest.request_may_match(_get(b"www.example.org"))
+    assert not interest.request_may_match(_get(b"cdn2.example.net", b"/10.0.0.5/index/u0607g.xml"))
+    assert interest.request_may_match(_get(b"10.0.0.5:8060", b"/Updates/index/u0607g.xml"))
 
 
 @st.composite

@@ -7,6 +7,7 @@ QUIC Initial, DHCP, flow starts).  Everything else leaves after a few integer ch
 
 from __future__ import annotations
 
+import re
 import socket
 import struct
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from . import dns, http, tls
 from .capture_loss import CaptureLoss
 from .fragments import Reassembler
 from .link import ETH_IPV4, ETH_IPV6, ETH_TEB, LINK_DECODERS, ethernet, format_mac
-from .tcp_stream import KIND_HTTP, KIND_TLS, SEQ_MOD, SEQ_WINDOW, StreamTable
+from .tcp_stream import HTTP_FIRST_BYTES, KIND_HTTP, KIND_TLS, SEQ_MOD, SEQ_WINDOW, StreamTable
 from .tunnels import GENEVE_PORT, VXLAN_PORT, geneve, gre, vxlan
 
 _u16 = struct.Struct("!H").unpack_from
@@ -45,6 +46,12 @@ _DNS_PORT_BYTES = b"\x00\x35"  # 53 as a header carries it
 _DNS_QR = 0x8000
 _DNS_HEADER_LEN = 12
 MDNS_PORT = 5353
+# A lower-cased request head whose host may be an IP literal (engine._is_ip_literal): the
+# request line's target or a Host value (after any whitespace or line folding) starting
+# with a digit or '[', or holding a ':' before the line ends.  Loose on purpose: a false
+# positive only costs a parse.
+_MAYBE_IP_LITERAL_HOST = re.compile(
+    rb"\A[^ \r\n]* +[^ \r\n/]*?(?:[0-9\[]|:)|\n[ \t]*host[ \t]*:[ \t\r\n]*(?:[0-9\[]|[^\r\n]*:)")
 QUIC_SERVER_PORT_LIMIT = 1024  # quic.SERVER_PORT_LIMIT: a well-known port is a server's
 RESOLVER_REPORT_INTERVAL = 60.0  # seconds between two reports of one DNS server
 RESOLVER_REPORT_TABLE = 65536
@@ -78,6 +85,8 @@ class Interest:
       DNS messages that miss still tell the tracker who answers DNS: a header-only
       DnsMessage goes out once per server and RESOLVER_REPORT_INTERVAL.
     * ``fingerprints``: the signatures match JA3/JA4, so every ClientHello is parsed.
+    * ``ip_literal_paths``: a URL path alone matches when the request names an IP-literal
+      host (an update mirror), so such requests are parsed whatever their labels.
     * ``flow_ports`` and ``flow_addresses``: a flow start is only evidence towards these
       ports ((transport, port) pairs) or these addresses (packed bytes, the tracker's
       answer cache, shared and updated in place); ``flow_addresses=None`` means every
@@ -87,6 +96,7 @@ class Interest:
     dns_screen: object = None
     text_labels: tuple | None = None
     fingerprints: bool = True
+    ip_literal_paths: bool = True
     flow_ports: frozenset = frozenset()
     flow_addresses: set | None = None
 
@@ -105,6 +115,19 @@ class Interest:
             if label in lowered:
                 return True
         return False
+
+    def request_may_match(self, head: bytes) -> bool:
+        """The same test on an HTTP request head (what http.parse_http_request reads),
+        which also passes any head whose host may be an IP literal when URL paths alone
+        can match: a Host or target authority that starts with a digit or '[' or holds a
+        ':' (a port, or an IPv6 address)."""
+        if self.text_labels is None:
+            return True
+        lowered = head[:http.MAX_HEAD].lower()
+        for label in self.text_labels:
+            if label in lowered:
+                return True
+        return self.ip_literal_paths and _MAYBE_IP_LITERAL_HOST.search(lowered) is not None
 
 
 class PacketDecoder:
@@ -165,6 +188,9 @@ class PacketDecoder:
         * a ClientHello's segments in order after a seen SYN (StreamTable.settle_hello): the
           first of a hello that needs more is held in the stream table, and the one that
           completes a hello the Interest's labels rule out bypasses the stream;
+        * an HTTP request head that opens a stream whose SYN was seen, fills its segment and
+          is ruled out by the Interest (StreamTable.settle_request): read into the stream,
+          which stays open for the connection's later requests, and dropped unparsed;
         * the first segment of a stream not seen before that opens with a handshake record
           holding no ClientHello (StreamTable.settle_server_flight): a server's flight, one
           per TLS connection.  The capture filter passes it, as it looks only at the
@@ -193,6 +219,9 @@ class PacketDecoder:
         settle_flight = self.streams.settle_server_flight
         hello_may_match = interest.hello_may_match if interest is not None \
             and interest.screens_hellos else None
+        request_may_match = interest.request_may_match if interest is not None \
+            and interest.text_labels is not None else None
+        settle_request = self.streams.settle_request
         loss_syn = loss.syn
         yielded = yielded_bytes = 0
         next_expiry = self._next_expiry
@@ -266,6 +295,11 @@ class PacketDecoder:
                                         and buf[l4:l4 + 2] != _DNS_PORT_BYTES \
                                         and buf[l4 + 2:l4 + 4] != _DNS_PORT_BYTES \
                                         and settle_flight(key, seq):
+                                    settled = True
+                                elif request_may_match is not None \
+                                        and buf[start] in HTTP_FIRST_BYTES and settle_request(
+                                            key, seq, buf[start:ip_end], request_may_match,
+                                            (sec * units + fraction) / units):
                                     settled = True
                                 else:
                                     settled = hello_may_match is not None and settle_hello(
@@ -516,7 +550,9 @@ class PacketDecoder:
         interest = self.interest
         ctx = None
         for kind, buf in items:
-            if kind == KIND_TLS and interest is not None and not interest.hello_may_match(buf):
+            if interest is not None and (
+                    not interest.hello_may_match(buf) if kind == KIND_TLS
+                    else kind == KIND_HTTP and not interest.request_may_match(buf)):
                 continue
             if ctx is None:
                 ctx = self._context(ts, src, dst, sport, dport, "tcp", version, src_mac, dst_mac,

@@ -142,6 +142,25 @@ class StreamTable:
         self._finish(key, st)
         return True
 
+    def settle_request(self, key: tuple, seq: int, payload: bytes, may_match, ts: float) -> bool:
+        """``segment`` without the decoder's work on what it returns, for a segment that opens
+        a stream whose SYN was seen and ends where its first header block does (a request
+        without a body, the commonest), when ``may_match`` (see
+        decode.packet.Interest.request_may_match) rules the segment out.  The only item
+        ``segment`` can return then is the whole segment as a request head, which the
+        decoder would drop unparsed for the same reason; the stream is left as ``segment``
+        leaves it, so later requests on the connection are still read.  False changes
+        nothing."""
+        st = self.streams.get(key)
+        if st is None or not st.syn or st.kind != KIND_UNKNOWN or st.buf or st.pending \
+                or seq != st.base or payload[-1:] != b"\n":
+            return False
+        end = _HEADER_END.search(payload)
+        if end is None or end.end() != len(payload) or may_match(payload):
+            return False
+        self.segment(key, seq, payload, ts, False)
+        return True
+
     def settle_server_flight(self, key: tuple, seq: int) -> bool:
         """What ``segment`` concludes for a non-DNS stream first seen at a segment of six or
         more bytes that opens with a handshake record whose message type (the sixth byte) is

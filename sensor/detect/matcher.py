@@ -212,6 +212,11 @@ class SignatureSet:
     def has_fingerprints(self) -> bool:
         return bool(self._ja3 or self._ja4)
 
+    @property
+    def has_standalone_paths(self) -> bool:
+        """Whether a URL path alone can match, on a request to an IP-literal Host."""
+        return self._has_standalone_path
+
     def name_screen(self) -> tuple[re.Pattern, tuple[bytes, ...]] | None:
         """What any payload holding a matching name must contain: a byte regex for DNS wire
         format (length-prefixed labels) and lower-case labels for text (SNI, Host), each of
