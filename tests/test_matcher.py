@@ -16,7 +16,8 @@ from sensor.detect.matcher import SignatureSet, pattern_zone
 from sensor.detect.signatures import default_signature_paths, load_signatures
 from sensor.records import DomainName, Signature
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "kaspersky-endpoints.md"
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT.parent / "shared" / "reference" / "kaspersky-endpoints.md"
 
 REFERENCE_CATEGORIES = {
     "update": "update",
@@ -379,3 +380,47 @@ def test_random_fingerprints_never_raise(shipped, text):
     assert shipped.match_ja3(text) is None
     assert shipped.match_ja4(text) is None
 
+
+
+def _shipped_name_examples() -> list[str]:
+    """Names every shipped name indicator matches: its exact name, its suffix alone and
+    under a label, and the expansions of its pattern, each also in upper case."""
+    entries = yaml.safe_load((ROOT / "signatures" / "kaspersky.yaml").read_text(encoding="utf-8"))["indicators"]
+    names = []
+    for entry in entries:
+        if "exact" in entry:
+            names.append(entry["exact"])
+        elif "suffix" in entry:
+            names += [entry["suffix"].lstrip("."), "a7-x." + entry["suffix"].lstrip(".")]
+        elif "pattern" in entry:
+            names += expand(entry["pattern"])[:50]
+    return names + [text.upper() for text in names]
+
+
+def test_the_name_screen_passes_every_shipped_indicator(shipped):
+    """The decoder drops DNS messages, ClientHellos and HTTP requests that hold none of the
+    screen's labels, so every name that matches must hold one: in wire format (the DNS
+    screen) and as text (a substring of the lower-cased name, the hello and request
+    screen)."""
+    wire_screen, text_labels = shipped.name_screen()
+    checked = 0
+    for text in _shipped_name_examples():
+        domain = name(text)
+        if shipped.match_name(domain) is None:
+            continue
+        wire = b"".join(bytes((len(label),)) + label for label in domain.labels) + b"\0"
+        assert wire_screen.search(wire), text
+        assert any(label in text.lower().encode() for label in text_labels), text
+        checked += 1
+    assert checked > 100
+
+
+def test_the_name_screen_keeps_few_distinctive_labels(shipped):
+    """One text label per substring search on each hello: the shipped set's indicators
+    share "kaspersky", which covers "kaspersky-labs" too; no label is short enough to
+    pass ordinary names."""
+    _, text_labels = shipped.name_screen()
+    assert b"kaspersky" in text_labels and b"kaspersky-labs" not in text_labels
+    assert len(text_labels) <= 5
+    assert all(len(label) >= 5 for label in text_labels)
+    assert not any(label in b"www.example.com api.geo.cdn.example.net" for label in text_labels)

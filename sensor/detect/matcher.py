@@ -21,6 +21,7 @@ import re
 import re._parser as regex_parser
 import re._constants as regex_constants
 import time
+from collections import Counter
 
 from ..records import PLAIN_LABEL_BYTES, DomainName, Signature, escape_label_bytes
 
@@ -32,6 +33,7 @@ MAX_PATTERN_TEXT = 1024
 """Names whose presentation text is longer than this skip regex indicators.  No real
 DNS name is longer than 253 characters (1012 when every byte is escaped), and the cap
 keeps an attacker-sized SNI from feeding long input to a regex."""
+MIN_SCREEN_LABEL = 5  # bytes; shorter labels ("com", "geo", "upd") are too common to screen on
 
 _ZONE_LABEL = re.compile(r"[a-z0-9_-]{1,63}")
 
@@ -219,34 +221,49 @@ class SignatureSet:
 
     def name_screen(self) -> tuple[re.Pattern, tuple[bytes, ...]] | None:
         """What any payload holding a matching name must contain: a byte regex for DNS wire
-        format (length-prefixed labels) and lower-case labels for text (SNI, Host), each of
-        which a matching text name has followed by a dot.
+        format (length-prefixed labels) and lower-case labels for text (SNI, Host), one of
+        which a matching text name contains.
 
         Every exact, suffix and pattern indicator sits at least two labels deep, so a
-        matching name carries the indicator's longest label below the top level
+        matching name carries each of the indicator's labels below the top level
         ("kaspersky" for ``kaspersky.com.tr`` and ``*.upd.kaspersky.com``).  In wire format
         that label is preceded by its length byte, also under compression, which points at
         an earlier literal copy.  A payload with none of them cannot match, and the decoder
         skips building records for it: the cheap miss path for the 99% of DNS and
         ClientHellos that are not Kaspersky's.  None when an indicator sits on a top-level
-        label alone, which no screen can cover."""
+        label alone, which no screen can cover.
+
+        Each indicator is screened by the label of its own that the most indicators share,
+        counting only labels of MIN_SCREEN_LABEL bytes or more (a short one such as "com" or
+        "geo" would pass most names), then the longest: "kaspersky" rather than
+        "activation" for ``activation.kaspersky.com``.  Every text label is one substring
+        search over each ClientHello and request head, so fewer is cheaper, and a text
+        label holding another one is dropped ("kaspersky" covers "kaspersky-labs")."""
         root = self._root
         if root.exact or root.suffix or root.patterns:
             return None
-        labels = set()
+        paths = []
         pending = [(tld, ()) for tld in root.children.values()]
         while pending:
             node, path = pending.pop()
             if node.exact or node.suffix or node.patterns:
                 if not path:
                     return None
-                labels.add(max(path, key=len))
+                paths.append(path)
             pending.extend((child, path + (label,)) for label, child in node.children.items())
-        if not labels:
+        if not paths:
             return None
+        shared = Counter(label for path in paths for label in set(path))
+
+        def preference(label: bytes) -> tuple:
+            return (shared[label] if len(label) >= MIN_SCREEN_LABEL else 0, len(label), label)
+
+        labels = {max(path, key=preference) for path in paths}
         ordered = sorted(labels, key=lambda label: (-len(label), label))
         wire = b"|".join(re.escape(bytes((len(label),)) + label) for label in ordered)
-        return re.compile(wire, re.IGNORECASE), tuple(label + b"." for label in ordered)
+        text = tuple(label for label in ordered
+                     if not any(other != label and other in label for other in labels))
+        return re.compile(wire, re.IGNORECASE), text
 
     def match_path(self, path: str, name_sig: Signature | None) -> Signature | None:
         """Strongest path indicator matching at the start of ``path``; a path tied to name
