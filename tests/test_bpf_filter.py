@@ -347,6 +347,9 @@ def _ip(v6: bool, to_server: bool):
 CASES = {
     # name: (builder(v6, to_server) -> layers, passes)
     "syn": (lambda v6: _ip(v6, True) / TCP(sport=51000, dport=443, flags="S"), True),
+    "syn_ack": (lambda v6: _ip(v6, False) / TCP(sport=443, dport=51000, flags="SA"), False),
+    "syn_ack_from_dns_over_tcp": (lambda v6: _ip(v6, False) / TCP(sport=53, dport=51000, flags="SA"), True),
+    "rst_ack_from_server": (lambda v6: _ip(v6, False) / TCP(sport=443, dport=51000, flags="RA"), True),
     "fin_from_server": (lambda v6: _ip(v6, False) / TCP(sport=443, dport=51000, flags="FA"), True),
     "client_hello_first_segment": (lambda v6: _ip(v6, True) / TCP(sport=51000, dport=443, flags="A")
                                    / Raw(b"\x16\x03\x01\x07\x00\x01" + bytes(1400)), True),

@@ -7,7 +7,9 @@ packets it rejects never become Python objects.  What must pass:
   ports, QUIC long-header packets (Initials), tunnels (VXLAN, Geneve, GRE/ERSPAN,
   IP-in-IP, 6in4), IP fragments, MPLS and PPPoE frames, IPv4 with options, IPv6 with
   extension headers.
-* Every TCP SYN, FIN and RST: flow starts drive ``dns_answer_flow`` and ``ksc_port``.
+* Every TCP SYN (but a SYN-ACK), FIN and RST: flow starts drive ``dns_answer_flow`` and
+  ``ksc_port``, ends close streams and judge capture loss.  A SYN-ACK carries nothing the
+  decoder reads but on port 53 (DNS over TCP), which passes whole.
 * TCP payload that may be the start of a client's stream: a segment that opens with a
   TLS handshake record or an HTTP method, whatever the ports, and any segment sent
   towards the lower port or a port below 1024.  Clients use ephemeral ports above the
@@ -17,7 +19,7 @@ packets it rejects never become Python objects.  What must pass:
   keeps them when the server's port is below 1024; a hello to a server on an ephemeral
   port above its client's loses the segments after its first.
 
-What it drops: pure ACKs, server-to-client data, RTP and other UDP media, QUIC
+What it drops: pure ACKs, SYN-ACKs, server-to-client data, RTP and other UDP media, QUIC
 short-header (1-RTT) packets.  Client-to-server data past the hello still passes and is
 shed by the decoder's per-flow bypass, as is the server's TLS flight, which opens with a
 handshake record (StreamTable.settle_server_flight).
@@ -113,7 +115,8 @@ def _fixed_tcp(base: str, l4: int, payload_len: str) -> str:
     doff = f"(({base}[{l4 + 12}] & 0xf0) >> 2)"
     sport, dport = f"{base}[{l4}:2]", f"{base}[{l4 + 2}:2]"
     ports = " or ".join(f"{sport} == {p} or {dport} == {p}" for p in TCP_PORTS)
-    return (f"({base}[{l4 + 13}] & 0x07 != 0 or {ports} or "
+    flags = f"{base}[{l4 + 13}]"
+    return (f"(({flags} & 0x07 != 0 and {flags} & 0x12 != 0x12) or {ports} or "
             + _client_payload(f"{payload_len} > {doff}", sport, dport,
                               f"{base}[{l4} + {doff}]", f"{base}[{l4} + {doff}:4]") + ")")
 
