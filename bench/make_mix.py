@@ -103,14 +103,15 @@ class Template:
 
 
 class Mix:
-    def __init__(self, rng: random.Random):
+    def __init__(self, rng: random.Random, max_bulk_segments: int = MAX_BULK_SEGMENTS):
         self.rng = rng
+        self.max_bulk_segments = max_bulk_segments
         self.templates = {(v6, vlan, tcp): Template(v6, vlan, tcp)
                           for v6 in (False, True) for vlan in (False, True) for tcp in (False, True)}
         self.hellos = self._hello_pool()
         self.server_flights, self.client_finishes, self.requests = self._tls_pools()
         record = b"\x17\x03\x03" + struct.pack("!H", TLS_RECORD_BODY) + rng.randbytes(TLS_RECORD_BODY)
-        self.tls_bulk = record * (MAX_BULK_SEGMENTS * MSS // len(record) + 1)
+        self.tls_bulk = record * (max_bulk_segments * MSS // len(record) + 1)
         self.http_body = rng.randbytes(MSS)
         self.quic_protect, self.quic_hellos = self._quic_pool()
         self.names_used: dict[str, int] = {}
@@ -205,7 +206,8 @@ class Mix:
             yield tpl.frame(c2s, piece, cseq, sseq, ACK | PSH)
             cseq += len(piece)
         upload = kind == "upload"
-        segments = rng.randrange(20, MAX_BULK_SEGMENTS) if kind != "http" else rng.randrange(2, 60)
+        segments = (rng.randrange(20, self.max_bulk_segments) if kind != "http"
+                    else rng.randrange(2, 60))
         if kind == "http":
             header = (f"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
                       f"Content-Length: {segments * MSS}\r\n\r\n").encode()
@@ -297,9 +299,10 @@ class Mix:
         return self.rtp_flow()
 
 
-def write_mix(path: Path, packets: int, seed: int = SEED) -> dict:
+def write_mix(path: Path, packets: int, seed: int = SEED,
+              max_bulk_segments: int = MAX_BULK_SEGMENTS) -> dict:
     rng = random.Random(seed)
-    mix = Mix(rng)
+    mix = Mix(rng, max_bulk_segments)
     flows = [mix.new_flow() for _ in range(CONCURRENT_FLOWS)]
     pending: list[bytes] = []
     written = 0
@@ -332,6 +335,7 @@ def write_mix(path: Path, packets: int, seed: int = SEED) -> dict:
                 chunk.clear()
         out.write(b"".join(chunk))
     truth = {"generator": GENERATOR, "packets": written, "frame_bytes": total_bytes, "seed": seed,
+             "max_bulk_segments": max_bulk_segments,
              "kaspersky_names": sorted(n for n in mix.names_used if n in KASPERSKY_NAMES),
              "names": dict(sorted(mix.names_used.items()))}
     path.with_suffix(".json").write_text(json.dumps(truth, indent=1) + "\n")
@@ -343,8 +347,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--packets", type=int, default=1_000_000)
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "mix.pcap")
+    parser.add_argument("--max-bulk-segments", type=int, default=MAX_BULK_SEGMENTS,
+                        help="longest TLS transfer in segments (more connections when lower: "
+                             "60 gives about twice as many as the default)")
     args = parser.parse_args(argv)
-    truth = write_mix(args.out, args.packets, args.seed)
+    if args.max_bulk_segments < 21:
+        parser.error("--max-bulk-segments must be at least 21")
+    truth = write_mix(args.out, args.packets, args.seed, args.max_bulk_segments)
     print(f"{args.out}: {truth['packets']:,} packets, {truth['frame_bytes'] / 1e6:,.0f} MB of frames, "
           f"Kaspersky names: {', '.join(truth['kaspersky_names'])}")
     return 0
