@@ -107,6 +107,25 @@ def test_the_batch_path_really_skips_something():
     assert yielded < len(frames) * 0.9
 
 
+def _one_ms_apart(frames: dict[str, bytes]) -> list[tuple[float, bytes]]:
+    return [(1_700_000_000 + i * 0.001, data) for i, data in enumerate(frames.values())]
+
+
+def _through_the_fast_path(frames: dict[str, bytes]) -> tuple[PacketDecoder, list[str], list]:
+    """One connection's frames through the batch path, what it yields decoded in full:
+    (the decoder, the names of the frames that reached the full decoder, their records)."""
+    decoder = _decoder()
+    decoder.expire(1_700_000_000)  # else the first frame takes the full path to run expiry
+    buf, meta = _batch(_one_ms_apart(frames))
+    names = list(frames)
+    yielded = []
+    records = []
+    for ts, frame, _ in decoder.ethernet_batch(buf, meta):
+        yielded.append(names[list(frames.values()).index(frame)])
+        records += decoder.decode(ts, 1, frame)
+    return decoder, yielded, records
+
+
 def _flow_frames(network, tagged: bool, server_name: bytes, post_quantum: bool = False) -> dict[str, bytes]:
     """One TLS connection, frame by frame: the client's hello (in two segments when
     ``post_quantum``, its SNI in the second), then what the fast path must keep out of
@@ -161,15 +180,8 @@ def test_what_the_fast_path_keeps_from_the_full_decoder(network, tagged, server_
     it and bare FINs are judged on the buffer, never sliced out and decoded.  The segment
     that completes a hello that may name one goes to the full decoder, which parses it."""
     frames = _flow_frames(network, tagged, server_name, post_quantum)
-    decoder = _decoder()
-    decoder.expire(1_700_000_000)  # else the first frame takes the full path to run expiry
-    buf, meta = _batch([(1_700_000_000 + i * 0.001, data) for i, data in enumerate(frames.values())])
-    names = list(frames)
-    yielded = []
-    hellos = []
-    for ts, frame, _ in decoder.ethernet_batch(buf, meta):
-        yielded.append(names[list(frames.values()).index(frame)])
-        hellos += [r.server_name.text for r in decoder.decode(ts, 1, frame) if isinstance(r, ClientHello)]
+    decoder, yielded, records = _through_the_fast_path(frames)
+    hellos = [r.server_name.text for r in records if isinstance(r, ClientHello)]
     assert yielded == kept
     assert hellos == ([server_name.decode()] if kept else [])
     assert decoder.stats.packets == len(frames) - len(kept)
@@ -218,18 +230,10 @@ def test_what_the_fast_path_keeps_of_http_requests(network, requests, kept, host
     request on the same connection is still read.  A segment carrying more than the head
     takes the full path.  Either way the outcome equals decoding frame by frame."""
     frames = _http_frames(network, requests)
-    stamped = [(1_700_000_000 + i * 0.001, data) for i, data in enumerate(frames.values())]
-    decoder = _decoder()
-    decoder.expire(1_700_000_000)
-    buf, meta = _batch(stamped)
-    names = list(frames)
-    yielded = []
-    found = []
-    for ts, frame, _ in decoder.ethernet_batch(buf, meta):
-        yielded.append(names[list(frames.values()).index(frame)])
-        found += [r.host.text for r in decoder.decode(ts, 1, frame) if isinstance(r, HttpRequest)]
+    _, yielded, records = _through_the_fast_path(frames)
     assert yielded == kept
-    assert found == hosts
+    assert [r.host.text for r in records if isinstance(r, HttpRequest)] == hosts
+    stamped = _one_ms_apart(frames)
     assert _batched(stamped) == _one_by_one(stamped)
 
 
