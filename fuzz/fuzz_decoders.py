@@ -72,9 +72,13 @@ def _split_frames(data: bytes) -> list[bytes]:
 
 
 def _outcome(decoder, records) -> tuple:
+    """As tests/test_batch_path.py compares them: records, counters, the stream table with
+    what decides how each stream's later segments are read."""
     s = decoder.stats
+    streams = sorted((key, st.kind, st.items, st.consumed, bytes(st.buf), sorted(st.pending))
+                     for key, st in decoder.streams.streams.items())
     return ([repr(r) for r in records], s.packets, s.decoded, dict(s.malformed), dict(s.capture_loss),
-            sorted(decoder.streams.bypass))
+            sorted(decoder.streams.bypass), streams)
 
 
 def one_batch(data: bytes) -> None:
