@@ -18,6 +18,8 @@ from . import dns, http, tls
 from .capture_loss import CaptureLoss
 from .fragments import Reassembler
 from .link import ETH_IPV4, ETH_IPV6, ETH_TEB, LINK_DECODERS, ethernet, format_mac
+from .quic import SERVER_PORT_LIMIT as QUIC_SERVER_PORT_LIMIT
+from .quic import QuicInitialTable, looks_like_quic_initial
 from .tcp_stream import HTTP_FIRST_BYTES, KIND_HTTP, KIND_TLS, SEQ_MOD, SEQ_WINDOW, StreamTable
 from .tunnels import GENEVE_PORT, VXLAN_PORT, geneve, gre, vxlan
 
@@ -52,7 +54,6 @@ MDNS_PORT = 5353
 # positive only costs a parse.
 _MAYBE_IP_LITERAL_HOST = re.compile(
     rb"\A[^ \r\n]* +[^ \r\n/]*?(?:[0-9\[]|:)|\n[ \t]*host[ \t]*:[ \t\r\n]*(?:[0-9\[]|[^\r\n]*:)")
-QUIC_SERVER_PORT_LIMIT = 1024  # quic.SERVER_PORT_LIMIT: a well-known port is a server's
 RESOLVER_REPORT_INTERVAL = 60.0  # seconds between two reports of one DNS server
 RESOLVER_REPORT_TABLE = 65536
 
@@ -108,13 +109,7 @@ class Interest:
     def hello_may_match(self, hello: bytes) -> bool:
         """Substring tests on the lower-cased hello: a case-insensitive regex over 2 KB of
         key shares costs a hundred times more."""
-        if not self.screens_hellos:
-            return True
-        lowered = hello.lower()
-        for label in self.text_labels:
-            if label in lowered:
-                return True
-        return False
+        return not self.screens_hellos or self._holds_label(hello.lower())
 
     def request_may_match(self, head: bytes) -> bool:
         """The same test on an HTTP request head (what http.parse_http_request reads),
@@ -124,10 +119,14 @@ class Interest:
         if self.text_labels is None:
             return True
         lowered = head[:http.MAX_HEAD].lower()
+        return self._holds_label(lowered) or (
+            self.ip_literal_paths and _MAYBE_IP_LITERAL_HOST.search(lowered) is not None)
+
+    def _holds_label(self, lowered: bytes) -> bool:
         for label in self.text_labels:
             if label in lowered:
                 return True
-        return self.ip_literal_paths and _MAYBE_IP_LITERAL_HOST.search(lowered) is not None
+        return False
 
 
 class PacketDecoder:
@@ -143,15 +142,8 @@ class PacketDecoder:
         self.udp_flows: dict[bytes, None] = {}
         self.resolver_reports: dict[bytes, float] = {}
         self.recent: dict[int, float] = {}
-        self.quic = None
+        self.quic = QuicInitialTable(stats)
         self._next_expiry = 0.0
-        try:
-            from .quic import QuicInitialTable, looks_like_quic_initial
-        except ImportError:
-            self._looks_like_quic = None
-        else:
-            self.quic = QuicInitialTable(stats)
-            self._looks_like_quic = looks_like_quic_initial
         try:
             from .dhcp import parse_dhcp
         except ImportError:
@@ -363,8 +355,7 @@ class PacketDecoder:
         self.streams.expire(now)
         self.fragments.expire(now)
         self.loss.expire(now)
-        if self.quic is not None:
-            self.quic.expire(now)
+        self.quic.expire(now)
 
     def finish(self) -> None:
         self.fragments.flush()
@@ -596,7 +587,7 @@ class PacketDecoder:
             return
         is_dns = dport in DNS_PORTS or sport in DNS_PORTS
         is_dhcp = dport in DHCP_PORTS and sport in DHCP_PORTS
-        quic = (self._looks_like_quic is not None and start < end and data[start] & 0xC0 == 0xC0
+        quic = (start < end and data[start] & 0xC0 == 0xC0
                 and not is_dns and not is_dhcp)
         interest = self.interest
         if is_dns and interest is not None and interest.dns_screen is not None \
@@ -617,7 +608,7 @@ class PacketDecoder:
         if not (new_flow or is_dns or is_dhcp or quic):
             return
         payload = data[start:end]
-        if quic and not self._looks_like_quic(payload):
+        if quic and not looks_like_quic_initial(payload):
             quic = False
             if not new_flow:
                 return

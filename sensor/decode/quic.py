@@ -135,9 +135,8 @@ _cipher_makers = None
 
 def _ciphers() -> tuple:
     """(AESGCM, a function making an AES-ECB encryptor's ``update`` from a key, the AEAD's
-    authentication failure), imported on
-    the first QUIC Initial, not at start-up: cryptography's bindings cost more to load
-    than a whole short pcap read."""
+    authentication failure), imported on the first QUIC Initial, not at start-up:
+    cryptography's bindings cost more to load than a whole short pcap read."""
     global _cipher_makers
     if _cipher_makers is None:
         from cryptography.exceptions import InvalidTag
@@ -160,7 +159,7 @@ class InitialKeys:
     __slots__ = ("aead", "iv", "header_mask")
 
     def __init__(self, dcid: bytes, version: int):
-        aesgcm, ecb_encrypt, _invalid_tag = _ciphers()
+        aesgcm, ecb_encrypt, _ = _ciphers()
         key, iv, hp = derive_initial_keys(dcid, version)
         self.aead = aesgcm(key)
         self.iv = int.from_bytes(iv, "big")
