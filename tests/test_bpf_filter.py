@@ -359,6 +359,12 @@ CASES = {
                                                 / Raw(bytes(range(256)) * 5), True),
     "hello_from_low_client_port": (lambda v6: _ip(v6, True) / TCP(sport=1000, dport=8443, flags="PA")
                                    / Raw(b"\x16\x03\x01\x02\x00\x01" + bytes(500)), True),
+    "hello_to_a_server_port_above_the_client": (lambda v6: _ip(v6, True) / TCP(sport=40000, dport=50443, flags="PA")
+                                                / Raw(b"\x16\x03\x01\x02\x00\x01" + bytes(500)), True),
+    "record_header_alone_to_a_server_port_above_the_client": (
+        lambda v6: _ip(v6, True) / TCP(sport=40000, dport=50443, flags="PA") / Raw(b"\x16\x03\x01\x02\x00"), True),
+    "server_hello_flight": (lambda v6: _ip(v6, False) / TCP(sport=443, dport=51000, flags="PA")
+                            / Raw(b"\x16\x03\x03\x00\x7a\x02" + bytes(1200)), False),
     "http_get_from_low_client_port": (lambda v6: _ip(v6, True) / TCP(sport=1000, dport=8080, flags="PA")
                                       / Raw(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"), True),
     "dns_over_tcp_answer": (lambda v6: _ip(v6, False) / TCP(sport=53, dport=51000, flags="PA")

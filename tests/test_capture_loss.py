@@ -401,7 +401,7 @@ def test_read_reports_no_loss_on_a_whole_mix_and_the_removed_bytes_on_a_thinned_
     whole = tmp_path / "mix.pcap"
     write_mix(whole, 30_000)
     gaps, acks, gap_bytes, _ = _loss_of_read(whole, capsys)
-    assert acks > 50 and gaps == 0 and gap_bytes == 0
+    assert acks > 20 and gaps == 0 and gap_bytes == 0
 
     thinned = tmp_path / "thinned.pcap"
     removed_bytes = client_segments = 0

@@ -11,18 +11,18 @@ packets it rejects never become Python objects.  What must pass:
   ``ksc_port``, ends close streams and judge capture loss.  A SYN-ACK carries nothing the
   decoder reads but on port 53 (DNS over TCP), which passes whole.
 * TCP payload that may be the start of a client's stream: a segment that opens with a
-  TLS handshake record or an HTTP method, whatever the ports, and any segment sent
-  towards the lower port or a port below 1024.  Clients use ephemeral ports above the
+  ClientHello's handshake record or an HTTP method, whatever the ports, and any segment
+  sent towards the lower port or a port below 1024.  Clients use ephemeral ports above the
   server's, so the second and third segments of a large (post-quantum) ClientHello
   still pass while the server-to-client bulk, which is most of a span port's volume,
   does not.  A client on a port below its server's (scapy's default source port is 20)
   keeps them when the server's port is below 1024; a hello to a server on an ephemeral
   port above its client's loses the segments after its first.
 
-What it drops: pure ACKs, SYN-ACKs, server-to-client data, RTP and other UDP media, QUIC
+What it drops: pure ACKs, SYN-ACKs, server-to-client data (the server's TLS flight too:
+its handshake record opens with a ServerHello), RTP and other UDP media, QUIC
 short-header (1-RTT) packets.  Client-to-server data past the hello still passes and is
-shed by the decoder's per-flow bypass, as is the server's TLS flight, which opens with a
-handshake record (StreamTable.settle_server_flight).
+shed by the decoder's per-flow bypass.
 
 VLAN tags are walked at fixed ``ether[]`` offsets, not with libpcap's ``vlan`` keyword.
 Live, ``vlan`` tests the kernel's tag metadata at every offset, which made the kernel
@@ -71,6 +71,7 @@ UDP_PORT_RANGES = ((67, 68), (546, 547), (15000, 15001))
 TCP_PORTS = (53,)
 
 _TLS_HANDSHAKE = 0x16
+_CLIENT_HELLO = 0x01
 WELL_KNOWN_PORTS = 1024  # IANA system ports: a server's, never a client's ephemeral one
 # First four payload bytes of the HTTP request methods the decoder knows, as big-endian words.
 _HTTP_METHOD_WORDS = tuple(int.from_bytes(m, "big") for m in (
@@ -94,17 +95,23 @@ def _udp_port(port: str) -> str:
     return f"({search(low, 0)} or {search(high, high[0][0])})"
 
 
-def _client_payload(more: str, sport: str, dport: str, first: str, word: str) -> str:
+def _client_payload(more: str, sport: str, dport: str, first: str, word: str,
+                    short: str, hello_type: str) -> str:
     """TCP payload that may start a client's stream; ``more`` says the segment has payload.
 
     Sent towards the lower port or a well-known one (below 1024: a client on a low port,
     such as scapy's default 20, still has its hello's later segments kept), or opening
-    with a TLS handshake record or an HTTP method (an upper-case first byte, then the
-    word).  Server-to-client bulk, the commonest packet, fails on the ports and the first
-    byte before the payload length is computed."""
+    with a ClientHello's handshake record or an HTTP method (an upper-case first byte,
+    then the word).  Server-to-client bulk, the commonest packet, fails on the ports and
+    the first byte before the payload length is computed.  A server's TLS flight opens
+    with a handshake record too, but its first message (``hello_type``, the sixth byte)
+    is a ServerHello, not a ClientHello (1): it is dropped here rather than by
+    StreamTable.settle_server_flight, one frame fewer per TLS connection.  A record
+    header alone (``short``: under six bytes of payload) still passes."""
     methods = " or ".join(f"{word} == 0x{w:08x}" for w in _HTTP_METHOD_WORDS)
     return (f"(({dport} < {sport} or {dport} < {WELL_KNOWN_PORTS}) and {more})"
             f" or ({dport} >= {sport} and ({first} == 0x{_TLS_HANDSHAKE:02x}"
+            f" and ({short} or {hello_type} == 0x{_CLIENT_HELLO:02x})"
             f" or ({first} & 0xe0 == 0x40 and ({methods}))) and {more})")
 
 
@@ -118,7 +125,8 @@ def _fixed_tcp(base: str, l4: int, payload_len: str) -> str:
     flags = f"{base}[{l4 + 13}]"
     return (f"(({flags} & 0x07 != 0 and {flags} & 0x12 != 0x12) or {ports} or "
             + _client_payload(f"{payload_len} > {doff}", sport, dport,
-                              f"{base}[{l4} + {doff}]", f"{base}[{l4} + {doff}:4]") + ")")
+                              f"{base}[{l4} + {doff}]", f"{base}[{l4} + {doff}:4]",
+                              f"{payload_len} < {doff} + 6", f"{base}[{l4} + {doff} + 5]") + ")")
 
 
 def _fixed_udp(base: str, l4: int) -> str:

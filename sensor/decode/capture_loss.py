@@ -19,8 +19,9 @@ inflate them while it moves the event ratio by one.
 What differs here: the BPF prefilter (``sensor.capture.bpf``) drops pure ACKs and the
 server-to-client bulk, so the only stream we can judge is the client's.  Its data
 segments all reach Python; the acknowledgements we get for it are the ack numbers of the
-server's SYN-ACK, of server segments opening with a TLS handshake record (ServerHello),
-and of server FIN/RST segments.  The client's own FIN judges too: its sequence number is
+server's FIN/RST segments: the filter drops the server's SYN-ACK, pure ACKs and TLS
+flight (any server segment that reaches the decoder judges, as every one does without
+the filter).  The client's own FIN judges too: its sequence number is
 the end of the client's data, so every byte before it was sent.  Fewer acks than Zeek
 sees, but each one covers everything the client sent before it, so a dropped client
 segment is still noticed by the next one of them.

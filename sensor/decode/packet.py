@@ -185,8 +185,8 @@ class PacketDecoder:
           which stays open for the connection's later requests, and dropped unparsed;
         * the first segment of a stream not seen before that opens with a handshake record
           holding no ClientHello (StreamTable.settle_server_flight): a server's flight, one
-          per TLS connection.  The capture filter passes it, as it looks only at the
-          payload's first byte;
+          per TLS connection.  The capture filter drops it unless the ports make the
+          server look like a client (or there is no filter);
         * a DNS message on port 53 that the Interest's screen rules out, from a server
           reported within RESOLVER_REPORT_INTERVAL;
         * a SYN-ACK (but DNS's), a client's SYN without Fast Open data towards a port and
