@@ -227,12 +227,14 @@ def alerts_of(path: Path) -> Counter:
     return keys
 
 
-def replay(veth_mod, tx_ns: str, tx_if: str, capture: Path, rate: str) -> str:
+def replay(veth_mod, tx_ns: str, tx_if: str, capture: Path, rate: str) -> tuple[str, int]:
+    """(the rate tcpreplay reached, the packets it failed to send)."""
     speed = ["--topspeed"] if rate == "topspeed" else [f"--pps={rate}"]
     out = subprocess.run(veth_mod.in_netns(tx_ns, ["tcpreplay", f"--intf1={tx_if}", *speed, str(capture)]),
                          capture_output=True, text=True, timeout=1800)
     match = re.search(r"Rated: [\d.]+ Bps, ([\d.]+) Mbps, ([\d.]+) pps", out.stdout)
-    return f"{float(match.group(2)):,.0f} pps, {float(match.group(1)):,.0f} Mbps" if match else "?"
+    achieved = f"{float(match.group(2)):,.0f} pps, {float(match.group(1)):,.0f} Mbps" if match else "?"
+    return achieved, veth_mod.failed_packets(out.stdout)
 
 
 def wait_line(proc: subprocess.Popen, text: str, timeout: float = 60.0) -> str:
@@ -252,7 +254,7 @@ def live_step_sensor(veth_mod, capture: Path, rate: str, tmp: Path, expected: Co
             "--status-interval", "3600", "--workers", str(workers))), cwd=ROOT, stderr=subprocess.PIPE, text=True)
         try:
             wait_line(proc, "capturing on")
-            achieved = replay(veth_mod, tx_ns, tx_if, capture, rate)
+            achieved, unsent = replay(veth_mod, tx_ns, tx_if, capture, rate)
             time.sleep(2.0)
             proc.send_signal(signal.SIGTERM)
             last = wait_line(proc, "stopped:")
@@ -264,7 +266,7 @@ def live_step_sensor(veth_mod, capture: Path, rate: str, tmp: Path, expected: Co
     match = re.search(r"([\d,]+) packets, ([\d,]+) dropped by kernel, ([\d,]+) by interface", last)
     packets, kernel, iface = (int(g.replace(",", "")) for g in match.groups()) if match else (0, -1, -1)
     same = alerts_of(alerts) == expected
-    return achieved, packets, kernel, iface, same
+    return achieved, unsent, packets, kernel, iface, same
 
 
 def live_step_tcpdump(veth_mod, capture: Path, rate: str):
@@ -274,7 +276,7 @@ def live_step_tcpdump(veth_mod, capture: Path, rate: str):
             stderr=subprocess.PIPE, text=True)
         try:
             wait_line(proc, "listening on")
-            achieved = replay(veth_mod, tx_ns, tx_if, capture, rate)
+            achieved, unsent = replay(veth_mod, tx_ns, tx_if, capture, rate)
             time.sleep(2.0)
             proc.send_signal(signal.SIGINT)
             err = proc.stderr.read()
@@ -285,7 +287,8 @@ def live_step_tcpdump(veth_mod, capture: Path, rate: str):
                 proc.wait()
     captured = re.search(r"(\d+) packets captured", err)
     dropped = re.search(r"(\d+) packets dropped by kernel", err)
-    return achieved, int(captured.group(1)) if captured else 0, int(dropped.group(1)) if dropped else -1
+    return (achieved, unsent, int(captured.group(1)) if captured else 0,
+            int(dropped.group(1)) if dropped else -1)
 
 
 def live(mix: Path, packets: int, steps: list[str], workers: int) -> None:
@@ -313,16 +316,17 @@ def live(mix: Path, packets: int, steps: list[str], workers: int) -> None:
               f"{dict(unfiltered - expected) or 'nothing'}")
         best_sensor = best_tcpdump = None
         for rate in steps:
-            achieved, seen, kernel, iface, same = live_step_sensor(veth_mod, capture, rate, tmp, expected, workers)
-            clean = kernel == 0 and iface == 0 and same
-            print(f"  {rate:>9}: purge-sensor run  replay {achieved:>26}, {seen:,} packets after filter, "
-                  f"{kernel:,} kernel drops, detections {'equal' if same else 'DIFFER'}")
+            achieved, unsent, seen, kernel, iface, same = live_step_sensor(
+                veth_mod, capture, rate, tmp, expected, workers)
+            clean = unsent == 0 and kernel == 0 and iface == 0 and same
+            print(f"  {rate:>9}: purge-sensor run  replay {achieved:>26}, {unsent:,} unsent, {seen:,} packets "
+                  f"after filter, {kernel:,} kernel drops, detections {'equal' if same else 'DIFFER'}")
             if clean:
                 best_sensor = f"{rate} ({achieved})"
-            t_achieved, t_seen, t_dropped = live_step_tcpdump(veth_mod, capture, rate)
-            print(f"  {rate:>9}: tcpdump -i        replay {t_achieved:>26}, {t_seen:,} packets after filter, "
-                  f"{t_dropped:,} kernel drops")
-            if t_dropped == 0:
+            t_achieved, t_unsent, t_seen, t_dropped = live_step_tcpdump(veth_mod, capture, rate)
+            print(f"  {rate:>9}: tcpdump -i        replay {t_achieved:>26}, {t_unsent:,} unsent, {t_seen:,} "
+                  f"packets after filter, {t_dropped:,} kernel drops")
+            if t_unsent == 0 and t_dropped == 0:
                 best_tcpdump = f"{rate} ({t_achieved})"
         print(f"highest clean rate: purge-sensor run {best_sensor or 'none'}; tcpdump {best_tcpdump or 'none'}")
 
