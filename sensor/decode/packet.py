@@ -49,11 +49,13 @@ _DNS_QR = 0x8000
 _DNS_HEADER_LEN = 12
 MDNS_PORT = 5353
 # A lower-cased request head whose host may be an IP literal (engine._is_ip_literal): the
-# request line's target or a Host value (after any whitespace or line folding) starting
-# with a digit or '[', or holding a ':' before the line ends.  Loose on purpose: a false
-# positive only costs a parse.
-_MAYBE_IP_LITERAL_HOST = re.compile(
-    rb"\A[^ \r\n]* +[^ \r\n/]*?(?:[0-9\[]|:)|\n[ \t]*host[ \t]*:[ \t\r\n]*(?:[0-9\[]|[^\r\n]*:)")
+# request line's target (matched at the start) or a Host value (after any whitespace or
+# line folding) starting with a digit or '[', or holding a ':' before the line ends.  Loose
+# on purpose: a false positive only costs a parse.  Two patterns, not one alternation:
+# the Host one then opens with a literal newline, which the regex engine skips to, instead
+# of trying both branches at every byte (0.9 us against 4.2 on a 100-byte head).
+_MAYBE_IP_LITERAL_TARGET = re.compile(rb"[^ \r\n]* +[^ \r\n/]*?(?:[0-9\[]|:)")
+_MAYBE_IP_LITERAL_HOST = re.compile(rb"\n[ \t]*host[ \t]*:[ \t\r\n]*(?:[0-9\[]|[^\r\n]*:)")
 RESOLVER_REPORT_INTERVAL = 60.0  # seconds between two reports of one DNS server
 RESOLVER_REPORT_TABLE = 65536
 
@@ -119,8 +121,9 @@ class Interest:
         if self.text_labels is None:
             return True
         lowered = head[:http.MAX_HEAD].lower()
-        return self._holds_label(lowered) or (
-            self.ip_literal_paths and _MAYBE_IP_LITERAL_HOST.search(lowered) is not None)
+        return self._holds_label(lowered) or self.ip_literal_paths and (
+            _MAYBE_IP_LITERAL_TARGET.match(lowered) is not None
+            or _MAYBE_IP_LITERAL_HOST.search(lowered) is not None)
 
     def _holds_label(self, lowered: bytes) -> bool:
         for label in self.text_labels:
