@@ -24,10 +24,11 @@ NOSYN_PROBE_SEGMENTS = 4
 MAX_HTTP_REQUESTS = 16
 
 HTTP_FIRST_BYTES = frozenset(b"GHPDCOTMLSUBRN")
-_CONTENT_LENGTH = re.compile(rb"\r?\ncontent-length[ \t]*:[ \t]*(\d{1,9})", re.I)
-# The end of a header block: it ends where ``\r?\n\r?\n``'s first match does, and a
-# literal first byte lets the regex engine skip to each newline (0.3 us against 1.5 on a
-# 100-byte head).  Its start may lie one byte after that pattern's (past a '\r').
+# Both open with a literal newline, which the regex engine skips to instead of trying
+# every position (a leading ``\r?`` cost five times as much on a 100-byte head).  The
+# header block ends where ``\r?\n\r?\n``'s first match would; its start may lie one byte
+# later, past a '\r'.
+_CONTENT_LENGTH = re.compile(rb"\ncontent-length[ \t]*:[ \t]*(\d{1,9})", re.I)
 _HEADER_END = re.compile(rb"\n\r?\n")
 
 KIND_UNKNOWN, KIND_TLS, KIND_HTTP, KIND_DNS = 0, 1, 2, 3
