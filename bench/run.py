@@ -84,9 +84,8 @@ def describe_python(python: str) -> str:
 def interpreter_venv(python: str) -> str:
     """A virtual environment of ``python`` under bench/out with the sensor's dependencies
     (installed with the checkout, again whenever pyproject.toml changes); returns its
-    interpreter.  The
-    sensor itself runs from the checkout, as under the first interpreter, so both time the
-    same code (their bytecode is compiled alike)."""
+    interpreter.  The sensor itself runs from the checkout, as under the first interpreter,
+    so both time the same code (their bytecode is compiled alike)."""
     resolved = Path(shutil.which(python) or python).resolve()
     venv = ROOT / "bench" / "out" / ("venv-" + re.sub(r"[^A-Za-z0-9.]+", "_", str(resolved)).strip("_"))
     bin_python = venv / "bin" / "python3"

@@ -14,6 +14,7 @@ import re
 from ..records import DecodeError
 from ..stats import Stats
 from . import http, tls
+from .http import HEAD_END
 
 SEQ_MOD = 1 << 32
 SEQ_WINDOW = 1 << 20  # how far a segment may sit from the stream base and still belong to it
@@ -24,12 +25,10 @@ NOSYN_PROBE_SEGMENTS = 4
 MAX_HTTP_REQUESTS = 16
 
 HTTP_FIRST_BYTES = frozenset(b"GHPDCOTMLSUBRN")
-# Both open with a literal newline, which the regex engine skips to instead of trying
-# every position (a leading ``\r?`` cost five times as much on a 100-byte head).  The
-# header block ends where ``\r?\n\r?\n``'s first match would; its start may lie one byte
-# later, past a '\r'.
+# Opens with a literal newline, as HEAD_END does, which the regex engine skips to
+# instead of trying every position (a leading ``\r?`` cost five times as much on a
+# 100-byte head).
 _CONTENT_LENGTH = re.compile(rb"\ncontent-length[ \t]*:[ \t]*(\d{1,9})", re.I)
-_HEADER_END = re.compile(rb"\n\r?\n")
 
 KIND_UNKNOWN, KIND_TLS, KIND_HTTP, KIND_DNS = 0, 1, 2, 3
 REJECT_HEAD = 6  # bytes that let client_hello_status rule a stream start out
@@ -159,7 +158,7 @@ class StreamTable:
         if st is None or not st.syn or st.kind != KIND_UNKNOWN or st.buf or st.pending \
                 or seq != st.base or payload[-1:] != b"\n":
             return False
-        end = _HEADER_END.search(payload)
+        end = HEAD_END.search(payload)
         if end is None or end.end() != len(payload) or may_match(payload):
             return False
         self.segment(key, seq, payload, ts, False)
@@ -269,7 +268,7 @@ class StreamTable:
                 return items, len(st.buf) >= MAX_STREAM_BYTES
             items.append((KIND_HTTP, head))
             st.items += 1
-            end = _HEADER_END.search(head)
+            end = HEAD_END.search(head)
             if end is None:
                 return items, True
             length = _CONTENT_LENGTH.search(head, 0, end.start())
