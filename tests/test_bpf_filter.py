@@ -375,6 +375,14 @@ CASES = {
     "vxlan": (lambda v6: _ip(v6, True) / UDP(sport=40000, dport=4789) / Raw(bytes(60)), True),
     "quic_initial": (lambda v6: _ip(v6, True) / UDP(sport=51000, dport=443)
                      / Raw(b"\xc3\x00\x00\x00\x01" + bytes(1195)), True),
+    "quic_initial_from_a_low_client_port": (lambda v6: _ip(v6, True) / UDP(sport=1000, dport=443)
+                                            / Raw(b"\xc3\x00\x00\x00\x01" + bytes(1195)), True),
+    "quic_initial_between_ephemeral_ports": (lambda v6: _ip(v6, True) / UDP(sport=51000, dport=50443)
+                                             / Raw(b"\xc3\x00\x00\x00\x01" + bytes(1195)), True),
+    "quic_server_initial": (lambda v6: _ip(v6, False) / UDP(sport=443, dport=51000)
+                            / Raw(b"\xc3\x00\x00\x00\x01" + bytes(1195)), False),
+    "quic_server_handshake": (lambda v6: _ip(v6, False) / UDP(sport=443, dport=51000)
+                              / Raw(b"\xe3\x00\x00\x00\x01" + bytes(1195)), False),
     "server_bulk": (lambda v6: _ip(v6, False) / TCP(sport=443, dport=51000, flags="A")
                     / Raw(bytes(1448)), False),
     "server_http_response": (lambda v6: _ip(v6, False) / TCP(sport=80, dport=51000, flags="PA")
@@ -424,7 +432,7 @@ def test_ipv4_options_ipv6_extension_headers_and_fragments_pass_whole():
 
 
 def test_filter_covers_every_port_the_decoder_and_tracker_use():
-    from sensor.decode import packet
+    from sensor.decode import packet, quic
     from sensor.decode.packet import DHCP_PORTS, DNS_PORTS
     from sensor.decode.tunnels import GENEVE_PORT, VXLAN_PORT
     from sensor.track.tracker import KSC_UDP_PORTS
@@ -434,6 +442,8 @@ def test_filter_covers_every_port_the_decoder_and_tracker_use():
         covered.update(range(lo, hi + 1))
     assert set(DNS_PORTS) | set(DHCP_PORTS) | set(KSC_UDP_PORTS) | {VXLAN_PORT, GENEVE_PORT} <= covered
     assert set(packet.KSC_UDP_PORTS) == set(KSC_UDP_PORTS)
+    # The filter drops a server's QUIC long headers by the port rule the decoder applies.
+    assert bpf.WELL_KNOWN_PORTS == quic.SERVER_PORT_LIMIT
 
 
 @pytest.mark.parametrize("linktype", [0, 1, 101, 113, 228, 229, 276])

@@ -4,7 +4,7 @@ The filter runs in the kernel for live capture and inside libpcap for files, so 
 packets it rejects never become Python objects.  What must pass:
 
 * DNS (UDP/TCP 53, mDNS 5353, LLMNR 5355), DHCP/DHCPv6, the KSC Network Agent UDP
-  ports, QUIC long-header packets (Initials), tunnels (VXLAN, Geneve, GRE/ERSPAN,
+  ports, QUIC long-header packets (Initials) but a server's, tunnels (VXLAN, Geneve, GRE/ERSPAN,
   IP-in-IP, 6in4), IP fragments, MPLS and PPPoE frames, IPv4 with options, IPv6 with
   extension headers.
 * Every TCP SYN (but a SYN-ACK), FIN and RST: flow starts drive ``dns_answer_flow`` and
@@ -21,7 +21,8 @@ packets it rejects never become Python objects.  What must pass:
 
 What it drops: pure ACKs, SYN-ACKs, server-to-client data (the server's TLS flight too:
 its handshake record opens with a ServerHello), RTP and other UDP media, QUIC
-short-header (1-RTT) packets.  Client-to-server data past the hello still passes and is
+short-header (1-RTT) packets and the long-header ones a server sends (from a port below
+1024 to one above).  Client-to-server data past the hello still passes and is
 shed by the decoder's per-flow bypass.
 
 VLAN tags are walked at fixed ``ether[]`` offsets, not with libpcap's ``vlan`` keyword.
@@ -130,8 +131,13 @@ def _fixed_tcp(base: str, l4: int, payload_len: str) -> str:
 
 
 def _fixed_udp(base: str, l4: int) -> str:
+    """A QUIC long header passes unless a server sent it (from a well-known port to an
+    ephemeral one): the decoder reads a client's Initials only (quic.SERVER_PORT_LIMIT),
+    and a server answers each with several long-header datagrams (Initial, Handshake)."""
     sport, dport = f"{base}[{l4}:2]", f"{base}[{l4 + 2}:2]"
-    return f"({base}[{l4 + 8}] & 0xc0 == 0xc0 or {_udp_port(sport)} or {_udp_port(dport)})"
+    from_client = f"({sport} >= {WELL_KNOWN_PORTS} or {dport} < {WELL_KNOWN_PORTS})"
+    return (f"({base}[{l4 + 8}] & 0xc0 == 0xc0 and {from_client}"
+            f" or {_udp_port(sport)} or {_udp_port(dport)})")
 
 
 _IPV6_WHOLE = (0, 43, 44, 51, 60, 135, 139, 140, 47, 4, 41)
