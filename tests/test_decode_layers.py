@@ -234,6 +234,17 @@ def test_udp_flow_start_once_per_flow_both_directions():
     assert len(starts) == 1 and starts[0].ctx.dst_port == 15000
 
 
+@pytest.mark.parametrize("sport,dport,starts", [(51000, 443, 1), (443, 51000, 0), (50443, 51000, 1)],
+                         ids=["client", "server", "between_ephemeral_ports"])
+def test_a_quic_long_header_starts_a_udp_flow_unless_a_server_sent_it(sport, dport, starts):
+    """As the capture filter decides (a server's long headers never pass it), so a read
+    without the filter finds the same flow starts."""
+    dec = PacketDecoder(Stats(), DecoderConfig(dedup_window=0))
+    frame = IP(src="10.0.0.5", dst="10.0.0.9") / UDP(sport=sport, dport=dport) / Raw(b"\xe3" + bytes(60))
+    found = [r for r in dec.decode(1.0, 101, bytes(frame)) if isinstance(r, FlowStart)]
+    assert len(found) == starts
+
+
 @pytest.mark.parametrize("cut", range(0, 60, 3))
 def test_truncated_frames_never_raise(cut):
     frame = bytes(Ether() / Dot1Q(vlan=3) / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(dport=53) / _dns_query())

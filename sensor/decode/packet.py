@@ -602,11 +602,13 @@ class PacketDecoder:
                            dst_mac, vlans, tunnel, interface)
             return
         # A UDP flow starts with a packet the capture filter passes on its own (DNS, DHCP,
-        # KSC, QUIC long header): other UDP reaches the sensor only unfiltered, and a later
-        # packet of a flow whose start was not seen must not pass for its start.
+        # KSC, a QUIC long header but a server's): other UDP reaches the sensor only
+        # unfiltered, and a later packet of a flow whose start was not seen must not pass
+        # for its start.
         key = src + dst + data[l4:l4 + 4]
-        new_flow = ((is_dns or is_dhcp or (start < end and data[start] & 0xC0 == 0xC0)
-                     or dport in KSC_UDP_PORTS or sport in KSC_UDP_PORTS)
+        new_flow = ((is_dns or is_dhcp or dport in KSC_UDP_PORTS or sport in KSC_UDP_PORTS
+                     or (start < end and data[start] & 0xC0 == 0xC0
+                         and not sport < QUIC_SERVER_PORT_LIMIT <= dport))
                     and key not in self.udp_flows
                     and dst + src + data[l4 + 2:l4 + 4] + data[l4:l4 + 2] not in self.udp_flows
                     and self._wants_flow("udp", dport, dst))
