@@ -4,9 +4,9 @@ The filter runs in the kernel for live capture and inside libpcap for files, so 
 packets it rejects never become Python objects.  What must pass:
 
 * DNS (UDP/TCP 53, mDNS 5353, LLMNR 5355), DHCP/DHCPv6, the KSC Network Agent UDP
-  ports, QUIC long-header packets (Initials) but a server's, tunnels (VXLAN, Geneve, GRE/ERSPAN,
-  IP-in-IP, 6in4), IP fragments, MPLS and PPPoE frames, IPv4 with options, IPv6 with
-  extension headers.
+  ports, a client's QUIC long-header packets (Initials), tunnels (VXLAN, Geneve,
+  GRE/ERSPAN, IP-in-IP, 6in4), IP fragments, MPLS and PPPoE frames, IPv4 with options,
+  IPv6 with extension headers.
 * Every TCP SYN (but a SYN-ACK), FIN and RST: flow starts drive ``dns_answer_flow`` and
   ``ksc_port``, ends close streams and judge capture loss.  A SYN-ACK carries nothing the
   decoder reads but on port 53 (DNS over TCP), which passes whole.
@@ -22,8 +22,8 @@ packets it rejects never become Python objects.  What must pass:
 What it drops: pure ACKs, SYN-ACKs, server-to-client data (the server's TLS flight too:
 its handshake record opens with a ServerHello), RTP and other UDP media, QUIC
 short-header (1-RTT) packets and the long-header ones a server sends (from a port below
-1024 to one above).  Client-to-server data past the hello still passes and is
-shed by the decoder's per-flow bypass.
+1024 to one above).  Client-to-server data past the hello still passes and is shed by the
+decoder's per-flow bypass.
 
 VLAN tags are walked at fixed ``ether[]`` offsets, not with libpcap's ``vlan`` keyword.
 Live, ``vlan`` tests the kernel's tag metadata at every offset, which made the kernel

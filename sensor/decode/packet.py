@@ -592,8 +592,11 @@ class PacketDecoder:
             return
         is_dns = dport in DNS_PORTS or sport in DNS_PORTS
         is_dhcp = dport in DHCP_PORTS and sport in DHCP_PORTS
-        quic = (start < end and data[start] & 0xC0 == 0xC0
-                and not is_dns and not is_dhcp)
+        # A QUIC long header a client sent: a server's (from a well-known port to an
+        # ephemeral one) is dropped by the capture filter and ignored by QuicInitialTable.
+        client_long_header = (start < end and data[start] & 0xC0 == 0xC0
+                              and not sport < QUIC_SERVER_PORT_LIMIT <= dport)
+        quic = client_long_header and not is_dns and not is_dhcp
         interest = self.interest
         if is_dns and interest is not None and interest.dns_screen is not None \
                 and sport != MDNS_PORT and dport != MDNS_PORT \
@@ -602,13 +605,11 @@ class PacketDecoder:
                            dst_mac, vlans, tunnel, interface)
             return
         # A UDP flow starts with a packet the capture filter passes on its own (DNS, DHCP,
-        # KSC, a QUIC long header but a server's): other UDP reaches the sensor only
-        # unfiltered, and a later packet of a flow whose start was not seen must not pass
-        # for its start.
+        # KSC, a client's QUIC long header): other UDP reaches the sensor only unfiltered,
+        # and a later packet of a flow whose start was not seen must not pass for its start.
         key = src + dst + data[l4:l4 + 4]
-        new_flow = ((is_dns or is_dhcp or dport in KSC_UDP_PORTS or sport in KSC_UDP_PORTS
-                     or (start < end and data[start] & 0xC0 == 0xC0
-                         and not sport < QUIC_SERVER_PORT_LIMIT <= dport))
+        new_flow = ((is_dns or is_dhcp or client_long_header
+                     or dport in KSC_UDP_PORTS or sport in KSC_UDP_PORTS)
                     and key not in self.udp_flows
                     and dst + src + data[l4 + 2:l4 + 4] + data[l4:l4 + 2] not in self.udp_flows
                     and self._wants_flow("udp", dport, dst))
@@ -619,10 +620,6 @@ class PacketDecoder:
             quic = False
             if not new_flow:
                 return
-        if quic and not new_flow and sport < QUIC_SERVER_PORT_LIMIT <= dport:
-            # A server's Initial, which QuicInitialTable.feed ignores: one for every client
-            # Initial, not worth a context.
-            return
         if self._duplicate(ts, payload + src + dst + data[l4:l4 + 4]):
             return
         ctx = self._context(ts, src, dst, sport, dport, "udp", version, src_mac, dst_mac, vlans,
