@@ -91,9 +91,14 @@ def test_reload_sends_sighup_and_stop_sends_sigterm(unit):
     assert service.get("KillSignal", "SIGTERM") == "SIGTERM"
 
 
+def environment(service) -> dict[str, str]:
+    """systemd's Environment=: space-separated assignments, quoted as a shell would."""
+    return dict(item.split("=", 1) for item in shlex.split(service["Environment"]))
+
+
 def test_execstart_is_accepted_by_the_sensor_cli(unit):
     service = unit["Service"]
-    interface = service["Environment"].split("=", 1)[1]
+    interface = environment(service)["PURGE_SENSOR_INTERFACE"]
     argv = shlex.split(service["ExecStart"].replace("${PURGE_SENSOR_INTERFACE}", interface))
     assert argv[0] == INSTALLED_BINARY
     args = build_parser().parse_args(argv[1:])
@@ -101,6 +106,12 @@ def test_execstart_is_accepted_by_the_sensor_cli(unit):
     assert args.interface == [interface]
     assert args.config == f"/etc/{service['ConfigurationDirectory']}/purge-sensor.toml"
     assert args.user is None, "systemd switches the user; --user would need root"
+
+
+def test_signature_cache_is_the_units_private_cache_directory(unit):
+    service = unit["Service"]
+    assert environment(service)["PURGE_SENSOR_CACHE_DIR"] == f"/var/cache/{service['CacheDirectory']}"
+    assert service["CacheDirectoryMode"] == "0700"
 
 
 def test_sample_config_loads_and_matches_the_unit(unit):

@@ -161,10 +161,11 @@ def _import_what_runs_later() -> None:
     import importlib
 
     # encodings.idna: socket calls encode host names with it; cryptography: the first QUIC
-    # Initial; tomllib: a SIGHUP reload of the config file.
+    # Initial; tomllib: a SIGHUP reload of the config file; signature_file (PyYAML): a load
+    # that misses the signature cache.
     for name in ("encodings.idna", "sqlite3", "tomllib", "cryptography.exceptions",
                  "cryptography.hazmat.primitives.ciphers", "cryptography.hazmat.primitives.ciphers.aead",
-                 "..output.metrics", "..pipeline"):
+                 "..output.metrics", "..pipeline", "..detect.signature_file"):
         importlib.import_module(name, __package__)
 
 
