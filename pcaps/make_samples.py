@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet import IP, TCP, UDP, IPOption_NOP, IPOption_Router_Alert
 from scapy.layers.inet6 import (IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop,
                                 PadN, RouterAlert)
 from scapy.packet import Raw
@@ -190,6 +190,7 @@ class Capture:
     names: list = field(default_factory=list)
     ip_ident: int = 0x1000
     ipv6_extensions: bool = False
+    ipv4_options: bool = False
 
     def note(self, kind: str, name: str) -> None:
         if (kind, name) not in self.names:
@@ -207,7 +208,11 @@ class Capture:
                           / IPv6ExtHdrDestOpt(options=[PadN(optdata=b"\0\0\0\0")]))
             return bytes(header / l4)
         ttl = 64 if ipaddress.ip_address(src).is_private else 57
-        return bytes(IP(src=src, dst=dst, id=self.next_ident(), ttl=ttl) / l4)
+        # Router Alert then NOP padding: a 28-byte header (IHL 7), which moves every
+        # transport field the capture filter reads.
+        options = [IPOption_Router_Alert(), IPOption_NOP(), IPOption_NOP(), IPOption_NOP(),
+                   IPOption_NOP()] if self.ipv4_options else []
+        return bytes(IP(src=src, dst=dst, id=self.next_ident(), ttl=ttl, options=options) / l4)
 
     def emit(self, ts_ns: int, src: str, dst: str, l4) -> None:
         self.emit_ip(ts_ns, self.ip_packet(src, dst, l4), src, dst)
@@ -946,6 +951,15 @@ def sample_ipv6():
     return pcap_file(LINKTYPE_ETHERNET, cap.ordered()), cap.names
 
 
+def sample_ip_options():
+    cap = simple_capture("ip_options", ipv4_options=True)
+    basic_traffic(cap, T0_NS, client="10.10.4.21", dns=("s11.upd.kaspersky.com",
+                                                         "dc2.ksn.kaspersky-labs.com"),
+                  tls=(b"s11.upd.kaspersky.com", b"dc2.ksn.kaspersky-labs.com"),
+                  http=((b"dnl-11.geo.kaspersky.com", b"/index/u0607g.xml"),))
+    return pcap_file(LINKTYPE_ETHERNET, cap.ordered()), cap.names
+
+
 LOOKALIKES = ("notkaspersky.com", "kaspersky.com.evil.example", "kaspersky-com.example",
               "kaspersky.co", "xkaspersky.com", "s07.upd.kaspersky.com.evil.example",
               "upd-kaspersky.com")
@@ -1356,6 +1370,8 @@ SAMPLES = (
            "an HTTP request", sample_tcp_fast_open),
     Sample("ipv6.pcap", "IPv6 with hop-by-hop and destination-options headers: DNS AAAA, TLS, HTTP",
            sample_ipv6),
+    Sample("ip_options.pcap", "IPv4 with options (Router Alert and NOP padding, IHL 7): DNS, "
+           "TLS with post-quantum ClientHellos over several segments, HTTP", sample_ip_options),
     Sample("lookalikes.pcap", "DNS, TLS and HTTP for names that only look like Kaspersky ("
            + ", ".join(LOOKALIKES) + "): none must match", sample_lookalikes),
     Sample("case_trailing_dot.pcap", "upper/mixed case DNS names, SNI with a trailing dot, "

@@ -227,6 +227,8 @@ def test_link_layers_and_encapsulations_are_what_the_names_say():
     assert "mpls:ip" in protocols("mpls.pcap")
     assert "pppoes:ppp:ip" in protocols("pppoe.pcap")
     assert "ipv6.hopopts:ipv6.dstopts" in protocols("ipv6.pcap")
+    ip_options = tshark_fields(PCAPS / "ip_options.pcap", "ip", "ip.hdr_len", "ip.opt.type")
+    assert ip_options and all(row[0] == "28" and row[1].startswith("148") for row in ip_options)
     gre = tshark_fields(PCAPS / "gre.pcap", "gre", "gre.flags.checksum", "gre.flags.key",
                         "gre.flags.sequence_number", "gre.checksum.status")
     assert gre and all(row == ["1", "1", "1", "1"] for row in gre)
