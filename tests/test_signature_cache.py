@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -15,31 +14,12 @@ from hypothesis import strategies as st
 from sensor.detect import signature_cache
 from sensor.detect.signatures import SignatureError, load_signatures
 from sensor.records import DomainName
+from test_signatures import VALID
 
 ROOT = Path(__file__).resolve().parents[1]
 
-RULES = textwrap.dedent("""\
-    version: "7"
-    ruleset: cache-test
-    indicators:
-      - id: upd
-        category: update
-        strength: strong
-        source: "[O] test"
-        pattern: 's[0-1][0-9]\\.upd\\.kaspersky\\.com'
-      - id: crl
-        category: pki
-        strength: strong
-        source: "[T] test"
-        exact: crl.kaspersky.com
-        ports: [tcp/443, 80]
-      - id: bases
-        category: update
-        strength: strong
-        source: "[C] test"
-        path: '/bases/'
-        with: upd
-    """)
+# The set test_signatures.py validates, under a version of its own.
+RULES = VALID.replace('version: "1"', 'version: "7"')
 
 
 @pytest.fixture
@@ -101,7 +81,7 @@ def test_a_hit_needs_no_yaml(cache, tmp_path):
     load_signatures([path])
     hit = subprocess.run([sys.executable, "-c", code, path], cwd=ROOT, env=env,
                          capture_output=True, text=True, check=True)
-    assert hit.stdout.split() == ["3", "cache-test", "7"]
+    assert hit.stdout.split() == ["3", "test", "7"]
 
 
 def test_an_edited_file_misses(cache, tmp_path):
@@ -281,7 +261,7 @@ def test_signatures_check_always_parses_the_files(cache, tmp_path, monkeypatch):
     monkeypatch.setattr(signature_cache, "load", no_cache)
     out, err = io.StringIO(), io.StringIO()
     assert check_command([path], out, err) == 0
-    assert out.getvalue().startswith("OK: 3 indicators (ruleset cache-test version 7)")
+    assert out.getvalue().startswith("OK: 3 indicators (ruleset test version 7)")
 
 
 _JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
