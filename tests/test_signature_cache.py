@@ -264,10 +264,12 @@ def test_signatures_check_always_parses_the_files(cache, tmp_path, monkeypatch):
     assert out.getvalue().startswith("OK: 3 indicators (ruleset test version 7)")
 
 
+def _containers(inner):
+    return st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3))
+
+
 _JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
-                     | st.text(max_size=8),
-                     lambda inner: st.lists(inner, max_size=3)
-                     | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=12)
+                     | st.text(max_size=8), _containers, max_leaves=12)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
