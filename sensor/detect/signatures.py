@@ -61,7 +61,6 @@ def _expand(paths: list[str], errors: Problems) -> list[str]:
     return files
 
 
-
 def _read(files: list[str], errors: Problems) -> list[tuple[str, bytes]]:
     """Each file's bytes, read once: the cache key and the parser see the same content."""
     contents = []
@@ -93,7 +92,7 @@ def load_signatures(paths: list[str], use_cache: bool = True) -> SignatureSet:
         cached = signature_cache.load(key)
         if cached is not None:
             return cached
-    from .signature_file import parse_files
+    from .signature_file import parse_files  # PyYAML: only when the cache has no answer
 
     signatures = parse_files(contents, errors)
     if key is not None:
