@@ -512,11 +512,11 @@ def dns_lookup(cap: Capture, t: int, client: str, server: str, name: str, answer
 
 def tls_session(cap: Capture, t: int, client: str, server: str, sni: bytes | None, *,
                 port=443, post_quantum=False, splits=None, bulk=2, legacy=False,
-                alpn=(b"h2", b"http/1.1"), note=True) -> int:
+                alpn=(b"h2", b"http/1.1"), note=True, client_port=None) -> int:
     """Handshake, ClientHello (split like a real stack when it exceeds the MSS), server
     flight, a little application data, teardown."""
     rng = cap.rng
-    session = TcpSession(cap, t, client, server, ephemeral_port(rng), port)
+    session = TcpSession(cap, t, client, server, client_port or ephemeral_port(rng), port)
     session.handshake()
     session.tick()
     session.send(True, client_hello(rng, sni, post_quantum=post_quantum, legacy=legacy,
@@ -951,6 +951,17 @@ def sample_ipv6():
     return pcap_file(LINKTYPE_ETHERNET, cap.ordered()), cap.names
 
 
+def sample_registered_ports():
+    cap = simple_capture("registered_ports")
+    t = T0_NS
+    for sni, client_port, port in ((b"s12.upd.kaspersky.com", 2000, 8443),
+                                   (b"dc3.ksn.kaspersky-labs.com", 12000, 13443),
+                                   (b"dnl-12.geo.kaspersky.com", 51000, 8443)):
+        t = tls_session(cap, t, "10.10.4.22", KASPERSKY_SERVER, sni, port=port,
+                        post_quantum=True, bulk=3, client_port=client_port) + 5 * MS
+    return pcap_file(LINKTYPE_ETHERNET, cap.ordered()), cap.names
+
+
 def sample_ip_options():
     cap = simple_capture("ip_options", ipv4_options=True)
     basic_traffic(cap, T0_NS, client="10.10.4.21", dns=("s11.upd.kaspersky.com",
@@ -1370,6 +1381,9 @@ SAMPLES = (
            "an HTTP request", sample_tcp_fast_open),
     Sample("ipv6.pcap", "IPv6 with hop-by-hop and destination-options headers: DNS AAAA, TLS, HTTP",
            sample_ipv6),
+    Sample("registered_ports.pcap", "TLS with post-quantum ClientHellos over several segments "
+           "to servers on 8443 and 13443 from client ports below them (2000, 12000), and from "
+           "an ephemeral one (51000)", sample_registered_ports),
     Sample("ip_options.pcap", "IPv4 with options (Router Alert and NOP padding, IHL 7): DNS, "
            "TLS with post-quantum ClientHellos over several segments, HTTP", sample_ip_options),
     Sample("lookalikes.pcap", "DNS, TLS and HTTP for names that only look like Kaspersky ("

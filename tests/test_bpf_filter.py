@@ -359,6 +359,16 @@ CASES = {
                                                 / Raw(bytes(range(256)) * 5), True),
     "hello_from_low_client_port": (lambda v6: _ip(v6, True) / TCP(sport=1000, dport=8443, flags="PA")
                                    / Raw(b"\x16\x03\x01\x02\x00\x01" + bytes(500)), True),
+    "hello_continuation_to_a_registered_port_above_the_client": (
+        lambda v6: _ip(v6, True) / TCP(sport=2000, dport=8443, flags="A") / Raw(bytes(range(256)) * 5), True),
+    # Where neither port says which side is the client (both ephemeral), only a segment
+    # that opens a hello or a request passes: the filter's documented blind spot.
+    "hello_continuation_between_ephemeral_ports": (
+        lambda v6: _ip(v6, True) / TCP(sport=40000, dport=50443, flags="A") / Raw(bytes(range(256)) * 5), False),
+    "server_bulk_from_a_registered_port": (lambda v6: _ip(v6, False) / TCP(sport=8443, dport=51000, flags="A")
+                                           / Raw(bytes(1448)), False),
+    "server_bulk_to_a_registered_client_port": (lambda v6: _ip(v6, False) / TCP(sport=443, dport=20000, flags="A")
+                                                / Raw(bytes(1448)), False),
     "hello_to_a_server_port_above_the_client": (lambda v6: _ip(v6, True) / TCP(sport=40000, dport=50443, flags="PA")
                                                 / Raw(b"\x16\x03\x01\x02\x00\x01" + bytes(500)), True),
     "record_header_alone_to_a_server_port_above_the_client": (

@@ -30,7 +30,8 @@ if veth.available():
     pytest.skip(veth.available(), allow_module_level=True)
 
 CAPTURES = ["demo.pcap", "vlan_qinq.pcap", "tls_ooo.pcap", "dns_tcp.pcap", "ipv6.pcap",
-            "vxlan.pcap", "duplicates.pcap", "erspan2.pcap", "tcp_fast_open.pcap", "ip_options.pcap"]
+            "vxlan.pcap", "duplicates.pcap", "erspan2.pcap", "tcp_fast_open.pcap", "ip_options.pcap",
+            "registered_ports.pcap"]
 PPS = 400
 TIME_KEYS = ("first_seen", "last_seen", "detected_at", "first_seen_ts", "last_seen_ts", "state")
 

@@ -74,6 +74,10 @@ TCP_PORTS = (53,)
 _TLS_HANDSHAKE = 0x16
 _CLIENT_HELLO = 0x01
 WELL_KNOWN_PORTS = 1024  # IANA system ports: a server's, never a client's ephemeral one
+# Where the ephemeral ranges start (Linux 32768, Windows and macOS 49152): below it, between
+# two ports of 1024 or above, the higher one may be the server's (8443, 8080, KSC's 13000)
+# and the lower a client's own (behind a port-translating NAT, or a FreeBSD host's 10000+).
+EPHEMERAL_PORTS = 32768
 # First four payload bytes of the HTTP request methods the decoder knows, as big-endian words.
 _HTTP_METHOD_WORDS = tuple(int.from_bytes(m, "big") for m in (
     b"GET ", b"POST", b"HEAD", b"PUT ", b"DELE", b"OPTI", b"CONN", b"PATC", b"TRAC"))
@@ -101,16 +105,19 @@ def _client_payload(more: str, sport: str, dport: str, first: str, word: str,
     """TCP payload that may start a client's stream; ``more`` says the segment has payload.
 
     Sent towards the lower port or a well-known one (below 1024: a client on a low port,
-    such as scapy's default 20, still has its hello's later segments kept), or opening
-    with a ClientHello's handshake record or an HTTP method (an upper-case first byte,
-    then the word).  Server-to-client bulk, the commonest packet, fails on the ports and
+    such as scapy's default 20, still has its hello's later segments kept) or from a port
+    of 1024 or above to a higher one below EPHEMERAL_PORTS (a client on port 2000 talking
+    to 8443, whose hello's later segments go to the higher port), or opening with a
+    ClientHello's handshake record or an HTTP method (an upper-case first byte, then the
+    word).  Server-to-client bulk, the commonest packet, fails on the ports and
     the first byte before the payload length is computed.  A server's TLS flight opens
     with a handshake record too, but its first message (``hello_type``, the sixth byte)
     is a ServerHello, not a ClientHello (1): it is dropped here rather than by
     StreamTable.settle_server_flight, one frame fewer per TLS connection.  A record
     header alone (``short``: under six bytes of payload) still passes."""
     methods = " or ".join(f"{word} == 0x{w:08x}" for w in _HTTP_METHOD_WORDS)
-    return (f"(({dport} < {sport} or {dport} < {WELL_KNOWN_PORTS}) and {more})"
+    return (f"(({dport} < {sport} or {dport} < {WELL_KNOWN_PORTS}"
+            f" or ({sport} >= {WELL_KNOWN_PORTS} and {dport} < {EPHEMERAL_PORTS})) and {more})"
             f" or ({dport} >= {sport} and ({first} == 0x{_TLS_HANDSHAKE:02x}"
             f" and ({short} or {hello_type} == 0x{_CLIENT_HELLO:02x})"
             f" or ({first} & 0xe0 == 0x40 and ({methods}))) and {more})")
