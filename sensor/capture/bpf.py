@@ -12,12 +12,14 @@ packets it rejects never become Python objects.  What must pass:
   decoder reads but on port 53 (DNS over TCP), which passes whole.
 * TCP payload that may be the start of a client's stream: a segment that opens with a
   ClientHello's handshake record or an HTTP method, whatever the ports, and any segment
-  sent towards the lower port or a port below 1024.  Clients use ephemeral ports above the
-  server's, so the second and third segments of a large (post-quantum) ClientHello
-  still pass while the server-to-client bulk, which is most of a span port's volume,
-  does not.  A client on a port below its server's (scapy's default source port is 20)
-  keeps them when the server's port is below 1024; a hello to a server on an ephemeral
-  port above its client's loses the segments after its first.
+  sent towards the lower port, a port below 1024, or from a port of 1024 or above to a
+  higher one below EPHEMERAL_PORTS.  Clients use ephemeral ports above the server's, so
+  the second and third segments of a large (post-quantum) ClientHello still pass while
+  the server-to-client bulk, which is most of a span port's volume, does not.  A client
+  on a port below its server's keeps them when the server's port is below 1024 (scapy's
+  default source port is 20) or below EPHEMERAL_PORTS (port 2000 to 8443); a hello to a
+  server on an ephemeral port above its client's, also ephemeral, loses the segments
+  after its first.
 
 What it drops: pure ACKs, SYN-ACKs, server-to-client data (the server's TLS flight too:
 its handshake record opens with a ServerHello), RTP and other UDP media, QUIC
@@ -109,12 +111,12 @@ def _client_payload(more: str, sport: str, dport: str, first: str, word: str,
     of 1024 or above to a higher one below EPHEMERAL_PORTS (a client on port 2000 talking
     to 8443, whose hello's later segments go to the higher port), or opening with a
     ClientHello's handshake record or an HTTP method (an upper-case first byte, then the
-    word).  Server-to-client bulk, the commonest packet, fails on the ports and
-    the first byte before the payload length is computed.  A server's TLS flight opens
-    with a handshake record too, but its first message (``hello_type``, the sixth byte)
-    is a ServerHello, not a ClientHello (1): it is dropped here rather than by
-    StreamTable.settle_server_flight, one frame fewer per TLS connection.  A record
-    header alone (``short``: under six bytes of payload) still passes."""
+    word).  Server-to-client bulk, the commonest packet, fails on the ports and the first
+    byte before the payload length is computed.  A server's TLS flight opens with a
+    handshake record too, but its first message (``hello_type``, the sixth byte) is a
+    ServerHello, not a ClientHello (1): it is dropped here rather than by
+    StreamTable.settle_server_flight, one frame fewer per TLS connection.  A record header
+    alone (``short``: under six bytes of payload) still passes."""
     methods = " or ".join(f"{word} == 0x{w:08x}" for w in _HTTP_METHOD_WORDS)
     return (f"(({dport} < {sport} or {dport} < {WELL_KNOWN_PORTS}"
             f" or ({sport} >= {WELL_KNOWN_PORTS} and {dport} < {EPHEMERAL_PORTS})) and {more})"

@@ -64,6 +64,10 @@ def key_of(contents: list[tuple[str, bytes]]) -> str | None:
     return digest.hexdigest()
 
 
+def _document(directory: str, key: str) -> str:
+    return os.path.join(directory, _PREFIX + key + _SUFFIX)
+
+
 def _own(stat: os.stat_result) -> bool:
     return stat.st_uid == os.geteuid() and not stat.st_mode & 0o022
 
@@ -75,7 +79,7 @@ def load(key: str | None) -> SignatureSet | None:
     try:
         if not _own(os.stat(directory)):
             return None
-        fd = os.open(os.path.join(directory, _PREFIX + key + _SUFFIX), os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(_document(directory, key), os.O_RDONLY | os.O_NOFOLLOW)
         with os.fdopen(fd, "rb") as handle:
             stat = os.fstat(handle.fileno())
             if not _own(stat) or stat.st_size > MAX_DOCUMENT_BYTES:
@@ -130,7 +134,7 @@ def store(key: str, signatures: SignatureSet) -> None:
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(document)
-            os.replace(temporary, os.path.join(directory, _PREFIX + key + _SUFFIX))
+            os.replace(temporary, _document(directory, key))
         except OSError:
             os.unlink(temporary)
             raise
