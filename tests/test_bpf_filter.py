@@ -116,10 +116,11 @@ def test_single_interface_pcapng_is_read_by_libpcap_like_the_python_reader(tmp_p
 
 @pytest.mark.parametrize("interfaces, by_libpcap", [
     (((1, 6, b"eth0"),), True),
-    (((1, 9, b"eth0"),), False),  # libpcap would round nanoseconds
+    (((1, 9, b"eth0"),), True),  # shown as microseconds (pcapng_microsecond_view)
+    (((1, 7, b"eth0"),), False),  # libpcap would round tenths of a microsecond away
     (((1, 6, b"eth0"), (1, 6, b"eth1")), False),  # libpcap does not say which interface
     (((1, 6, b"eth0"), (113, 6, b"any")), False),
-], ids=["one-microsecond", "nanosecond", "two-interfaces", "two-link-types"])
+], ids=["one-microsecond", "nanosecond", "100-nanosecond", "two-interfaces", "two-link-types"])
 def test_which_pcapng_files_libpcap_reads(tmp_path, interfaces, by_libpcap):
     capture = _pcapng_of(ROOT / "pcaps" / "demo.pcap", tmp_path / "x.pcapng", interfaces)
     with bpf.open_prefiltered(str(capture)) as cap:
@@ -146,6 +147,89 @@ def test_pcapng_with_a_clock_offset_is_left_to_the_python_reader(tmp_path):
     with bpf.open_prefiltered(str(shifted)) as cap:
         assert not cap.by_libpcap
         assert next(iter(cap))[0] == pytest.approx(first + 3600)
+
+
+def _nanosecond_pcapng_records(capture: Path, start_ns: int | None = None, step_ns: int = 0):
+    """``capture``'s Ethernet frames as make_samples.pcapng_file records whose nanoseconds
+    do not end in 000 (a reader that went through microseconds would be caught), at their
+    own times or from ``start_ns`` every ``step_ns``."""
+    with open_capture(str(capture)) as cap:
+        frames = [(ts, data) for ts, linktype, data, _, _ in cap if linktype == 1]
+    return [((round(ts * 1e9) if start_ns is None else start_ns + i * step_ns) + 1 + i % 997, data, 0)
+            for i, (ts, data) in enumerate(frames)]
+
+
+def _read_every_way(capture: Path) -> tuple[list[tuple[float, int, bytes]], bool]:
+    """What the per-packet reader admits, and whether libpcap handed the capture over to
+    it before the end; asserts that iteration and batches of open_prefiltered, which
+    starts on libpcap, yield exactly that, without a warning."""
+    admits = bpf.LinktypeFilters(None).admits
+    with open_capture(str(capture)) as cap:
+        expected = [(r[0], r[1], r[2]) for r in cap if admits(r[1], r[2])]
+    with bpf.open_prefiltered(str(capture)) as cap:
+        assert cap.by_libpcap and cap.units == bpf.NANO
+        assert [(r[0], r[1], r[2]) for r in cap] == expected
+        assert cap.truncated is None
+    with bpf.open_prefiltered(str(capture)) as cap:
+        from_batches = [frame for item in cap.batches()
+                        for frame in (_batch_frames(cap, *item) if len(item) == 3 else [item[:3]])]
+        assert cap.truncated is None
+        handed_over = not cap.by_libpcap
+    assert from_batches == expected
+    return expected, handed_over
+
+
+def test_nanosecond_pcapng_is_read_by_libpcap_with_exact_timestamps(tmp_path, capsys):
+    """dumpcap's pcapng on a nanosecond clock: libpcap would divide its timestamps to
+    microseconds, so it is shown one with a microsecond resolution and MillisecondClock
+    rebuilds every nanosecond; the alerts equal --no-bpf-prefilter's to the last digit."""
+    from tests.helpers import load_make_samples
+
+    capture = tmp_path / "ns.pcapng"
+    capture.write_bytes(load_make_samples().pcapng_file(
+        ((1, 9, b"eth0"),), _nanosecond_pcapng_records(ROOT / "pcaps" / "demo.pcap")))
+    expected, handed_over = _read_every_way(capture)
+    assert any(round(ts * 1e9) % 1000 for ts, _, _ in expected) and not handed_over
+    filtered = _alerts_and_hosts(tmp_path, capture, capsys)
+    assert filtered[0] and filtered == _alerts_and_hosts(tmp_path, capture, capsys, "--no-bpf-prefilter")
+
+
+def test_millisecond_clock_unwraps_and_hands_over_what_it_cannot_follow(tmp_path):
+    """libpcap's 32-bit seconds word holds the millisecond count modulo 2**32 here.  The
+    packets cross a multiple of 2**32 ms, a Simple Packet Block (no timestamp: the last
+    one seen) sits among them, then the clock jumps two hours and a second section follows,
+    whose interface libpcap reads unconverted: from the jump on the Python reader takes
+    over, and every timestamp stays exact."""
+    from tests.helpers import load_make_samples
+
+    samples = load_make_samples()
+    wrap_ms = 400 << 32
+    records = _nanosecond_pcapng_records(ROOT / "pcaps" / "demo.pcap",
+                                         start_ns=(wrap_ms - 300) * 1_000_000, step_ns=379_123)
+    jump = 1200
+    records[jump:] = [(ts + 7200 * bpf.NANO, data, iface) for ts, data, iface in records[jump:]]
+    assert records[0][0] // 1_000_000 < wrap_ms < records[jump - 1][0] // 1_000_000
+    blob = samples.pcapng_file(((1, 9, b"eth0"),), records)
+    first_blocks = samples.pcapng_file(((1, 9, b"eth0"),), records[:100])
+    spb_frame = records[50][1]
+    spb = samples._pcapng_block(3, struct.pack("<I", len(spb_frame)) + spb_frame)
+    second_section = samples.pcapng_file(((1, 9, b"eth0"),), records[:200])
+    capture = tmp_path / "wrap.pcapng"
+    capture.write_bytes(first_blocks + spb + blob[len(first_blocks):] + second_section)
+
+    expected, handed_over = _read_every_way(capture)
+    after_jump = records[jump][0] / bpf.NANO
+    assert handed_over and any(ts >= after_jump for ts, _, _ in expected)
+    assert expected[-1][0] < after_jump  # the second section's
+    assert any(ts > wrap_ms / 1000 for ts, _, _ in expected)
+
+    clock = bpf.MillisecondClock(records[0][0])
+    wrapped = struct.pack("=IIII", (wrap_ms + 5) & 0xFFFFFFFF, 123, 0, 60)
+    simple_packet_block = struct.pack("=IIII", 0, 0, 60, 60)
+    rebased = struct.iter_unpack("=IIII", clock.rebase(wrapped + simple_packet_block))
+    assert [record[:2] for record in rebased] == [divmod((wrap_ms + 5) * 1_000_000 + 123, bpf.NANO)] * 2
+    with pytest.raises(bpf.ClockLost):
+        clock.rebase(struct.pack("=IIII", (wrap_ms + 5 + bpf.MAX_CLOCK_STEP + 1) & 0xFFFFFFFF, 0, 0, 60))
 
 
 def test_the_reader_thread_holds_a_bounded_number_of_bytes(tmp_path, monkeypatch):

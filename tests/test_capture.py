@@ -513,3 +513,48 @@ def test_mutated_captures_never_crash(seed, edits, cut, prefix_only):
     if prefix_only:
         data = data[:cut % (len(data) + 1)]
     consume(bytes(data))
+
+
+NANOSECOND_PCAPNG = (shb("<") + idb("<", 1, tsresol=9) + block("<", 4, b"\0" * 8)
+                     + epb("<", 0, 1735725600 * NANO + 123456789, FRAMES[0]) + spb("<", FRAMES[2]))
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_microsecond_view_of_a_nanosecond_pcapng(order):
+    """The head libpcap is shown (bpf.NanosecondFeed): the bytes before the first packet
+    with the one interface's resolution set to microseconds, and that packet's time."""
+    data = (shb(order) + idb(order, 1, tsresol=9) + block(order, 4, b"\0" * 8)
+            + epb(order, 0, 1735725600 * NANO + 123456789, FRAMES[0]))
+    prologue, first_ns = pcapfile.pcapng_microsecond_view(data)
+    assert first_ns == 1735725600 * NANO + 123456789
+    packet_at = data.index(epb(order, 0, 1735725600 * NANO + 123456789, FRAMES[0]))
+    changed = [i for i in range(packet_at) if prologue[i] != data[i]]
+    assert len(prologue) == packet_at and len(changed) == 1
+    assert (data[changed[0]], prologue[changed[0]]) == (9, 6)
+
+
+@pytest.mark.parametrize("data", [
+    shb("<") + idb("<", 1) + epb("<", 0, 5, FRAMES[0]),  # microseconds already
+    shb("<") + idb("<", 1, tsresol=9, tsoffset=5) + epb("<", 0, 5, FRAMES[0]),
+    shb("<") + idb("<", 1, tsresol=9) + idb("<", 1, tsresol=9) + epb("<", 0, 5, FRAMES[0]),
+    shb("<") + idb("<", 1, tsresol=9) + spb("<", FRAMES[0]),  # no time to start the clock
+    shb("<") + idb("<", 1, tsresol=0x80 | 30) + epb("<", 0, 5, FRAMES[0]),
+], ids=["microsecond", "offset", "two-interfaces", "simple-block-first", "binary-resolution"])
+def test_no_microsecond_view_where_libpcap_could_not_be_exact(data):
+    assert pcapfile.pcapng_microsecond_view(data) is None
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(edits=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=6),
+       cut=st.integers(0, 200))
+def test_mutated_pcapng_heads_give_a_faithful_view_or_none(edits, cut):
+    """A hostile head never raises, and any view differs from it in the resolution alone."""
+    data = bytearray(NANOSECOND_PCAPNG)
+    for where, value in edits:
+        data[where % len(data)] = value
+    head = bytes(data[:len(data) - cut % len(data)])
+    view = pcapfile.pcapng_microsecond_view(head)
+    if view is not None:
+        prologue, _ = view
+        changed = [i for i in range(len(prologue)) if prologue[i] != head[i]]
+        assert len(changed) == 1 and (head[changed[0]], prologue[changed[0]]) == (9, 6)

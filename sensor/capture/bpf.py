@@ -63,7 +63,8 @@ import termios
 import threading
 import time
 
-from .pcapfile import CaptureError, open_capture, pcapng_leading_interfaces
+from .pcapfile import (CaptureError, open_capture, pcapng_leading_interfaces,
+                       pcapng_microsecond_view)
 
 DLT_EN10MB = 1
 
@@ -246,13 +247,62 @@ _MICRO_MAGIC = {"<": b"\xd4\xc3\xb2\xa1", ">": b"\xa1\xb2\xc3\xd4"}
 # feed opens its pipe by /proc/self/fd and sizes it with F_SETPIPE_SZ: Linux only;
 # elsewhere nanosecond files stay with the Python reader.
 _LIBPCAP_MAGICS = {magic: (order, MICRO) for order, magic in _MICRO_MAGIC.items()}
-if sys.platform.startswith("linux"):
+_FEEDS_WORK = sys.platform.startswith("linux")
+if _FEEDS_WORK:
     _LIBPCAP_MAGICS.update({b"\x4d\x3c\xb2\xa1": ("<", NANO), b"\xa1\xb2\x3c\x4d": (">", NANO)})
 PCAP_HEADER = 24
 PIPE_SIZE = 1 << 20
 FEED_PAUSE = 0.0002  # seconds; libpcap reads half a pipe in about that
 PCAPNG_HEAD = 1 << 16  # bytes looked at for the interfaces a pcapng describes before its packets
+# The feed writes what precedes the packets into the pipe before libpcap opens it: it must
+# fit an unenlarged pipe (64 KiB), or the write would wait for a reader that never comes.
+MAX_PROLOGUE = 16 << 10
+# The largest step between consecutive packets MillisecondClock follows, in milliseconds.
+MAX_CLOCK_STEP = 3_600_000
+_HALF_WRAP, _WRAP_MASK = 1 << 31, (1 << 32) - 1
 _META = struct.Struct("=IIII")
+
+
+class ClockLost(Exception):
+    """MillisecondClock cannot follow the capture's clock: the rest is read in Python."""
+
+
+class MillisecondClock:
+    """The nanosecond timestamps of a pcapng libpcap reads through
+    pcapfile.pcapng_microsecond_view: ``next_batch`` reports the millisecond count modulo
+    2**32 (its seconds word is 32 bits) and the nanoseconds within the millisecond.  Each
+    record's count is unwrapped against the one before it, starting from the first
+    packet's exact timestamp.  A step of more than MAX_CLOCK_STEP either way (an idle
+    hour, or a later section of the file, whose interface libpcap reads unconverted)
+    raises ClockLost, as does a time past the 32-bit seconds, so nothing is guessed.  A
+    Simple Packet Block (all zeros from libpcap) gets the last timestamp seen, as
+    pcapfile.CaptureFile gives it."""
+
+    def __init__(self, first_ns: int):
+        self.milliseconds = first_ns // 1_000_000
+        self.sec, self.fraction = divmod(first_ns, NANO)
+
+    def rebase(self, meta: bytes) -> bytes:
+        """``meta`` with (seconds, nanoseconds) in place of libpcap's two time words."""
+        out = bytearray(len(meta))
+        pack_into = _META.pack_into
+        milliseconds, sec, fraction = self.milliseconds, self.sec, self.fraction
+        pos = 0
+        try:
+            for wrapped, within, offset, caplen in _META.iter_unpack(meta):
+                if wrapped or within:
+                    step = ((wrapped - milliseconds + _HALF_WRAP) & _WRAP_MASK) - _HALF_WRAP
+                    if step > MAX_CLOCK_STEP or step < -MAX_CLOCK_STEP:
+                        raise ClockLost
+                    milliseconds += step
+                    sec, rest = divmod(milliseconds, 1000)
+                    fraction = rest * 1_000_000 + within
+                pack_into(out, pos, sec, fraction, offset, caplen)
+                pos += 16
+        except struct.error:
+            raise ClockLost from None
+        self.milliseconds, self.sec, self.fraction = milliseconds, sec, fraction
+        return bytes(out)
 
 
 def dlt_for(linktype: int) -> int:
@@ -314,24 +364,26 @@ class ReadAhead:
 
 
 class NanosecondFeed:
-    """A nanosecond pcap shown to libpcap as a microsecond one, through a pipe.
+    """A nanosecond capture shown to libpcap as a microsecond one, through a pipe.
 
     libpcap opened for microseconds (all pcapy offers) divides a nanosecond file's
-    fractions by 1,000.  Under the microsecond magic it passes them through untouched, so
+    fractions by 1,000.  A classic pcap's ``prologue`` is its header under the
+    microsecond magic: libpcap then passes the fractions through untouched, so
     ``next_batch``'s second word is the exact nanosecond fraction and the timestamps equal
-    pcapfile.CaptureFile's.  The header is written here, before libpcap opens the pipe
-    (its open blocks reading it, holding the GIL).  The rest is moved by ``sendfile`` in a
+    pcapfile.CaptureFile's.  A pcapng's is what precedes its first packet with the
+    interface's resolution set to microseconds (pcapfile.pcapng_microsecond_view, whose
+    timestamps MillisecondClock rebuilds).  The prologue is written here, before libpcap
+    opens the pipe (its open blocks reading it, holding the GIL).  The rest is moved by ``sendfile`` in a
     forked child: a pipe takes a page at a time, and a thread would need the GIL back
     after each of ~200k calls.  The child ends when the file does or libpcap's end of the
     pipe closes; it shares the file's offset, which is how far the feed has come."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, prologue: bytes):
         self._file = os.open(path, os.O_RDONLY)
         self._pid = 0
         self._status = 0
         try:
             self.size = os.fstat(self._file).st_size
-            head = os.pread(self._file, PCAP_HEADER, 0)
             read_end, write_end = os.pipe()
         except OSError:
             os.close(self._file)
@@ -341,8 +393,8 @@ class NanosecondFeed:
         except OSError:
             pass  # capped by /proc/sys/fs/pipe-max-size; a smaller pipe only means more wake-ups
         try:
-            os.write(write_end, _MICRO_MAGIC[_LIBPCAP_MAGICS[head[:4]][0]] + head[4:])
-            os.lseek(self._file, PCAP_HEADER, os.SEEK_SET)
+            os.write(write_end, prologue)
+            os.lseek(self._file, len(prologue), os.SEEK_SET)
             self._pid = os.fork()
         except OSError:
             for fd in (read_end, write_end, self._file):
@@ -426,7 +478,8 @@ class PrefilteredCapture:
     """A capture read with the sensor's filter applied before Python sees a packet.
 
     Classic pcap files (microsecond, or nanosecond through NanosecondFeed), and pcapng
-    files with one interface on a microsecond clock, are read by libpcap itself
+    files with one interface on a microsecond clock (or a nanosecond one, through
+    NanosecondFeed and MillisecondClock), are read by libpcap itself
     (``next_batch``), so rejected packets cost no Python work at all; ``units`` is what a
     second of its batches' second timestamp word is divided into.  Anything else is read
     by pcapfile.CaptureFile and filtered per packet with the same compiled program.
@@ -446,6 +499,7 @@ class PrefilteredCapture:
         self.read_ahead: ReadAhead | None = None
         self._capture = None
         self._feed: NanosecondFeed | None = None
+        self._clock: MillisecondClock | None = None
         self.units = MICRO
         known = self._libpcap_format(path)
         linktype = known[0] if known is not None else None
@@ -453,9 +507,9 @@ class PrefilteredCapture:
             import pcapy
 
             opened = path
-            if known[2] == NANO:
+            if known[3] is not None:
                 try:
-                    self._feed = NanosecondFeed(path)
+                    self._feed = NanosecondFeed(path, known[3])
                 except OSError as err:
                     raise CaptureError(f"{path}: {err.strerror}") from None
                 opened = self._feed.path
@@ -482,6 +536,8 @@ class PrefilteredCapture:
                     self.size = os.fstat(self._fd).st_size if self._fd >= 0 else None
                 self.format = known[1]
                 self._linktype = linktype
+                if known[4] is not None:
+                    self._clock = MillisecondClock(known[4])
                 self._records = self._libpcap_records(linktype)
         if linktype is None:
             self._capture = open_capture(path)
@@ -494,12 +550,13 @@ class PrefilteredCapture:
         return self._handle is not None
 
     @staticmethod
-    def _libpcap_format(path: str) -> tuple[int, str, int] | None:
-        """(link type, format, timestamp units) of a capture libpcap reads exactly as
-        pcapfile does, else None: a classic pcap, or a pcapng whose one interface
-        (microsecond clock, no offset) is described before its first packet.  libpcap
-        would round a pcapng's finer clocks and cannot report which interface a packet
-        came from."""
+    def _libpcap_format(path: str) -> tuple[int, str, int, bytes | None, int | None] | None:
+        """(link type, format, timestamp units, NanosecondFeed's prologue or None, the
+        first packet's nanoseconds for MillisecondClock or None) of a capture libpcap
+        reads exactly as pcapfile does, else None: a classic pcap, or a pcapng whose one
+        interface (microsecond or nanosecond clock, no offset) is described before its
+        first packet.  libpcap would round a pcapng's other clocks and cannot report which
+        interface a packet came from."""
         if path == "-":
             return None
         try:
@@ -510,12 +567,16 @@ class PrefilteredCapture:
         classic = _LIBPCAP_MAGICS.get(head[:4]) if len(head) >= PCAP_HEADER else None
         if classic is not None:
             order, units = classic
-            return struct.unpack_from(order + "I", head, 20)[0] & 0xFFFF, "pcap", units
+            prologue = _MICRO_MAGIC[order] + head[4:PCAP_HEADER] if units == NANO else None
+            return struct.unpack_from(order + "I", head, 20)[0] & 0xFFFF, "pcap", units, prologue, None
         interfaces = pcapng_leading_interfaces(head)
         if interfaces is not None and len(interfaces) == 1:
             linktype, units, offset = interfaces[0]
             if units == MICRO and offset == 0:
-                return linktype, "pcapng", MICRO
+                return linktype, "pcapng", MICRO, None, None
+            view = pcapng_microsecond_view(head) if _FEEDS_WORK else None
+            if view is not None and len(view[0]) <= MAX_PROLOGUE:
+                return linktype, "pcapng", NANO, view[0], view[1]
         return None
 
     def _libpcap_records(self, linktype: int):
@@ -524,6 +585,7 @@ class PrefilteredCapture:
         next_batch = self._handle.next_batch
         unpack_from = _META.unpack_from
         units = self.units
+        clock = self._clock
         yielded = 0
         try:
             while True:
@@ -532,12 +594,16 @@ class PrefilteredCapture:
                     if not self._feed_failed():
                         return
                     break
+                if clock is not None:
+                    meta = clock.rebase(meta)
                 for pos in range(0, len(meta), 16):
                     sec, fraction, off, caplen = unpack_from(meta, pos)
                     yield (sec * units + fraction) / units, linktype, buf[off:off + caplen], caplen, 0
                 yielded += len(meta) >> 4
         except pcapy.PcapError as err:
             self.truncated = str(err)
+        except ClockLost:
+            pass
         yield from self._python_rest(yielded)
 
     def _feed_failed(self) -> bool:
@@ -546,7 +612,11 @@ class PrefilteredCapture:
         return self._feed is not None and self._feed.failed()
 
     def _python_rest(self, done: int):
-        """next_batch drops the packets of the batch it failed in: re-read them in Python."""
+        """next_batch drops the packets of the batch it failed in: re-read them in Python.
+        libpcap's handle and the feed it drained are no longer needed: they go first."""
+        self._handle.close()
+        self._handle = None
+        self._close_feed()
         self._capture = open_capture(self.path)
         self.size = self._capture.size
         skip = done
@@ -580,12 +650,15 @@ class PrefilteredCapture:
         room = self.read_ahead = ReadAhead()
         stop = threading.Event()
         next_batch = self._handle.next_batch
+        clock = self._clock
 
         def read() -> None:
             while room.wait(stop):
                 try:
                     buf, meta = next_batch(BATCH)
-                except pcapy.PcapError as err:
+                    if clock is not None and meta:
+                        meta = clock.rebase(meta)
+                except (pcapy.PcapError, ClockLost) as err:
                     batches.put(err)
                     return
                 room.add(len(buf))
@@ -610,6 +683,8 @@ class PrefilteredCapture:
         try:
             while True:
                 item = batches.get()
+                if isinstance(item, ClockLost):
+                    break
                 if isinstance(item, pcapy.PcapError):
                     self.truncated = str(item)
                     break

@@ -87,8 +87,10 @@ def _section_byte_order(buf: bytes, pos: int) -> str | None:
     return None
 
 
-def _interface(buf: bytes, pos: int, block_end: int, layout: _PcapngLayout) -> tuple[int, int, int, int]:
-    """(link type, snap length, units per second, offset in seconds) of the IDB at ``pos``.
+def _interface(buf: bytes, pos: int, block_end: int,
+               layout: _PcapngLayout) -> tuple[int, int, int, int, int]:
+    """(link type, snap length, units per second, offset in seconds, position of the
+    if_tsresol value or -1) of the IDB at ``pos``.
 
     Malformed options end option parsing but keep the interface: its packets are
     still good, and the defaults (microseconds, no offset) are what most writers use.
@@ -97,6 +99,7 @@ def _interface(buf: bytes, pos: int, block_end: int, layout: _PcapngLayout) -> t
     start, end = pos + 16, block_end - 4
     units = _DEFAULT_TS_UNITS
     offset = 0
+    resolution_at = -1
     option = layout.option.unpack_from
     while start + 4 <= end:
         code, length = option(buf, start)
@@ -106,29 +109,29 @@ def _interface(buf: bytes, pos: int, block_end: int, layout: _PcapngLayout) -> t
         if code == _OPT_IF_TSRESOL and length >= 1:
             resolution = buf[value]
             units = 2 ** (resolution & 0x7F) if resolution & 0x80 else 10 ** resolution
+            resolution_at = value
         elif code == _OPT_IF_TSOFFSET and length == 8:
             offset = layout.int64.unpack_from(buf, value)[0]
         start = value + ((length + 3) & ~3)
-    return linktype, snaplen, units, offset
+    return linktype, snaplen, units, offset, resolution_at
 
 
-def pcapng_leading_interfaces(head: bytes) -> list[tuple[int, int, int]] | None:
-    """(link type, timestamp units per second, offset in seconds) of each interface a
-    pcapng file describes before its first packet block, read from the file's first
-    bytes ``head``.  None when ``head`` is not pcapng, is malformed, starts a second
-    section or ends before a packet block: only the full reader can tell then."""
+def _leading_blocks(head: bytes) -> tuple[_PcapngLayout, list[tuple[int, int]], int] | None:
+    """(byte order's layout, (position, length) of each IDB, position of the first packet
+    block) of a pcapng file's first bytes ``head``.  None when ``head`` is not pcapng, is
+    malformed, starts a second section or ends before a packet block."""
     if len(head) < 28 or _LE_U32.unpack_from(head)[0] != _SHB:
         return None
     order = _section_byte_order(head, 0)
     if order is None:
         return None
     layout = _PCAPNG_LAYOUTS[order]
-    interfaces = []
+    idbs = []
     pos = 0
     while pos + 12 <= len(head):
         block_type, block_len = layout.head.unpack_from(head, pos)
         if block_type in (_EPB, _OBSOLETE_PB, _SPB):
-            return interfaces
+            return layout, idbs, pos
         if block_len & 3 or block_len < 12 or pos + block_len > len(head):
             return None
         if block_type == _SHB and pos:
@@ -136,10 +139,46 @@ def pcapng_leading_interfaces(head: bytes) -> list[tuple[int, int, int]] | None:
         if block_type == _IDB:
             if block_len < 20:
                 return None
-            linktype, _snaplen, units, offset = _interface(head, pos, pos + block_len, layout)
-            interfaces.append((linktype, units, offset))
+            idbs.append((pos, block_len))
         pos += block_len
     return None
+
+
+def pcapng_leading_interfaces(head: bytes) -> list[tuple[int, int, int]] | None:
+    """(link type, timestamp units per second, offset in seconds) of each interface a
+    pcapng file describes before its first packet block, read from the file's first
+    bytes ``head``.  None when ``head`` is not pcapng, is malformed, starts a second
+    section or ends before a packet block: only the full reader can tell then."""
+    leading = _leading_blocks(head)
+    if leading is None:
+        return None
+    layout, idbs, _ = leading
+    interfaces = []
+    for pos, length in idbs:
+        linktype, _snaplen, units, offset, _ = _interface(head, pos, pos + length, layout)
+        interfaces.append((linktype, units, offset))
+    return interfaces
+
+
+def pcapng_microsecond_view(head: bytes) -> tuple[bytes, int] | None:
+    """For a pcapng whose one interface counts nanoseconds since the epoch (if_tsresol 9,
+    no offset) and whose first packet block, an EPB, lies in ``head``: the bytes before
+    that block with if_tsresol set to microseconds, and the packet's timestamp in
+    nanoseconds.  libpcap reading the file so reports ``t // 10**6`` as seconds and
+    ``t % 10**6`` as microseconds, ``t`` being each packet's nanosecond count: nothing is
+    rounded away (bpf.MillisecondClock rebuilds the nanoseconds).  None otherwise."""
+    leading = _leading_blocks(head)
+    if leading is None or len(leading[1]) != 1:
+        return None
+    layout, ((pos, length),), packet_at = leading
+    _linktype, _snaplen, units, offset, resolution_at = _interface(head, pos, pos + length, layout)
+    if units != 1_000_000_000 or offset or resolution_at < 0 or head[resolution_at] != 9 \
+            or layout.head.unpack_from(head, packet_at)[0] != _EPB or packet_at + 28 > len(head):
+        return None
+    high, low = layout.epb.unpack_from(head, packet_at + 8)[1:3]
+    view = bytearray(head[:packet_at])
+    view[resolution_at] = 6
+    return bytes(view), high << 32 | low
 
 
 class CaptureFile:
@@ -366,7 +405,7 @@ class CaptureFile:
                         problem = self._garbled("interface block", pos, f"length {block_len}")
                         break
                     if len(interfaces) < MAX_INTERFACES:
-                        linktype, snaplen, units, offset = _interface(buf, pos, block_end, layout)
+                        linktype, snaplen, units, offset, _ = _interface(buf, pos, block_end, layout)
                         interfaces.append((linktype, snaplen, units, offset * units))
                 elif block_type == _SPB:
                     if block_len < 16:
