@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import struct
 import sys
 import time
@@ -18,6 +17,7 @@ from .config import DEFAULT_INTERNAL, ConfigError, Settings
 from .decode.packet import DecoderConfig, Interest, PacketDecoder
 from .detect.engine import Detector
 from .detect.signatures import SignatureError, default_signature_paths, load_signatures
+from .inet import gethostname
 from .output.ecs import detection_to_ecs, host_event_to_ecs
 from .output.lifecycle import AlertLifecycle
 from .output.sinks import AlertRouter, build_sinks
@@ -53,7 +53,7 @@ class Sensor:
     def __init__(self, settings: Settings, stats: Stats | None = None):
         self.settings = settings
         self.stats = stats or Stats()
-        self.observer = settings.observer or socket.gethostname()
+        self.observer = settings.observer or gethostname()
         if settings.removal_start:
             try:
                 date.fromisoformat(settings.removal_start)

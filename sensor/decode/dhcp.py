@@ -12,9 +12,9 @@ cannot inject separators or control characters into logs and reports.
 
 from __future__ import annotations
 
-import socket
 import struct
 
+from ..inet import AF_INET, AF_INET6, inet_ntop
 from ..records import DecodeError, DhcpLease, DnsMessage, DomainName, PacketContext, escape_label_bytes
 
 _u16 = struct.Struct("!H").unpack_from
@@ -53,7 +53,7 @@ def _mac(raw: bytes) -> str:
 
 
 def _ip4(raw: bytes) -> str | None:
-    return None if raw == b"\0\0\0\0" else socket.inet_ntop(socket.AF_INET, raw)
+    return None if raw == b"\0\0\0\0" else inet_ntop(AF_INET, raw)
 
 
 def _text_name(raw: bytes) -> str | None:
@@ -201,7 +201,7 @@ def _dhcp6(data: bytes, ctx: PacketContext) -> DhcpLease | None:
         elif code == OPT6_IA_NA and address is None and stop - start >= 12:
             for sub, sub_start, sub_stop in _options6(data, start + 12, stop):
                 if sub == OPT6_IAADDR and sub_stop - sub_start >= 24:
-                    address = socket.inet_ntop(socket.AF_INET6, data[sub_start:sub_start + 16])
+                    address = inet_ntop(AF_INET6, data[sub_start:sub_start + 16])
                     break
     if not relayed:
         on_link = ctx.src_mac if msg_type in CLIENT_MESSAGES6 else ctx.dst_mac

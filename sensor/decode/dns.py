@@ -9,9 +9,9 @@ cap only bounds the work a long legitimate-looking chain can cost.
 
 from __future__ import annotations
 
-import socket
 import struct
 
+from ..inet import AF_INET, AF_INET6, inet_ntop
 from ..records import DecodeError, DnsAnswer, DnsMessage, DnsQuestion, DomainName, PacketContext
 
 HEADER = struct.Struct(">HHHHHH")
@@ -164,11 +164,11 @@ def _rdata_text(buf: bytes, start: int, end: int, rtype: int, rclass: int) -> st
     if rtype == TYPE_A and rclass & CLASS_MASK == CLASS_IN:
         if end - start != 4:
             raise DecodeError("dns_bad_rdata")
-        return socket.inet_ntop(socket.AF_INET, buf[start:end])
+        return inet_ntop(AF_INET, buf[start:end])
     if rtype == TYPE_AAAA and rclass & CLASS_MASK == CLASS_IN:
         if end - start != 16:
             raise DecodeError("dns_bad_rdata")
-        return socket.inet_ntop(socket.AF_INET6, buf[start:end])
+        return inet_ntop(AF_INET6, buf[start:end])
     if rtype == TYPE_CNAME:
         target, name_end = read_name(buf, start)
         if name_end != end:

@@ -8,10 +8,10 @@ QUIC Initial, DHCP, flow starts).  Everything else leaves after a few integer ch
 from __future__ import annotations
 
 import re
-import socket
 import struct
 from dataclasses import dataclass
 
+from ..inet import AF_INET, AF_INET6, inet_ntop
 from ..records import DecodeError, DnsMessage, FlowStart, PacketContext
 from ..stats import Stats
 from . import dns, http, tls
@@ -463,8 +463,8 @@ class PacketDecoder:
 
     def _context(self, ts, src, dst, sport, dport, transport, version, src_mac, dst_mac, vlans,
                  tunnel, interface) -> PacketContext:
-        family = socket.AF_INET if version == 4 else socket.AF_INET6
-        return PacketContext(ts, socket.inet_ntop(family, src), socket.inet_ntop(family, dst),
+        family = AF_INET if version == 4 else AF_INET6
+        return PacketContext(ts, inet_ntop(family, src), inet_ntop(family, dst),
                              sport, dport, transport, version, format_mac(src_mac),
                              format_mac(dst_mac), vlans, tunnel, interface)
 

@@ -24,17 +24,19 @@ from __future__ import annotations
 import fcntl
 import os
 import select
-import socket
 import struct
 import sys
 import termios
 from typing import TYPE_CHECKING
+
+from _socket import IPPROTO_TCP, SO_ERROR, SOL_SOCKET, TCP_NODELAY  # socket.py: see connect()
 
 from .ecs import to_json_line
 from .escape import (APP_NAME_MAX, HOSTNAME_MAX, MSGID_MAX, PROCID_MAX, header_field,
                      is_sd_name, sd_param_value)
 
 if TYPE_CHECKING:
+    import socket
     import ssl
 
 DEFAULT_SD_ID = "purge_sensor@32473"
@@ -138,6 +140,8 @@ class UdpTransport:
         return self._sock is not None
 
     def connect(self) -> None:
+        import socket  # here: its import costs every read ~2 ms, and most send no syslog
+
         family, kind, proto, _, addr = socket.getaddrinfo(
             self.host, self.port, 0, socket.SOCK_DGRAM)[0]
         sock = socket.socket(family, kind, proto)
@@ -159,7 +163,7 @@ class UdpTransport:
 
     def peer_closed(self) -> str | None:
         """Why an earlier datagram was refused (port or host unreachable), or None."""
-        error = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if self._sock else 0
+        error = self._sock.getsockopt(SOL_SOCKET, SO_ERROR) if self._sock else 0
         return f"datagram refused: {os.strerror(error)}" if error else None
 
     def close(self, graceful: bool = False) -> None:
@@ -191,9 +195,11 @@ class TcpTransport:
         return self._sock is not None
 
     def connect(self) -> None:
+        import socket  # see UdpTransport.connect
+
         sock = socket.create_connection((self.host, self.port), timeout=CONNECT_TIMEOUT)
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
             if self.tls is not None:
                 sock = self.tls.wrap_socket(sock, server_hostname=self.server_name)
             sock.settimeout(SEND_TIMEOUT)

@@ -8,7 +8,8 @@ rather than ``ipaddress`` objects.
 from __future__ import annotations
 
 import ipaddress
-import socket
+
+from ..inet import AF_INET, AF_INET6, inet_pton
 
 DEFAULT_INTERNAL = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
 
@@ -19,8 +20,8 @@ def _parse(ip: str) -> tuple[int, int] | None:
     """(family bits, integer value), or None for text that is not an address."""
     try:
         if ":" in ip:
-            return 128, int.from_bytes(socket.inet_pton(socket.AF_INET6, ip), "big")
-        return 32, int.from_bytes(socket.inet_pton(socket.AF_INET, ip), "big")
+            return 128, int.from_bytes(inet_pton(AF_INET6, ip), "big")
+        return 32, int.from_bytes(inet_pton(AF_INET, ip), "big")
     except (OSError, ValueError, TypeError):
         return None
 
@@ -79,7 +80,7 @@ def is_group_address(ip: str) -> bool:
 
 
 def canonical_ip(text: str) -> str:
-    """The decoder's rendering of an address (``socket.inet_ntop``), for user-given IPs."""
+    """The decoder's rendering of an address (``inet_ntop``), for user-given IPs."""
     try:
         return str(ipaddress.ip_address(str(text).strip()))
     except ValueError:

@@ -37,11 +37,11 @@ the inventory.  Every table is capped and its evictions counted in ``stats.evict
 from __future__ import annotations
 
 import json
-import socket
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from ..decode.dhcp import mdns_leases
+from ..inet import AF_INET, AF_INET6, inet_pton
 from ..records import AppRecord, Detection, DhcpLease, DnsMessage, FlowStart, HostEvent, Signature
 from ..stats import Stats
 from .internal import DEFAULT_INTERNAL, InternalNetworks, canonical_ip, host_port, is_group_address
@@ -188,7 +188,7 @@ def _flow_key(ctx) -> str:
 
 
 def _packed(address: str) -> bytes:
-    return socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
+    return inet_pton(AF_INET6 if ":" in address else AF_INET, address)
 
 
 def _put(table: OrderedDict, key, value, cap: int, stats: Stats, name: str) -> None:
