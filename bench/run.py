@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from make_mix import GENERATOR  # noqa: E402
-from sensor.capture.bpf import build_filter  # noqa: E402
+from sensor.capture.bpf import build_filter, file_filter  # noqa: E402
 from sensor.detect.signatures import default_signature_paths, load_signatures  # noqa: E402
 
 DEFAULT_MIX = ROOT / "bench" / "out" / "mix.pcap"
@@ -146,7 +146,7 @@ def offline(mix: Path, repeat: int, skip_tshark: bool, skip_plain: bool,
         print(f"{name}: {python} ({describe_python(others[name])}), in {Path(others[name]).parents[1]}")
     with tempfile.TemporaryDirectory(prefix="purge-bench-") as tmp:
         runs = {
-            "tcpdump -r (sensor filter)": ["tcpdump", "-r", str(mix), "-w", "/dev/null", build_filter()],
+            "tcpdump -r (sensor filter)": ["tcpdump", "-r", str(mix), "-w", "/dev/null", file_filter(str(mix))],
             SENSOR_RUN: sensor_argv(
                 "read", "-q", "--state", f"{tmp}/a.sqlite", "-o", f"file:{tmp}/a.json", str(mix)),
         }

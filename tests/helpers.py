@@ -2,6 +2,7 @@
 
 import importlib.util
 import re
+import struct
 import sys
 from pathlib import Path
 
@@ -40,3 +41,22 @@ def load_make_samples():
     sys.modules.setdefault("make_samples", module)
     spec.loader.exec_module(module)
     return module
+
+
+def in_vxlan(data: bytes, n: int = 0) -> bytes:
+    """``data`` as VXLAN's inner frame, the outer headers varied with ``n``: IPv4, IPv4
+    behind an 802.1Q tag or IPv6; source port 53 now and then (a tunnel port wins over
+    DNS's); every seventh without the I flag, which the full decoder rejects."""
+    vxlan = struct.pack("!BxxxI", 0x00 if n % 7 == 6 else 0x08, (100 + n % 3) << 8)
+    udp_payload = vxlan + data
+    sport = 53 if n % 5 == 4 else 49152 + n % 1000
+    udp = struct.pack("!HHHH", sport, 4789, 8 + len(udp_payload), 0) + udp_payload
+    macs = bytes.fromhex("020000000001020000000002")
+    if n % 3 == 2:
+        ip = struct.pack("!IHBB16s16s", 6 << 28, len(udp), 17, 64, b"\x20\x01\x0d\xb8" + bytes(11) + b"\x01",
+                         b"\x20\x01\x0d\xb8" + bytes(11) + b"\x02")
+        return macs + b"\x86\xdd" + ip + udp
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), n & 0xFFFF, 0, 64, 17, 0,
+                     bytes([192, 0, 2, 1]), bytes([192, 0, 2, 2]))
+    tag = b"\x81\x00\x00\x1e" if n % 3 == 1 else b""
+    return macs + tag + b"\x08\x00" + ip + udp

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Dot1Q, Ether
 
@@ -20,6 +20,7 @@ from sensor.records import ClientHello, HttpRequest
 from sensor.detect.signatures import default_signature_paths, load_signatures
 from sensor.pipeline import decoder_interest
 from sensor.stats import Stats
+from tests.helpers import in_vxlan
 
 ROOT = Path(__file__).resolve().parents[1]
 META = struct.Struct("=IIII")
@@ -35,6 +36,9 @@ def _ethernet_frames() -> list[tuple[float, bytes]]:
 
 
 FRAMES = _ethernet_frames()
+
+
+WRAPPED = [(ts, in_vxlan(data, n)) for n, (ts, data) in enumerate(FRAMES)]
 
 
 def _decoder() -> PacketDecoder:
@@ -93,6 +97,37 @@ def _times(frames):
 def test_every_sample_capture_frame_in_order():
     frames = _times(FRAMES)
     assert _batched(frames) == _one_by_one(frames)
+
+
+# A batch that opens with a VXLAN frame is read at the inner frames all at once
+# (_vxlan_view); behind another frame, VXLAN frames are read again one by one.
+LEADS = pytest.mark.parametrize("lead", [[], FRAMES[:1]], ids=["vxlan-batch", "mixed-batch"])
+
+
+@LEADS
+def test_every_sample_capture_frame_in_order_inside_vxlan(lead, monkeypatch):
+    """Cloud traffic mirroring delivers a span port in VXLAN, which the capture filter
+    passes whole: the batch path judges the inner frame by the same rules."""
+    from sensor.decode import packet
+
+    views = []
+    view = packet._vxlan_view
+    monkeypatch.setattr(packet, "_vxlan_view", lambda *args: views.append(1) or view(*args))
+    frames = _times(lead + WRAPPED)
+    assert _batched(frames) == _one_by_one(frames)
+    assert bool(views) is not bool(lead)
+
+
+@LEADS
+def test_the_batch_path_skips_inside_vxlan(lead):
+    """Inner frames the capture filter would have dropped (pure ACKs, a server's data,
+    media, QUIC short headers) and repeated flows stay on the buffer too."""
+    frames = _times(lead + WRAPPED * 3)
+    decoder = _decoder()
+    buf, meta = _batch(frames)
+    yielded = sum(1 for ts, frame, _ in decoder.ethernet_batch(buf, meta)
+                  if decoder.decode(ts, 1, frame) is not None)
+    assert yielded < len(frames) * 0.6
 
 
 def test_the_batch_path_really_skips_something():
@@ -187,6 +222,52 @@ def test_what_the_fast_path_keeps_from_the_full_decoder(network, tagged, server_
     assert decoder.stats.packets == len(frames) - len(kept)
     assert sorted(decoder.streams.bypass) == [], "the FINs closed the settled streams"
     assert decoder.stats.decoded == len(frames)
+
+
+@LEADS
+def test_a_connection_inside_vxlan_stays_on_the_buffer(lead):
+    """Inside a tunnel the capture filter cannot drop a server's pure ACK, a media datagram
+    or QUIC's short and server-sent long headers: the batch path judges them as the full
+    decoder would (the ACK for capture loss) without decoding them."""
+    frames = _flow_frames(IP, False, b"www.example.org")
+    down = Ether() / IP(src="198.51.100.20", dst="192.0.2.10")
+    frames["server_ack"] = bytes(down / TCP(sport=443, dport=50000, flags="A", seq=78, ack=1000 + 5000))
+    frames["rtp"] = bytes(Ether() / IP(src="192.0.2.10", dst="198.51.100.30")
+                          / UDP(sport=16384, dport=16386) / (b"\x80\x00" + bytes(170)))
+    frames["quic_short"] = bytes(Ether() / IP(src="192.0.2.10", dst="198.51.100.40")
+                                 / UDP(sport=50001, dport=443) / (b"\x41" + bytes(60)))
+    frames["quic_server"] = bytes(Ether() / IP(src="198.51.100.40", dst="192.0.2.10")
+                                  / UDP(sport=443, dport=50001) / (b"\xc3" + bytes(60)))
+    wrapped = {name: in_vxlan(frame, 0) for name, frame in frames.items()}
+    if lead:
+        wrapped = {"lead": bytes(Ether() / IP(src="192.0.2.99", dst="192.0.2.98")
+                                 / UDP(sport=16384, dport=16386) / bytes(40)), **wrapped}
+    decoder, yielded, _ = _through_the_fast_path(wrapped)
+    assert yielded == []
+    stamped = _one_ms_apart(wrapped)
+    outcome = _batched(stamped)
+    assert outcome == _one_by_one(stamped)
+    assert outcome[5]["acks"] > 0, "the server's ACK was judged"
+
+
+def test_udp_to_a_tunnel_port_never_meets_the_dns_screen():
+    """From port 53 to VXLAN's, with the bit DNS calls a response set in VXLAN's reserved
+    byte and no I flag: the full decoder reads a tunnel and counts it malformed, so the
+    batch path must not drop it as DNS from a resolver it already reported."""
+    from scapy.layers.dns import DNS, DNSQR
+
+    resolver, client = "192.0.2.1", "10.0.0.5"
+    answer = bytes(Ether() / IP(src=resolver, dst=client) / UDP(sport=53, dport=40000)
+                   / DNS(id=1, qr=1, qd=DNSQR(qname="www.example.org")))
+    query = bytes(Ether() / IP(src=client, dst="10.0.0.53") / UDP(sport=40001, dport=53)
+                  / DNS(id=2, qd=DNSQR(qname="www.example.net")))
+    tunnel = bytearray(in_vxlan(query, 69))  # untagged IPv4, from port 53, no I flag
+    tunnel[26:30] = bytes(map(int, resolver.split(".")))
+    tunnel[44] = 0x80  # VXLAN's second reserved byte, where a DNS header's QR bit sits
+    stamped = _one_ms_apart({"answer": answer, "tunnel": bytes(tunnel)})
+    outcome = _batched(stamped)
+    assert outcome == _one_by_one(stamped)
+    assert outcome[4] == {"vxlan_no_vni": 1}
 
 
 def _http_frames(network, requests: list[bytes]) -> dict[str, bytes]:
@@ -286,10 +367,11 @@ def test_the_request_screen_rules_out_ordinary_requests():
 
 @st.composite
 def mutated_frames(draw):
-    picks = draw(st.lists(st.integers(0, len(FRAMES) - 1), min_size=1, max_size=40))
+    pool = FRAMES + WRAPPED
+    picks = draw(st.lists(st.integers(0, len(pool) - 1), min_size=1, max_size=40))
     out = []
     for index in picks:
-        data = bytearray(FRAMES[index][1])
+        data = bytearray(pool[index][1])
         for _ in range(draw(st.integers(0, 3))):
             if not data:
                 break

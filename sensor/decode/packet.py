@@ -30,6 +30,9 @@ _tcp_hdr = struct.Struct("!HHI").unpack_from  # sport, dport, seq
 DNS_PORTS = frozenset((53, 5353, 5355))
 DHCP_PORTS = frozenset((67, 68, 546, 547))
 KSC_UDP_PORTS = frozenset((15000, 15001))  # track.tracker.KSC_UDP_PORTS; the capture filter passes them
+# UDP ports ``_udp`` reads a datagram for; to or from none of them it reads only a client's
+# QUIC long header.
+_UDP_READ_PORTS = DNS_PORTS | DHCP_PORTS | KSC_UDP_PORTS
 MAX_TUNNEL_DEPTH = 4
 
 TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
@@ -47,6 +50,68 @@ _BATCH_TCP = struct.Struct("!4xI4xBB")
 # From the UDP header: (source port, destination port, DNS flags' first byte)
 _BATCH_UDP_DNS = struct.Struct("!HH6xB")
 _DNS_PORT_BYTES = b"\x00\x35"  # 53 as a header carries it
+_VXLAN_INNER = 16  # from the UDP header to the inner Ethernet frame: UDP, then VXLAN's 8 bytes
+_VXLAN_PORT_BYTES = VXLAN_PORT.to_bytes(2, "big")
+_u16_at = struct.Struct("!H").unpack_from
+# From the ethertype of an untagged IPv4 frame: (ethertype, version and IHL, total length,
+# fragment word, protocol, addresses and UDP ports, VXLAN's flags)
+_IPV4_VXLAN = struct.Struct("!HBxHxxHxBxx12s4xB")
+
+
+def _vxlan_inner(buf: bytes, off: int, end: int) -> tuple[int, int] | None:
+    """(start, end) of the inner Ethernet frame of the frame ``buf[off:end]`` when it is
+    VXLAN that ethernet_batch reads again at its inner frame: untagged or single-tagged
+    IPv4 without options or fragments, or IPv6 without extension headers, to VXLAN's port
+    with the I flag (without it ``vxlan`` rejects the frame), the inner frame 54 bytes or
+    more; it ends where the IP packet does."""
+    if end - off < 54:
+        return None
+    tag = off + 4 if buf[off + 12:off + 14] == b"\x81\x00" else off
+    etype = buf[tag + 12:tag + 14]
+    if etype == b"\x08\x00":
+        if buf[tag + 14] != 0x45 or buf[tag + 23] != 17 or _u16_at(buf, tag + 20)[0] & 0x3FFF:
+            return None
+        l4 = tag + 34
+        ip_end = tag + 14 + _u16_at(buf, tag + 16)[0]
+    elif etype == b"\x86\xdd" and end >= tag + 62:
+        if buf[tag + 14] >> 4 != 6 or buf[tag + 20] != 17:
+            return None
+        l4 = tag + 54
+        ip_end = l4 + _u16_at(buf, tag + 18)[0]
+    else:
+        return None
+    inner = l4 + _VXLAN_INNER
+    if l4 + 20 <= ip_end <= end and buf[l4 + 2:l4 + 4] == _VXLAN_PORT_BYTES \
+            and buf[l4 + 8] & 0x08 and ip_end - inner >= 54:
+        return inner, ip_end
+    return None
+
+
+def _vxlan_view(buf: bytes, meta: bytes) -> tuple[bytes, dict[int, tuple[int, int]]]:
+    """``meta`` with each VXLAN frame's record pointing at its inner frame, and the outer
+    frame's (offset, caplen) by the inner one's offset.  Untagged IPv4 (cloud mirroring's)
+    is read with one unpack; anything else by _vxlan_inner."""
+    view = memoryview(bytearray(meta)).cast("I")
+    outer = {}
+    ipv4_vxlan_at = _IPV4_VXLAN.unpack_from
+    for index, (_, _, off, caplen) in enumerate(_BATCH_META.iter_unpack(meta)):
+        if caplen < 54:
+            continue
+        etype, vihl, total, frag, proto, ports, flags = ipv4_vxlan_at(buf, off + 12)
+        if etype == 0x0800 and vihl == 0x45 and proto == 17:
+            inner, ip_end = off + 50, off + 14 + total
+            if frag & 0x3FFF or not ports.endswith(_VXLAN_PORT_BYTES) or not flags & 0x08 \
+                    or ip_end > off + caplen or ip_end - inner < 54:
+                continue
+        else:
+            found = _vxlan_inner(buf, off, off + caplen)
+            if found is None:
+                continue
+            inner, ip_end = found
+        outer[inner] = (off, caplen)
+        view[4 * index + 2] = inner
+        view[4 * index + 3] = ip_end - inner
+    return view.tobytes(), outer
 _DNS_QR = 0x8000
 _DNS_HEADER_LEN = 12
 MDNS_PORT = 5353
@@ -172,7 +237,8 @@ class PacketDecoder:
             self.stats.bad(err.reason)
         return out
 
-    def ethernet_batch(self, buf: bytes, meta: bytes, units: int = 1_000_000):
+    def ethernet_batch(self, buf: bytes, meta: bytes, units: int = 1_000_000,
+                       tunnelled: bool = False):
         """The frames of a libpcap batch (``next_batch``: one buffer, native (sec, fraction,
         offset, caplen) records, ``units`` fractions a second) that ``decode`` could make
         something of, as ``(ts, frame, caplen)``; the rest are counted here and never
@@ -197,7 +263,14 @@ class PacketDecoder:
         * a SYN-ACK (but DNS's), a client's SYN without Fast Open data towards a port and
           address the Interest does not watch, or a FIN/RST without payload: what ``_tcp``
           does with them (nothing; starting the stream and its capture-loss record;
-          closing the stream and judging capture loss) is done here.
+          closing the stream and judging capture loss) is done here;
+        * what the capture filter drops but passes inside a tunnel: a pure ACK (its capture
+          loss judged), and UDP that ``_udp`` reads nothing of (media, QUIC short headers,
+          a server's long ones);
+        * a VXLAN frame whose inner frame one of these rules settles: the inner frame goes
+          through this loop alone (``tunnelled``: not counted, no deeper tunnel), as the
+          full path decodes it.  Cloud traffic mirroring delivers a span port so, and the
+          capture filter passes tunnels whole.
 
         Untagged or single-tagged IPv4 without options or fragments and IPv6 without
         extension headers are judged here; anything else takes the full path.  This loop
@@ -229,6 +302,15 @@ class PacketDecoder:
         ipv6_at = _BATCH_IPV6.unpack_from
         tcp_at = _BATCH_TCP.unpack_from
         udp_dns_at = _BATCH_UDP_DNS.unpack_from
+        # A batch that opens with a VXLAN frame is likely all VXLAN (cloud traffic
+        # mirroring): read at the inner frames from the start, rather than one by one.
+        counted = meta
+        outer = None
+        if not tunnelled and meta:
+            first, first_caplen = _BATCH_META.unpack_from(meta)[2:]
+            if _vxlan_inner(buf, first, first + first_caplen) is not None:
+                meta, outer = _vxlan_view(buf, meta)
+        descend = not tunnelled and outer is None
         for sec, fraction, off, caplen in _BATCH_META.iter_unpack(meta):
             end = off + caplen
             # Before the next table expiry only: the full path runs it first.
@@ -308,6 +390,12 @@ class PacketDecoder:
                                     if loss.flows:
                                         self._judge_loss(key, flags, seq, buf, l4, payload)
                                     continue
+                            elif payload == 0:
+                                # A pure ACK: ``_tcp`` judges capture loss and returns.  The
+                                # capture filter drops these; inside a tunnel they come.
+                                if loss.flows:
+                                    self._judge_loss(key, flags, seq, buf, l4, 0)
+                                continue
                         elif flags & 0x12 == 0x12:
                             if buf[l4:l4 + 2] != _DNS_PORT_BYTES:
                                 continue
@@ -324,10 +412,12 @@ class PacketDecoder:
                             continue
                 elif proto == 17 and screen is not None and l4 + 20 <= ip_end <= end:
                     sport, dport, dns_flags = udp_dns_at(buf, l4)
-                    # The destination address ends where the UDP header starts.
+                    # The destination address ends where the UDP header starts.  UDP to a
+                    # tunnel port is the tunnel to the full path whatever the other port says.
                     if dport == 53 and not dns_flags & 0x80:
                         server = buf[addr + width:l4] + b"q"
-                    elif sport == 53 and dns_flags & 0x80:
+                    elif sport == 53 and dns_flags & 0x80 and dport != VXLAN_PORT \
+                            and dport != GENEVE_PORT:
                         server = buf[addr:addr + width] + b"r"
                     else:
                         server = None
@@ -341,18 +431,40 @@ class PacketDecoder:
                                 < RESOLVER_REPORT_INTERVAL) \
                                 and screen.search(buf, l4 + 8, ip_end) is None:
                             continue
+                    elif dport == VXLAN_PORT:
+                        # The inner frame (Ethernet: ``vxlan`` requires the I flag) by the
+                        # same rules, one level deep; what they settle was the whole frame.
+                        inner = l4 + _VXLAN_INNER
+                        if descend and ip_end - inner >= 54 and buf[l4 + 8] & 0x08:
+                            for _ in self.ethernet_batch(
+                                    buf, _BATCH_META.pack(sec, fraction, inner, ip_end - inner),
+                                    units, tunnelled=True):
+                                break
+                            else:
+                                continue
+                    elif dport != GENEVE_PORT and sport not in _UDP_READ_PORTS \
+                            and dport not in _UDP_READ_PORTS and (
+                                buf[l4 + 8] & 0xC0 != 0xC0 or sport < QUIC_SERVER_PORT_LIMIT <= dport):
+                        # Nothing ``_udp`` reads: media, QUIC's short headers and a server's
+                        # long ones.  The capture filter drops these; inside a tunnel they come.
+                        continue
+            if outer is not None and off in outer:
+                off, caplen = outer[off]
+                end = off + caplen
             yielded += 1
             yielded_bytes += caplen
             yield (sec * units + fraction) / units, buf[off:end], caplen
             next_expiry = self._next_expiry
             expiry_sec = int(next_expiry)
             clock = loss.clock
+        if tunnelled:
+            return  # the outer frame is counted
         # What was not yielded was counted and judged here; caplen is the last of each
         # record's four native words.
-        skipped = len(meta) // _BATCH_META.size - yielded
+        skipped = len(counted) // _BATCH_META.size - yielded
         stats = self.stats
         stats.packets += skipped
-        stats.bytes += sum(memoryview(meta).cast("I")[3::4]) - yielded_bytes
+        stats.bytes += sum(memoryview(counted).cast("I")[3::4]) - yielded_bytes
         stats.decoded += skipped
 
     def expire(self, now: float) -> None:
