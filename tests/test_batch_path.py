@@ -231,7 +231,11 @@ def test_a_connection_inside_vxlan_stays_on_the_buffer(lead):
     decoder would (the ACK for capture loss) without decoding them."""
     frames = _flow_frames(IP, False, b"www.example.org")
     down = Ether() / IP(src="198.51.100.20", dst="192.0.2.10")
-    frames["server_ack"] = bytes(down / TCP(sport=443, dport=50000, flags="A", seq=78, ack=1000 + 5000))
+    # The server's ACK of bytes past the hello, before its flight: no stream of its own yet.
+    ack = bytes(down / TCP(sport=443, dport=50000, flags="A", seq=78, ack=1000 + 5000))
+    names = list(frames)
+    frames = {name: frames[name] for name in names[:names.index("hello") + 1]} | {"server_ack": ack} \
+        | {name: frames[name] for name in names[names.index("hello") + 1:]}
     frames["rtp"] = bytes(Ether() / IP(src="192.0.2.10", dst="198.51.100.30")
                           / UDP(sport=16384, dport=16386) / (b"\x80\x00" + bytes(170)))
     frames["quic_short"] = bytes(Ether() / IP(src="192.0.2.10", dst="198.51.100.40")
