@@ -515,29 +515,31 @@ def wrpcap_frames(path: Path, records) -> None:
     path.write_bytes(b"".join(parts))
 
 
+@pytest.mark.parametrize("vlan", [0, 1], ids=["untagged", "vlan"])
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_vxlan_filter_judges_the_inner_frame_as_an_untagged_one(case, v6):
+def test_vxlan_filter_judges_the_inner_frame_as_the_frame_alone(case, v6, vlan):
     """Cloud traffic mirroring's VXLAN: with ``vxlan`` the filter reaches the same verdict
-    for the inner frame as for the frame alone; without, VXLAN passes whole."""
+    for the inner frame, untagged or behind a tag, as for the frame alone; without, VXLAN
+    passes whole."""
     from tests.helpers import in_vxlan
 
     build, passes = CASES[case]
-    tunnelled = in_vxlan(_frame(build(v6), 0))
+    tunnelled = in_vxlan(_frame(build(v6), vlan))
     assert bool(bpf.compile_filter(None).filter(tunnelled))
     assert bool(_vxlan_program().filter(tunnelled)) is passes
 
 
 def test_vxlan_the_filter_cannot_judge_passes_whole():
-    """An inner frame behind a VLAN tag, a frame without the I flag (the decoder counts it
-    malformed) and VXLAN behind an outer tag or over IPv6 pass; so does UDP from port 53
+    """An inner frame behind two VLAN tags, a frame without the I flag (the decoder counts
+    it malformed) and VXLAN behind an outer tag or over IPv6 pass; so does UDP from port 53
     only when its inner frame does, since the decoder reads a tunnel there."""
     from tests.helpers import in_vxlan
 
     program = _vxlan_program()
     bulk = _frame(CASES["server_bulk"][0](False), 0)
     assert not program.filter(in_vxlan(bulk, 0))
-    assert program.filter(in_vxlan(_frame(CASES["server_bulk"][0](False), 1), 0))
+    assert program.filter(in_vxlan(_frame(CASES["server_bulk"][0](False), 2), 0))
     assert program.filter(in_vxlan(bulk, 6))  # no I flag
     assert program.filter(in_vxlan(bulk, 1))  # outer tag
     assert program.filter(in_vxlan(bulk, 2))  # outer IPv6
