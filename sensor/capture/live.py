@@ -78,7 +78,9 @@ class LiveSource:
             if fanout_group is not None:
                 handle.set_fanout(fanout_group, pcapy.PACKET_FANOUT_HASH)
             self.linktype = handle.datalink()
-            handle.setfilter(build_filter(bpf, self.linktype))
+            # A span port fed by cloud traffic mirroring is all VXLAN; the larger program
+            # costs its compile once, and the kernel a port test per UDP packet.
+            handle.setfilter(build_filter(bpf, self.linktype, vxlan=True))
             handle.setnonblock(1)
         except pcapy.PcapError as err:
             raise OSError(f"{interface}: {err}") from None
