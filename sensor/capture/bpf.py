@@ -21,6 +21,10 @@ packets it rejects never become Python objects.  What must pass:
   server on an ephemeral port above its client's, also ephemeral, loses the segments
   after its first.
 
+With ``vxlan`` (live capture, and capture files that open with it: opens_with_vxlan) VXLAN
+over untagged IPv4 is judged by its inner frame, untagged or behind one tag, by the same
+tests (_vxlan_inner): cloud traffic mirroring delivers a whole span port in VXLAN.
+
 What it drops: pure ACKs, SYN-ACKs, server-to-client data (the server's TLS flight too:
 its handshake record opens with a ServerHello), RTP and other UDP media, QUIC
 short-header (1-RTT) packets and the long-header ones a server sends (from a port below
