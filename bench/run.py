@@ -277,7 +277,7 @@ def live_step_sensor(veth_mod, capture: Path, rate: str, tmp: Path, expected: Co
 def live_step_tcpdump(veth_mod, capture: Path, rate: str):
     with veth_mod.veth_pair(f"d{os.getpid() % 10000}") as (tx_ns, tx_if, rx_ns, rx_if):
         proc = subprocess.Popen(veth_mod.in_netns(rx_ns, [
-            "tcpdump", "-i", rx_if, "-n", "-B", str(64 << 10), "-w", "/dev/null", build_filter(vxlan=True)]),
+            "tcpdump", "-i", rx_if, "-n", "-B", str(64 << 10), "-w", "/dev/null", build_filter(tunnels=True)]),
             stderr=subprocess.PIPE, text=True)
         try:
             wait_line(proc, "listening on")

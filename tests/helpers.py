@@ -60,3 +60,14 @@ def in_vxlan(data: bytes, n: int = 0) -> bytes:
                      bytes([192, 0, 2, 1]), bytes([192, 0, 2, 2]))
     tag = b"\x81\x00\x00\x1e" if n % 3 == 1 else b""
     return macs + tag + b"\x08\x00" + ip + udp
+
+
+def in_erspan2(data: bytes, n: int = 0) -> bytes:
+    """``data`` as ERSPAN type II's inner frame (Cisco's remote span): untagged IPv4, GRE
+    with a sequence number, ERSPAN II's 8-byte header; session ``n``."""
+    gre = struct.pack("!HHI", 0x1000, 0x88BE, n)
+    erspan = struct.pack("!HHI", 0x1000, n & 0x3FF, 0)
+    payload = gre + erspan + data
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), n & 0xFFFF, 0, 64, 47, 0,
+                     bytes([192, 0, 2, 1]), bytes([192, 0, 2, 2]))
+    return bytes.fromhex("020000000001020000000002") + b"\x08\x00" + ip + payload

@@ -20,7 +20,7 @@ from sensor.records import ClientHello, HttpRequest
 from sensor.detect.signatures import default_signature_paths, load_signatures
 from sensor.pipeline import decoder_interest
 from sensor.stats import Stats
-from tests.helpers import in_vxlan
+from tests.helpers import in_erspan2, in_vxlan
 
 ROOT = Path(__file__).resolve().parents[1]
 META = struct.Struct("=IIII")
@@ -38,7 +38,9 @@ def _ethernet_frames() -> list[tuple[float, bytes]]:
 FRAMES = _ethernet_frames()
 
 
-WRAPPED = [(ts, in_vxlan(data, n)) for n, (ts, data) in enumerate(FRAMES)]
+# Every fourth frame in ERSPAN II, the rest in VXLAN's variations.
+WRAPPED = [(ts, in_erspan2(data, n) if n % 4 == 3 else in_vxlan(data, n))
+           for n, (ts, data) in enumerate(FRAMES)]
 
 
 def _decoder() -> PacketDecoder:
@@ -99,8 +101,8 @@ def test_every_sample_capture_frame_in_order():
     assert _batched(frames) == _one_by_one(frames)
 
 
-# A batch that opens with a VXLAN frame is read at the inner frames all at once
-# (_vxlan_view); behind another frame, VXLAN frames are read again one by one.
+# A batch that opens with a tunnel frame is read at the inner frames all at once
+# (_tunnel_view); behind another frame, VXLAN frames are read again one by one.
 LEADS = pytest.mark.parametrize("lead", [[], FRAMES[:1]], ids=["vxlan-batch", "mixed-batch"])
 
 
@@ -111,8 +113,8 @@ def test_every_sample_capture_frame_in_order_inside_vxlan(lead, monkeypatch):
     from sensor.decode import packet
 
     views = []
-    view = packet._vxlan_view
-    monkeypatch.setattr(packet, "_vxlan_view", lambda *args: views.append(1) or view(*args))
+    view = packet._tunnel_view
+    monkeypatch.setattr(packet, "_tunnel_view", lambda *args: views.append(1) or view(*args))
     frames = _times(lead + WRAPPED)
     assert _batched(frames) == _one_by_one(frames)
     assert bool(views) is not bool(lead)
@@ -248,6 +250,8 @@ def test_a_connection_inside_vxlan_stays_on_the_buffer(lead):
                                  / UDP(sport=16384, dport=16386) / bytes(40)), **wrapped}
     decoder, yielded, _ = _through_the_fast_path(wrapped)
     assert yielded == []
+    if not lead:  # remote span's ERSPAN II, read at its inner frames as a batch
+        assert _through_the_fast_path({name: in_erspan2(frame) for name, frame in frames.items()})[1] == []
     stamped = _one_ms_apart(wrapped)
     outcome = _batched(stamped)
     assert outcome == _one_by_one(stamped)

@@ -76,12 +76,12 @@ def test_prefiltered_reader_matches_python_reader_with_the_same_filter():
     """libpcap path (classic pcap) and per-packet path (pcapng) yield what the compiled
     filter admits, with identical timestamps; a capture that opens with VXLAN gets the
     VXLAN filter."""
-    vxlan_program = _vxlan_program()
+    vxlan_program = _tunnel_program()
     for capture in PCAPS:
         if capture.name == "bsd_loopback.pcap":
             continue  # libpcap byte-swaps the family first; the per-packet path passes it whole
         admits = bpf.LinktypeFilters(None).admits
-        if bpf.file_filter(str(capture)) == bpf.build_filter(vxlan=True):
+        if bpf.file_filter(str(capture)) == bpf.build_filter(tunnels=True):
             admits = lambda linktype, data: bool(vxlan_program.filter(data))  # noqa: E731
         with open_capture(str(capture)) as cap:
             expected = [r for r in cap if admits(r[1], r[2])]
@@ -502,8 +502,8 @@ def test_filter_decisions(case, v6, vlan):
     assert bool(program.filter(_frame(build(v6), vlan))) is passes
 
 
-def _vxlan_program():
-    return pcapy.compile(bpf.DLT_EN10MB, 262144, bpf.build_filter(vxlan=True), 1, 0)
+def _tunnel_program():
+    return pcapy.compile(bpf.DLT_EN10MB, 262144, bpf.build_filter(tunnels=True), 1, 0)
 
 
 def wrpcap_frames(path: Path, records) -> None:
@@ -515,52 +515,65 @@ def wrpcap_frames(path: Path, records) -> None:
     path.write_bytes(b"".join(parts))
 
 
+def _wrappers():
+    from tests.helpers import in_erspan2, in_vxlan
+
+    return {"vxlan": in_vxlan, "erspan2": in_erspan2}
+
+
+TUNNELS = pytest.mark.parametrize("tunnel", ["vxlan", "erspan2"])
+
+
+@TUNNELS
 @pytest.mark.parametrize("vlan", [0, 1], ids=["untagged", "vlan"])
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_vxlan_filter_judges_the_inner_frame_as_the_frame_alone(case, v6, vlan):
-    """Cloud traffic mirroring's VXLAN: with ``vxlan`` the filter reaches the same verdict
-    for the inner frame, untagged or behind a tag, as for the frame alone; without, VXLAN
-    passes whole."""
-    from tests.helpers import in_vxlan
-
+def test_tunnel_filter_judges_the_inner_frame_as_the_frame_alone(case, v6, vlan, tunnel):
+    """Cloud traffic mirroring's VXLAN and remote span's ERSPAN II: with ``tunnels`` the
+    filter reaches the same verdict for the inner frame, untagged or behind a tag, as for
+    the frame alone; without, tunnels pass whole."""
     build, passes = CASES[case]
-    tunnelled = in_vxlan(_frame(build(v6), vlan))
+    tunnelled = _wrappers()[tunnel](_frame(build(v6), vlan))
     assert bool(bpf.compile_filter(None).filter(tunnelled))
-    assert bool(_vxlan_program().filter(tunnelled)) is passes
+    assert bool(_tunnel_program().filter(tunnelled)) is passes
 
 
-def test_vxlan_the_filter_cannot_judge_passes_whole():
-    """An inner frame behind two VLAN tags, a frame without the I flag (the decoder counts
-    it malformed) and VXLAN behind an outer tag or over IPv6 pass; so does UDP from port 53
-    only when its inner frame does, since the decoder reads a tunnel there."""
-    from tests.helpers import in_vxlan
+def test_tunnels_the_filter_cannot_judge_pass_whole():
+    """An inner frame behind two VLAN tags, VXLAN without the I flag (the decoder counts it
+    malformed), behind an outer tag or over IPv6, and GRE with other flags than ERSPAN II's
+    pass; so does UDP from port 53 to VXLAN's only when its inner frame does, since the
+    decoder reads a tunnel there."""
+    from tests.helpers import in_erspan2, in_vxlan
 
-    program = _vxlan_program()
+    program = _tunnel_program()
     bulk = _frame(CASES["server_bulk"][0](False), 0)
     assert not program.filter(in_vxlan(bulk, 0))
+    assert not program.filter(in_erspan2(bulk))
     assert program.filter(in_vxlan(_frame(CASES["server_bulk"][0](False), 2), 0))
     assert program.filter(in_vxlan(bulk, 6))  # no I flag
     assert program.filter(in_vxlan(bulk, 1))  # outer tag
     assert program.filter(in_vxlan(bulk, 2))  # outer IPv6
     assert not program.filter(in_vxlan(bulk, 9))  # from port 53
+    keyed = bytearray(in_erspan2(bulk))
+    keyed[34] = 0x30  # GRE key and sequence: the inner frame is 4 bytes further on
+    assert program.filter(bytes(keyed))
 
 
-def test_a_capture_that_opens_with_vxlan_gets_the_vxlan_filter(tmp_path, capsys):
-    """The demo capture inside VXLAN: detected by its first records, read with the VXLAN
-    filter (fewer frames reach Python than with the plain one), and the detections equal
-    --no-bpf-prefilter's."""
-    from tests.helpers import in_vxlan
-
+@TUNNELS
+def test_a_capture_that_opens_with_a_tunnel_gets_the_tunnel_filter(tmp_path, capsys, tunnel):
+    """The demo capture inside VXLAN or ERSPAN II: detected by its first records, read with
+    the tunnel filter (fewer frames reach Python than with the plain one), and the
+    detections equal --no-bpf-prefilter's."""
+    wrap = _wrappers()[tunnel]
     with open_capture(str(ROOT / "pcaps" / "demo.pcap")) as cap:
-        records = [(ts, in_vxlan(data, 0)) for ts, linktype, data, _, _ in cap if linktype == 1]
-    capture = tmp_path / "vxlan-demo.pcap"
+        records = [(ts, wrap(data, 0)) for ts, linktype, data, _, _ in cap if linktype == 1]
+    capture = tmp_path / f"{tunnel}-demo.pcap"
     wrpcap_frames(capture, records)
-    assert bpf.file_filter(str(capture)) == bpf.build_filter(vxlan=True)
+    assert bpf.file_filter(str(capture)) == bpf.build_filter(tunnels=True)
     assert bpf.file_filter(str(ROOT / "pcaps" / "demo.pcap")) == bpf.build_filter()
     plain_program = bpf.compile_filter(None)
-    vxlan_program = _vxlan_program()
-    assert sum(1 for _, data in records if vxlan_program.filter(data)) \
+    tunnel_program = _tunnel_program()
+    assert sum(1 for _, data in records if tunnel_program.filter(data)) \
         < sum(1 for _, data in records if plain_program.filter(data)) * 0.9
     filtered = _alerts_and_hosts(tmp_path, capture, capsys)
     assert filtered[0] and filtered == _alerts_and_hosts(tmp_path, capture, capsys, "--no-bpf-prefilter")

@@ -21,9 +21,10 @@ packets it rejects never become Python objects.  What must pass:
   server on an ephemeral port above its client's, also ephemeral, loses the segments
   after its first.
 
-With ``vxlan`` (live capture, and capture files that open with it: opens_with_vxlan) VXLAN
-over untagged IPv4 is judged by its inner frame, untagged or behind one tag, by the same
-tests (_vxlan_inner): cloud traffic mirroring delivers a whole span port in VXLAN.
+With ``tunnels`` (live capture, and capture files that open with a tunnel:
+opens_with_tunnel) VXLAN and ERSPAN type II over untagged IPv4 are judged by their inner
+frame, untagged or behind one tag, by the same tests (_inner_frame): cloud traffic
+mirroring delivers a whole span port in VXLAN, a remote span session in ERSPAN.
 
 What it drops: pure ACKs, SYN-ACKs, server-to-client data (the server's TLS flight too:
 its handshake record opens with a ServerHello), RTP and other UDP media, QUIC
@@ -76,6 +77,8 @@ DLT_EN10MB = 1
 # (KSC_UDP_PORTS); tests/test_bpf_filter.py checks that they are all covered.
 UDP_PORTS = (53, 5353, 5355, 4789, 6081)
 VXLAN_PORT = 4789  # decode.tunnels.VXLAN_PORT
+# GRE's flags (a sequence number only) and protocol word as ERSPAN type II sends them.
+_ERSPAN_II_GRE = 0x1000_88BE
 UDP_PORT_RANGES = ((67, 68), (546, 547), (15000, 15001))
 TCP_PORTS = (53,)
 
@@ -145,22 +148,14 @@ def _fixed_tcp(base: str, l4: int, payload_len: str) -> str:
                               f"{payload_len} < {doff} + 6", f"{base}[{l4} + {doff} + 5]") + ")")
 
 
-def _fixed_udp(base: str, l4: int, vxlan_inner: str | None = None) -> str:
+def _fixed_udp(base: str, l4: int) -> str:
     """A QUIC long header passes unless a server sent it (from a well-known port to an
     ephemeral one): the decoder reads a client's Initials only (quic.SERVER_PORT_LIMIT),
-    and a server answers each with several long-header datagrams (Initial, Handshake).
-
-    With ``vxlan_inner`` (the tests for the inner frame at its fixed offset) a datagram to
-    VXLAN's port is judged by its inner frame, as the decoder reads it whatever the other
-    port says; one without the I flag, which the decoder counts malformed, passes."""
+    and a server answers each with several long-header datagrams (Initial, Handshake)."""
     sport, dport = f"{base}[{l4}:2]", f"{base}[{l4 + 2}:2]"
     from_client = f"({sport} >= {WELL_KNOWN_PORTS} or {dport} < {WELL_KNOWN_PORTS})"
-    plain = (f"({base}[{l4 + 8}] & 0xc0 == 0xc0 and {from_client}"
-             f" or {_udp_port(sport)} or {_udp_port(dport)})")
-    if vxlan_inner is None:
-        return plain
-    return (f"(({dport} == {VXLAN_PORT} and ({base}[{l4 + 8}] & 0x08 == 0 or {vxlan_inner}))"
-            f" or ({dport} != {VXLAN_PORT} and {plain}))")
+    return (f"({base}[{l4 + 8}] & 0xc0 == 0xc0 and {from_client}"
+            f" or {_udp_port(sport)} or {_udp_port(dport)})")
 
 
 _IPV6_WHOLE = (0, 43, 44, 51, 60, 135, 139, 140, 47, 4, 41)
@@ -170,19 +165,31 @@ MAX_VLAN_TAGS = 3
 
 
 def _ip_layers(v4: str, v6: str, ip: int, ipv4_type: str, ipv6_type: str,
-               vxlan: bool = False) -> str:
+               tunnels: bool = False) -> str:
     """IPv4 and IPv6 whose header starts at ``v4[ip]`` and ``v6[ip]`` (``ip``/``ip6`` from
     0, or ``ether`` from the header's offset); ``ipv4_type``/``ipv6_type`` test that the
     frame carries them.  IPv4 with options (rare: router alerts, the odd probe) or
     fragmented passes whole, as IPv6 with extension headers does: the rest is tested at
-    fixed offsets.  With ``vxlan``, VXLAN over IPv4 is judged by its inner frame
-    (_vxlan_inner)."""
-    inner = _vxlan_inner(ip + 36) if vxlan else None  # UDP and VXLAN headers: 8 bytes each
-    ipv4 = (f"({ipv4_type} and ({v4}[{ip}] != 0x45 or {v4}[{ip + 6}:2] & 0x3fff != 0"
-            f" or ({v4}[{ip + 9}] == 6 and "
-            + _fixed_tcp(v4, ip + 20, f"{v4}[{ip + 2}:2] - 20") + ")"
-            f" or ({v4}[{ip + 9}] == 17 and " + _fixed_udp(v4, ip + 20, inner) + ")"
-            f" or {v4}[{ip + 9}] == 47 or {v4}[{ip + 9}] == 4 or {v4}[{ip + 9}] == 41))")
+    fixed offsets.  With ``tunnels``, VXLAN (the I flag set: the decoder counts a frame
+    without it malformed) and ERSPAN type II over IPv4 are judged by their inner frame
+    (_inner_frame), 16 bytes past the IPv4 header for both: UDP and VXLAN's headers, or
+    GRE with a sequence number (flags word 0x1000, nothing else, which fixes the offset)
+    and ERSPAN II's header.  The decoder reads UDP to VXLAN's port as VXLAN whatever the
+    other port says."""
+    tests = (f"({v4}[{ip}] != 0x45 or {v4}[{ip + 6}:2] & 0x3fff != 0"
+             f" or ({v4}[{ip + 9}] == 6 and "
+             + _fixed_tcp(v4, ip + 20, f"{v4}[{ip + 2}:2] - 20") + ")"
+             f" or ({v4}[{ip + 9}] == 17 and " + _fixed_udp(v4, ip + 20) + ")"
+             f" or {v4}[{ip + 9}] == 47 or {v4}[{ip + 9}] == 4 or {v4}[{ip + 9}] == 41)")
+    if tunnels:
+        # pcap-filter gives ``and`` and ``or`` one precedence, left to right: every
+        # grouping here is spelled out.
+        tunnel = (f"({v4}[{ip}] == 0x45 and {v4}[{ip + 6}:2] & 0x3fff == 0"
+                  f" and (({v4}[{ip + 9}] == 17 and {v4}[{ip + 22}:2] == {VXLAN_PORT}"
+                  f" and {v4}[{ip + 28}] & 0x08 != 0)"
+                  f" or ({v4}[{ip + 9}] == 47 and {v4}[{ip + 20}:4] == 0x{_ERSPAN_II_GRE:08x})))")
+        tests = f"(({tunnel} and {_inner_frame(ip + 36)}) or (not {tunnel} and {tests}))"
+    ipv4 = f"({ipv4_type} and {tests})"
     ipv6 = (f"({ipv6_type} and (({v6}[{ip + 6}] == 6 and "
             + _fixed_tcp(v6, ip + 40, f"{v6}[{ip + 4}:2]") + ")"
             f" or ({v6}[{ip + 6}] == 17 and " + _fixed_udp(v6, ip + 40) + ")"
@@ -190,36 +197,36 @@ def _ip_layers(v4: str, v6: str, ip: int, ipv4_type: str, ipv6_type: str,
     return f"({ipv4} or {ipv6})"
 
 
-def _vxlan_inner(inner: int) -> str:
-    """The inner Ethernet frame of VXLAN, at ``ether[inner]``, untagged or behind one VLAN
-    tag, by the tests such a frame gets; an inner frame of another type (ARP, a second
-    tag) passes whole.  Cloud traffic mirroring delivers a span port so, over IPv4:
-    without this every one of its packets would reach Python."""
+def _inner_frame(inner: int) -> str:
+    """The inner Ethernet frame of a tunnel, at ``ether[inner]``, untagged or behind one
+    VLAN tag, by the tests such a frame gets; an inner frame of another type (ARP, a
+    second tag) passes whole.  Cloud traffic mirroring (VXLAN) and remote span (ERSPAN)
+    deliver a span port so: without this every one of its packets would reach Python."""
     outer_type, tagged_type = f"ether[{inner + 12}:2]", f"ether[{inner + 16}:2]"
     tagged = " or ".join(f"{outer_type} == 0x{tpid:04x}" for tpid in _VLAN_TPIDS)
 
     def judged(etype: str, ip: int) -> str:
-        return (f"({etype} != 0x0800 and {etype} != 0x86dd or "
+        return (f"(({etype} != 0x0800 and {etype} != 0x86dd) or "
                 + _ip_layers("ether", "ether", ip, f"{etype} == 0x0800", f"{etype} == 0x86dd") + ")")
 
-    return (f"(({tagged}) and {judged(tagged_type, inner + 18)}"
-            f" or not ({tagged}) and {judged(outer_type, inner + 14)})")
+    return (f"((({tagged}) and {judged(tagged_type, inner + 18)})"
+            f" or (not ({tagged}) and {judged(outer_type, inner + 14)}))")
 
 
 # Link types without VLAN tags: libpcap's ``ip[]``/``ip6[]`` find the network header.
 _CORE = _ip_layers("ip", "ip6", 0, "ip", "ip6")
 
 
-def _ethernet_at(tags: int, vxlan: bool = False) -> str:
+def _ethernet_at(tags: int, tunnels: bool = False) -> str:
     """Ethernet frames behind ``tags`` VLAN tags, tested at fixed ``ether[]`` offsets
-    rather than with ``vlan`` (see the module's docstring); with ``vxlan``, untagged VXLAN
-    over IPv4 by its inner frame."""
+    rather than with ``vlan`` (see the module's docstring); with ``tunnels``, untagged VXLAN
+    and ERSPAN II over IPv4 by their inner frame."""
     type_at = 12 + 4 * tags
     tpids = [" or ".join(f"ether[{12 + 4 * n}:2] == 0x{tpid:04x}" for tpid in _VLAN_TPIDS)
              for n in range(tags)]
     whole = " or ".join(f"ether[{type_at}:2] == 0x{etype:04x}" for etype in _WHOLE_ETHERTYPES)
     layers = _ip_layers("ether", "ether", type_at + 2, f"ether[{type_at}:2] == 0x0800",
-                        f"ether[{type_at}:2] == 0x86dd", vxlan=vxlan and tags == 0)
+                        f"ether[{type_at}:2] == 0x86dd", tunnels=tunnels and tags == 0)
     return " and ".join([f"({t})" for t in tpids] + [f"({whole} or {layers})"])
 
 
@@ -227,17 +234,19 @@ def _ethernet_at(tags: int, vxlan: bool = False) -> str:
 # ``mpls``/``pppoes`` keywords shift the offsets for the rest of the expression.
 _WHOLE_ETHERTYPES = (0x8847, 0x8848, 0x8864)
 _ETHERNET = " or ".join(f"({_ethernet_at(tags)})" for tags in range(MAX_VLAN_TAGS + 1))
-# Half as much program again (1,701 instructions against 1,152), about 6 ms more of libpcap's
-# optimizer: only for captures that carry VXLAN (opens_with_vxlan).
-_ETHERNET_VXLAN = " or ".join(f"({_ethernet_at(tags, vxlan=True)})"
+# Half as much program again (1,672 instructions against 1,152), about 6-14 ms more of
+# libpcap's optimizer: only for live capture and captures that carry a tunnel
+# (opens_with_tunnel).
+_ETHERNET_TUNNELS = " or ".join(f"({_ethernet_at(tags, tunnels=True)})"
                               for tags in range(MAX_VLAN_TAGS + 1))
-VXLAN_LOOKAHEAD = 64  # leading records of a capture looked at for VXLAN
+TUNNEL_LOOKAHEAD = 64  # leading records of a capture looked at for VXLAN
 
 
 def build_filter(user_filter: str | None = None, linktype: int = DLT_EN10MB,
-                 vxlan: bool = False) -> str:
+                 tunnels: bool = False) -> str:
     """The sensor's filter for this link type, narrowed by the operator's own (tcpdump syntax);
-    ``vxlan`` judges VXLAN by its inner frame (_vxlan_inner) instead of passing it whole.
+    ``tunnels`` judges VXLAN and ERSPAN II by their inner frame (_inner_frame) instead of
+    passing them whole.
 
     The operator's part comes first: a ``vlan`` or ``mpls`` in it shifts libpcap's
     ``ip[]`` offsets for everything after it, which the sensor's ``ether[]`` tests for
@@ -245,27 +254,28 @@ def build_filter(user_filter: str | None = None, linktype: int = DLT_EN10MB,
     if linktype != DLT_EN10MB:
         base = _CORE
     else:
-        base = _ETHERNET_VXLAN if vxlan else _ETHERNET
+        base = _ETHERNET_TUNNELS if tunnels else _ETHERNET
     if user_filter:
         return f"({user_filter}) and ({base})"
     return base
 
 
-def opens_with_vxlan(head: bytes, order: str) -> bool:
-    """Whether one of the first VXLAN_LOOKAHEAD records whole in ``head``, a classic pcap's
-    first bytes in byte order ``order``, is an Ethernet frame carrying untagged VXLAN over
-    IPv4: the capture then gets ``build_filter(vxlan=True)``."""
+def opens_with_tunnel(head: bytes, order: str) -> bool:
+    """Whether one of the first TUNNEL_LOOKAHEAD records whole in ``head``, a classic pcap's
+    first bytes in byte order ``order``, is an Ethernet frame carrying VXLAN or ERSPAN II
+    over untagged IPv4: the capture then gets ``build_filter(tunnels=True)``."""
     if len(head) < PCAP_HEADER or struct.unpack_from(order + "I", head, 20)[0] & 0xFFFF != DLT_EN10MB:
         return False
     record = struct.Struct(order + "8xI4x")
     pos = PCAP_HEADER
-    for _ in range(VXLAN_LOOKAHEAD):
+    for _ in range(TUNNEL_LOOKAHEAD):
         if pos + 16 > len(head):
             break
         caplen = record.unpack_from(head, pos)[0]
         frame = head[pos + 16:pos + 16 + min(caplen, 51)]
-        if len(frame) == 51 and frame[12:15] == b"\x08\x00\x45" and frame[23] == 17 \
-                and frame[36:38] == VXLAN_PORT.to_bytes(2, "big") and frame[42] & 0x08:
+        if len(frame) == 51 and frame[12:15] == b"\x08\x00\x45" and (
+                frame[23] == 17 and frame[36:38] == VXLAN_PORT.to_bytes(2, "big") and frame[42] & 0x08
+                or frame[23] == 47 and frame[34:38] == _ERSPAN_II_GRE.to_bytes(4, "big")):
             return True
         pos += 16 + caplen
     return False
@@ -273,12 +283,12 @@ def opens_with_vxlan(head: bytes, order: str) -> bool:
 
 def file_filter(path: str, user_filter: str | None = None) -> str:
     """The filter ``read`` gives libpcap for this capture file (``build_filter``'s, with
-    VXLAN judged inside for a capture that opens with it); the benchmark gives tcpdump the
-    same."""
+    tunnels judged inside for a capture that opens with one); the benchmark gives tcpdump
+    the same."""
     known = PrefilteredCapture._libpcap_format(path)
     if known is None:
         return build_filter(user_filter)
-    return build_filter(user_filter, dlt_for(known[0]), vxlan=known[5])
+    return build_filter(user_filter, dlt_for(known[0]), tunnels=known[5])
 
 
 class FilterError(ValueError):
@@ -594,7 +604,7 @@ class PrefilteredCapture:
             if self._feed is not None:
                 self._feed.opened()
             try:
-                handle.setfilter(build_filter(user_filter, dlt_for(linktype), vxlan=known[5]))
+                handle.setfilter(build_filter(user_filter, dlt_for(linktype), tunnels=known[5]))
             except pcapy.PcapError:
                 handle.close()
                 self._close_feed()
@@ -643,7 +653,7 @@ class PrefilteredCapture:
             order, units = classic
             prologue = _MICRO_MAGIC[order] + head[4:PCAP_HEADER] if units == NANO else None
             return (struct.unpack_from(order + "I", head, 20)[0] & 0xFFFF, "pcap", units, prologue,
-                    None, opens_with_vxlan(head, order))
+                    None, opens_with_tunnel(head, order))
         interfaces = pcapng_leading_interfaces(head)
         if interfaces is not None and len(interfaces) == 1:
             linktype, units, offset = interfaces[0]

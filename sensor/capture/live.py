@@ -78,9 +78,10 @@ class LiveSource:
             if fanout_group is not None:
                 handle.set_fanout(fanout_group, pcapy.PACKET_FANOUT_HASH)
             self.linktype = handle.datalink()
-            # A span port fed by cloud traffic mirroring is all VXLAN; the larger program
-            # costs its compile once, and the kernel a port test per UDP packet.
-            handle.setfilter(build_filter(bpf, self.linktype, vxlan=True))
+            # A span port fed by cloud traffic mirroring or remote span is all VXLAN or
+            # ERSPAN: the larger program costs its compile once, and the kernel a few
+            # tests per packet over untagged IPv4.
+            handle.setfilter(build_filter(bpf, self.linktype, tunnels=True))
             handle.setnonblock(1)
         except pcapy.PcapError as err:
             raise OSError(f"{interface}: {err}") from None

@@ -50,61 +50,73 @@ _BATCH_TCP = struct.Struct("!4xI4xBB")
 # From the UDP header: (source port, destination port, DNS flags' first byte)
 _BATCH_UDP_DNS = struct.Struct("!HH6xB")
 _DNS_PORT_BYTES = b"\x00\x35"  # 53 as a header carries it
-_VXLAN_INNER = 16  # from the UDP header to the inner Ethernet frame: UDP, then VXLAN's 8 bytes
+# From the IPv4 payload to the inner Ethernet frame, for VXLAN (UDP and VXLAN's headers) and
+# for ERSPAN type II (GRE with a sequence number, ERSPAN II's header) alike.
+_TUNNEL_INNER = 16
 _VXLAN_PORT_BYTES = VXLAN_PORT.to_bytes(2, "big")
+# GRE's flags (a sequence number only) and protocol word as ERSPAN type II sends them.
+_ERSPAN_II_GRE = b"\x10\x00\x88\xbe"
 _u16_at = struct.Struct("!H").unpack_from
 # From the ethertype of an untagged IPv4 frame: (ethertype, version and IHL, total length,
-# fragment word, protocol, addresses and UDP ports, VXLAN's flags)
-_IPV4_VXLAN = struct.Struct("!HBxHxxHxBxx12s4xB")
+# fragment word, protocol, addresses and the payload's first four bytes (UDP's ports, or
+# GRE's flags and protocol), VXLAN's flags)
+_IPV4_TUNNEL = struct.Struct("!HBxHxxHxBxx12s4xB")
 
 
-def _vxlan_inner(buf: bytes, off: int, end: int) -> tuple[int, int] | None:
-    """(start, end) of the inner Ethernet frame of the frame ``buf[off:end]`` when it is
-    VXLAN that ethernet_batch reads again at its inner frame: untagged or single-tagged
-    IPv4 without options or fragments, or IPv6 without extension headers, to VXLAN's port
-    with the I flag (without it ``vxlan`` rejects the frame), the inner frame 54 bytes or
-    more; it ends where the IP packet does."""
+def _tunnel_inner(buf: bytes, off: int, end: int) -> tuple[int, int] | None:
+    """(start, end) of the inner Ethernet frame of the frame ``buf[off:end]`` when it is a
+    tunnel that ethernet_batch reads at its inner frame: untagged or single-tagged IPv4
+    without options or fragments, or IPv6 without extension headers, carrying VXLAN with
+    the I flag (without it ``vxlan`` rejects the frame) or ERSPAN type II (``gre``: a
+    sequence number and no other flag), the inner frame 54 bytes or more; it ends where
+    the IP packet does."""
     if end - off < 54:
         return None
     tag = off + 4 if buf[off + 12:off + 14] == b"\x81\x00" else off
     etype = buf[tag + 12:tag + 14]
     if etype == b"\x08\x00":
-        if buf[tag + 14] != 0x45 or buf[tag + 23] != 17 or _u16_at(buf, tag + 20)[0] & 0x3FFF:
+        if buf[tag + 14] != 0x45 or _u16_at(buf, tag + 20)[0] & 0x3FFF:
             return None
+        proto = buf[tag + 23]
         l4 = tag + 34
         ip_end = tag + 14 + _u16_at(buf, tag + 16)[0]
     elif etype == b"\x86\xdd" and end >= tag + 62:
-        if buf[tag + 14] >> 4 != 6 or buf[tag + 20] != 17:
+        if buf[tag + 14] >> 4 != 6:
             return None
+        proto = buf[tag + 20]
         l4 = tag + 54
         ip_end = l4 + _u16_at(buf, tag + 18)[0]
     else:
         return None
-    inner = l4 + _VXLAN_INNER
-    if l4 + 20 <= ip_end <= end and buf[l4 + 2:l4 + 4] == _VXLAN_PORT_BYTES \
-            and buf[l4 + 8] & 0x08 and ip_end - inner >= 54:
+    inner = l4 + _TUNNEL_INNER
+    if not (ip_end - inner >= 54 and ip_end <= end):
+        return None
+    if proto == 17 and buf[l4 + 2:l4 + 4] == _VXLAN_PORT_BYTES and buf[l4 + 8] & 0x08 \
+            or proto == 47 and buf[l4:l4 + 4] == _ERSPAN_II_GRE:
         return inner, ip_end
     return None
 
 
-def _vxlan_view(buf: bytes, meta: bytes) -> tuple[bytes, dict[int, tuple[int, int]]]:
-    """``meta`` with each VXLAN frame's record pointing at its inner frame, and the outer
-    frame's (offset, caplen) by the inner one's offset.  Untagged IPv4 (cloud mirroring's)
-    is read with one unpack; anything else by _vxlan_inner."""
+def _tunnel_view(buf: bytes, meta: bytes) -> tuple[bytes, dict[int, tuple[int, int]]]:
+    """``meta`` with each tunnel frame's record pointing at its inner frame, and the outer
+    frame's (offset, caplen) by the inner one's offset.  Untagged IPv4 (what cloud
+    mirroring and remote span send) is read with one unpack; anything else by
+    _tunnel_inner."""
     view = memoryview(bytearray(meta)).cast("I")
     outer = {}
-    ipv4_vxlan_at = _IPV4_VXLAN.unpack_from
+    ipv4_tunnel_at = _IPV4_TUNNEL.unpack_from
     for index, (_, _, off, caplen) in enumerate(_BATCH_META.iter_unpack(meta)):
         if caplen < 54:
             continue
-        etype, vihl, total, frag, proto, ports, flags = ipv4_vxlan_at(buf, off + 12)
-        if etype == 0x0800 and vihl == 0x45 and proto == 17:
+        etype, vihl, total, frag, proto, words, flags = ipv4_tunnel_at(buf, off + 12)
+        if etype == 0x0800 and vihl == 0x45:
             inner, ip_end = off + 50, off + 14 + total
-            if frag & 0x3FFF or not ports.endswith(_VXLAN_PORT_BYTES) or not flags & 0x08 \
-                    or ip_end > off + caplen or ip_end - inner < 54:
+            if frag & 0x3FFF or ip_end > off + caplen or ip_end - inner < 54 or not (
+                    proto == 17 and words.endswith(_VXLAN_PORT_BYTES) and flags & 0x08
+                    or proto == 47 and words.endswith(_ERSPAN_II_GRE)):
                 continue
         else:
-            found = _vxlan_inner(buf, off, off + caplen)
+            found = _tunnel_inner(buf, off, off + caplen)
             if found is None:
                 continue
             inner, ip_end = found
@@ -267,10 +279,12 @@ class PacketDecoder:
         * what the capture filter drops but passes inside a tunnel: a pure ACK (its capture
           loss judged), and UDP that ``_udp`` reads nothing of (media, QUIC short headers,
           a server's long ones);
-        * a VXLAN frame whose inner frame one of these rules settles: the inner frame goes
-          through this loop alone (``tunnelled``: not counted, no deeper tunnel), as the
-          full path decodes it.  Cloud traffic mirroring delivers a span port so, and the
-          capture filter passes tunnels whole.
+        * a VXLAN or ERSPAN II frame whose inner frame one of these rules settles, as the
+          full path decodes it: a batch that opens with one is read at its inner frames
+          (_tunnel_view), elsewhere a VXLAN frame's inner frame goes through this loop
+          alone (``tunnelled``: not counted, no deeper tunnel).  Cloud traffic mirroring
+          and remote span deliver a span port so, and the capture filter may pass
+          tunnels whole.
 
         Untagged or single-tagged IPv4 without options or fragments and IPv6 without
         extension headers are judged here; anything else takes the full path.  This loop
@@ -302,14 +316,15 @@ class PacketDecoder:
         ipv6_at = _BATCH_IPV6.unpack_from
         tcp_at = _BATCH_TCP.unpack_from
         udp_dns_at = _BATCH_UDP_DNS.unpack_from
-        # A batch that opens with a VXLAN frame is likely all VXLAN (cloud traffic
-        # mirroring): read at the inner frames from the start, rather than one by one.
+        # A batch that opens with a tunnel frame is likely all tunnel (cloud traffic
+        # mirroring's VXLAN, remote span's ERSPAN): read at the inner frames from the
+        # start; elsewhere a VXLAN frame is read again at its inner frame one by one.
         counted = meta
         outer = None
         if not tunnelled and meta:
             first, first_caplen = _BATCH_META.unpack_from(meta)[2:]
-            if _vxlan_inner(buf, first, first + first_caplen) is not None:
-                meta, outer = _vxlan_view(buf, meta)
+            if _tunnel_inner(buf, first, first + first_caplen) is not None:
+                meta, outer = _tunnel_view(buf, meta)
         descend = not tunnelled and outer is None
         for sec, fraction, off, caplen in _BATCH_META.iter_unpack(meta):
             end = off + caplen
@@ -434,7 +449,7 @@ class PacketDecoder:
                     elif dport == VXLAN_PORT:
                         # The inner frame (Ethernet: ``vxlan`` requires the I flag) by the
                         # same rules, one level deep; what they settle was the whole frame.
-                        inner = l4 + _VXLAN_INNER
+                        inner = l4 + _TUNNEL_INNER
                         if descend and ip_end - inner >= 54 and buf[l4 + 8] & 0x08:
                             for _ in self.ethernet_batch(
                                     buf, _BATCH_META.pack(sec, fraction, inner, ip_end - inner),

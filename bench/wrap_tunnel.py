@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Wrap a classic Ethernet pcap's frames in VXLAN, as cloud traffic mirroring (AWS VPC
-Traffic Mirroring, Azure vTAP) delivers a span port: outer untagged IPv4 from a mirror
-source to a collector, UDP to port 4789, VNI 100, the original frame inside.
+"""Wrap a classic Ethernet pcap's frames in a tunnel, as a span port arrives from afar:
+VXLAN as cloud traffic mirroring (AWS VPC Traffic Mirroring, Azure vTAP) sends it (UDP to
+port 4789, VNI 100), or ERSPAN type II as a remote span session does (GRE with a sequence
+number, session 100); outer untagged IPv4 from a mirror source to a collector.
 
-    python3 bench/wrap_vxlan.py bench/out/mix.pcap /tmp/vxlan.pcap --share 1.0 --packets 300000
+    python3 bench/wrap_tunnel.py bench/out/mix.pcap /tmp/vxlan.pcap --share 1.0 --packets 300000
     python3 bench/run.py --no-tshark --no-plain --mix /tmp/vxlan.pcap
 """
 
@@ -18,11 +19,22 @@ _OUTER_MACS = bytes.fromhex("020000000001020000000002")
 _MIRROR, _COLLECTOR = bytes([192, 168, 200, 1]), bytes([192, 168, 200, 2])
 
 
-def wrap(frame: bytes, source_port: int) -> bytes:
-    udp_length = 16 + len(frame)
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + udp_length, 0, 0, 64, 17, 0, _MIRROR, _COLLECTOR)
-    udp = struct.pack("!HHHH", source_port, 4789, udp_length, 0)
-    return _OUTER_MACS + b"\x08\x00" + ip + udp + struct.pack("!II", 0x08000000, 100 << 8) + frame
+def _outer(protocol: int, payload: bytes) -> bytes:
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0, 64, protocol, 0, _MIRROR, _COLLECTOR)
+    return _OUTER_MACS + b"\x08\x00" + ip + payload
+
+
+def vxlan(frame: bytes, number: int) -> bytes:
+    udp = struct.pack("!HHHH", 49152 + number % 16384, 4789, 16 + len(frame), 0)
+    return _outer(17, udp + struct.pack("!II", 0x08000000, 100 << 8) + frame)
+
+
+def erspan2(frame: bytes, number: int) -> bytes:
+    gre = struct.pack("!HHI", 0x1000, 0x88BE, number & 0xFFFFFFFF)
+    return _outer(47, gre + struct.pack("!HHI", 0x1000, 100, 0) + frame)
+
+
+TUNNELS = {"vxlan": vxlan, "erspan2": erspan2}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,15 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output")
     parser.add_argument("--share", type=float, default=1.0, help="fraction of frames wrapped (default 1.0)")
     parser.add_argument("--packets", type=int, default=0, help="stop after this many (default: all)")
+    parser.add_argument("--tunnel", choices=sorted(TUNNELS), default="vxlan")
     args = parser.parse_args(argv)
     chooser = random.Random(1)
     with open(args.source, "rb") as source, open(args.output, "wb") as output:
         header = source.read(24)
         if len(header) < 24 or header[:4] != b"\xd4\xc3\xb2\xa1" or struct.unpack_from("<I", header, 20)[0] != 1:
-            print(f"wrap_vxlan: {args.source}: not a little-endian microsecond Ethernet pcap", file=sys.stderr)
+            print(f"wrap_tunnel: {args.source}: not a little-endian microsecond Ethernet pcap", file=sys.stderr)
             return 2
         output.write(header[:16] + struct.pack("<I", 262144) + header[20:])
         count = 0
+        wrap = TUNNELS[args.tunnel]
         while not args.packets or count < args.packets:
             record = source.read(16)
             if len(record) < 16:
@@ -47,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             sec, usec, caplen, _ = struct.unpack("<IIII", record)
             frame = source.read(caplen)
             if chooser.random() < args.share:
-                frame = wrap(frame, 49152 + count % 16384)
+                frame = wrap(frame, count)
             output.write(struct.pack("<IIII", sec, usec, len(frame), len(frame)) + frame)
             count += 1
     return 0
