@@ -67,6 +67,7 @@ import sys
 import termios
 import threading
 import time
+from typing import NamedTuple
 
 from .pcapfile import (CaptureError, open_capture, pcapng_leading_interfaces,
                        pcapng_microsecond_view)
@@ -75,10 +76,12 @@ DLT_EN10MB = 1
 
 # Keep in step with decode.packet (DNS_PORTS, DHCP_PORTS, tunnels) and track.tracker
 # (KSC_UDP_PORTS); tests/test_bpf_filter.py checks that they are all covered.
-UDP_PORTS = (53, 5353, 5355, 4789, 6081)
 VXLAN_PORT = 4789  # decode.tunnels.VXLAN_PORT
+UDP_PORTS = (53, 5353, 5355, VXLAN_PORT, 6081)
 # GRE's flags (a sequence number only) and protocol word as ERSPAN type II sends them.
 _ERSPAN_II_GRE = 0x1000_88BE
+_VXLAN_PORT_BYTES = VXLAN_PORT.to_bytes(2, "big")
+_ERSPAN_II_GRE_BYTES = _ERSPAN_II_GRE.to_bytes(4, "big")
 UDP_PORT_RANGES = ((67, 68), (546, 547), (15000, 15001))
 TCP_PORTS = (53,)
 
@@ -234,12 +237,12 @@ def _ethernet_at(tags: int, tunnels: bool = False) -> str:
 # ``mpls``/``pppoes`` keywords shift the offsets for the rest of the expression.
 _WHOLE_ETHERTYPES = (0x8847, 0x8848, 0x8864)
 _ETHERNET = " or ".join(f"({_ethernet_at(tags)})" for tags in range(MAX_VLAN_TAGS + 1))
-# Half as much program again (1,672 instructions against 1,152), about 6-14 ms more of
+# Half as much program again (1,779 instructions against 1,152), about 12 ms more of
 # libpcap's optimizer: only for live capture and captures that carry a tunnel
 # (opens_with_tunnel).
 _ETHERNET_TUNNELS = " or ".join(f"({_ethernet_at(tags, tunnels=True)})"
                               for tags in range(MAX_VLAN_TAGS + 1))
-TUNNEL_LOOKAHEAD = 64  # leading records of a capture looked at for VXLAN
+TUNNEL_LOOKAHEAD = 64  # leading records of a capture looked at for a tunnel
 
 
 def build_filter(user_filter: str | None = None, linktype: int = DLT_EN10MB,
@@ -274,8 +277,8 @@ def opens_with_tunnel(head: bytes, order: str) -> bool:
         caplen = record.unpack_from(head, pos)[0]
         frame = head[pos + 16:pos + 16 + min(caplen, 51)]
         if len(frame) == 51 and frame[12:15] == b"\x08\x00\x45" and (
-                frame[23] == 17 and frame[36:38] == VXLAN_PORT.to_bytes(2, "big") and frame[42] & 0x08
-                or frame[23] == 47 and frame[34:38] == _ERSPAN_II_GRE.to_bytes(4, "big")):
+                frame[23] == 17 and frame[36:38] == _VXLAN_PORT_BYTES and frame[42] & 0x08
+                or frame[23] == 47 and frame[34:38] == _ERSPAN_II_GRE_BYTES):
             return True
         pos += 16 + caplen
     return False
@@ -288,7 +291,18 @@ def file_filter(path: str, user_filter: str | None = None) -> str:
     known = PrefilteredCapture._libpcap_format(path)
     if known is None:
         return build_filter(user_filter)
-    return build_filter(user_filter, dlt_for(known[0]), tunnels=known[5])
+    return build_filter(user_filter, dlt_for(known.linktype), tunnels=known.tunnels)
+
+
+class LibpcapFile(NamedTuple):
+    """How libpcap reads a capture file (PrefilteredCapture._libpcap_format)."""
+
+    linktype: int
+    format: str
+    units: int  # timestamp fractions a second in next_batch's records
+    prologue: bytes | None = None  # NanosecondFeed's, for a nanosecond file
+    first_ns: int | None = None  # MillisecondClock's start, for a nanosecond pcapng
+    tunnels: bool = False  # opens with a tunnel: build_filter(tunnels=True)
 
 
 class FilterError(ValueError):
@@ -585,14 +599,14 @@ class PrefilteredCapture:
         self._clock: MillisecondClock | None = None
         self.units = MICRO
         known = self._libpcap_format(path)
-        linktype = known[0] if known is not None else None
+        linktype = known.linktype if known is not None else None
         if linktype is not None:
             import pcapy
 
             opened = path
-            if known[3] is not None:
+            if known.prologue is not None:
                 try:
-                    self._feed = NanosecondFeed(path, known[3])
+                    self._feed = NanosecondFeed(path, known.prologue)
                 except OSError as err:
                     raise CaptureError(f"{path}: {err.strerror}") from None
                 opened = self._feed.path
@@ -604,23 +618,23 @@ class PrefilteredCapture:
             if self._feed is not None:
                 self._feed.opened()
             try:
-                handle.setfilter(build_filter(user_filter, dlt_for(linktype), tunnels=known[5]))
+                handle.setfilter(build_filter(user_filter, dlt_for(linktype), tunnels=known.tunnels))
             except pcapy.PcapError:
                 handle.close()
                 self._close_feed()
                 linktype = None
             else:
                 self._handle = handle
-                self.units = known[2]
+                self.units = known.units
                 if self._feed is not None:
                     self.size = self._feed.size
                 else:
                     self._fd = handle.getfd()
                     self.size = os.fstat(self._fd).st_size if self._fd >= 0 else None
-                self.format = known[1]
+                self.format = known.format
                 self._linktype = linktype
-                if known[4] is not None:
-                    self._clock = MillisecondClock(known[4])
+                if known.first_ns is not None:
+                    self._clock = MillisecondClock(known.first_ns)
                 self._records = self._libpcap_records(linktype)
         if linktype is None:
             self._capture = open_capture(path)
@@ -633,11 +647,9 @@ class PrefilteredCapture:
         return self._handle is not None
 
     @staticmethod
-    def _libpcap_format(path: str) -> tuple[int, str, int, bytes | None, int | None, bool] | None:
-        """(link type, format, timestamp units, NanosecondFeed's prologue or None, the
-        first packet's nanoseconds for MillisecondClock or None, whether it opens with
-        VXLAN: classic pcap only) of a capture libpcap
-        reads exactly as pcapfile does, else None: a classic pcap, or a pcapng whose one
+    def _libpcap_format(path: str) -> LibpcapFile | None:
+        """How libpcap reads a capture it reads exactly as pcapfile does, else None: a
+        classic pcap (only these are looked at for tunnels), or a pcapng whose one
         interface (microsecond or nanosecond clock, no offset) is described before its
         first packet.  libpcap would round a pcapng's other clocks and cannot report which
         interface a packet came from."""
@@ -652,16 +664,16 @@ class PrefilteredCapture:
         if classic is not None:
             order, units = classic
             prologue = _MICRO_MAGIC[order] + head[4:PCAP_HEADER] if units == NANO else None
-            return (struct.unpack_from(order + "I", head, 20)[0] & 0xFFFF, "pcap", units, prologue,
-                    None, opens_with_tunnel(head, order))
+            return LibpcapFile(struct.unpack_from(order + "I", head, 20)[0] & 0xFFFF, "pcap", units,
+                               prologue, tunnels=opens_with_tunnel(head, order))
         interfaces = pcapng_leading_interfaces(head)
         if interfaces is not None and len(interfaces) == 1:
             linktype, units, offset = interfaces[0]
             if units == MICRO and offset == 0:
-                return linktype, "pcapng", MICRO, None, None, False
+                return LibpcapFile(linktype, "pcapng", MICRO)
             view = pcapng_microsecond_view(head) if _FEEDS_WORK else None
             if view is not None and len(view[0]) <= MAX_PROLOGUE:
-                return linktype, "pcapng", NANO, view[0], view[1], False
+                return LibpcapFile(linktype, "pcapng", NANO, *view)
         return None
 
     def _libpcap_records(self, linktype: int):

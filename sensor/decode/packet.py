@@ -21,7 +21,7 @@ from .link import ETH_IPV4, ETH_IPV6, ETH_TEB, LINK_DECODERS, ethernet, format_m
 from .quic import SERVER_PORT_LIMIT as QUIC_SERVER_PORT_LIMIT
 from .quic import QuicInitialTable, looks_like_quic_initial
 from .tcp_stream import HTTP_FIRST_BYTES, KIND_HTTP, KIND_TLS, SEQ_MOD, SEQ_WINDOW, StreamTable
-from .tunnels import GENEVE_PORT, VXLAN_PORT, geneve, gre, vxlan
+from .tunnels import ERSPAN_II_GRE, GENEVE_PORT, VXLAN_PORT, geneve, gre, vxlan
 
 _u16 = struct.Struct("!H").unpack_from
 _HH = struct.Struct("!HH").unpack_from
@@ -54,9 +54,6 @@ _DNS_PORT_BYTES = b"\x00\x35"  # 53 as a header carries it
 # for ERSPAN type II (GRE with a sequence number, ERSPAN II's header) alike.
 _TUNNEL_INNER = 16
 _VXLAN_PORT_BYTES = VXLAN_PORT.to_bytes(2, "big")
-# GRE's flags (a sequence number only) and protocol word as ERSPAN type II sends them.
-_ERSPAN_II_GRE = b"\x10\x00\x88\xbe"
-_u16_at = struct.Struct("!H").unpack_from
 # From the ethertype of an untagged IPv4 frame: (ethertype, version and IHL, total length,
 # fragment word, protocol, addresses and the payload's first four bytes (UDP's ports, or
 # GRE's flags and protocol), VXLAN's flags)
@@ -75,24 +72,24 @@ def _tunnel_inner(buf: bytes, off: int, end: int) -> tuple[int, int] | None:
     tag = off + 4 if buf[off + 12:off + 14] == b"\x81\x00" else off
     etype = buf[tag + 12:tag + 14]
     if etype == b"\x08\x00":
-        if buf[tag + 14] != 0x45 or _u16_at(buf, tag + 20)[0] & 0x3FFF:
+        if buf[tag + 14] != 0x45 or _u16(buf, tag + 20)[0] & 0x3FFF:
             return None
         proto = buf[tag + 23]
         l4 = tag + 34
-        ip_end = tag + 14 + _u16_at(buf, tag + 16)[0]
+        ip_end = tag + 14 + _u16(buf, tag + 16)[0]
     elif etype == b"\x86\xdd" and end >= tag + 62:
         if buf[tag + 14] >> 4 != 6:
             return None
         proto = buf[tag + 20]
         l4 = tag + 54
-        ip_end = l4 + _u16_at(buf, tag + 18)[0]
+        ip_end = l4 + _u16(buf, tag + 18)[0]
     else:
         return None
     inner = l4 + _TUNNEL_INNER
     if not (ip_end - inner >= 54 and ip_end <= end):
         return None
     if proto == 17 and buf[l4 + 2:l4 + 4] == _VXLAN_PORT_BYTES and buf[l4 + 8] & 0x08 \
-            or proto == 47 and buf[l4:l4 + 4] == _ERSPAN_II_GRE:
+            or proto == 47 and buf[l4:l4 + 4] == ERSPAN_II_GRE:
         return inner, ip_end
     return None
 
@@ -110,10 +107,10 @@ def _tunnel_view(buf: bytes, meta: bytes) -> tuple[bytes, dict[int, tuple[int, i
             continue
         etype, vihl, total, frag, proto, words, flags = ipv4_tunnel_at(buf, off + 12)
         if etype == 0x0800 and vihl == 0x45:
-            inner, ip_end = off + 50, off + 14 + total
+            inner, ip_end = off + 34 + _TUNNEL_INNER, off + 14 + total
             if frag & 0x3FFF or ip_end > off + caplen or ip_end - inner < 54 or not (
                     proto == 17 and words.endswith(_VXLAN_PORT_BYTES) and flags & 0x08
-                    or proto == 47 and words.endswith(_ERSPAN_II_GRE)):
+                    or proto == 47 and words.endswith(ERSPAN_II_GRE)):
                 continue
         else:
             found = _tunnel_inner(buf, off, off + caplen)
@@ -447,12 +444,12 @@ class PacketDecoder:
                                 and screen.search(buf, l4 + 8, ip_end) is None:
                             continue
                     elif dport == VXLAN_PORT:
-                        # The inner frame (Ethernet: ``vxlan`` requires the I flag) by the
-                        # same rules, one level deep; what they settle was the whole frame.
-                        inner = l4 + _TUNNEL_INNER
-                        if descend and ip_end - inner >= 54 and buf[l4 + 8] & 0x08:
+                        # The inner frame by the same rules, one level deep; what they
+                        # settle was the whole frame.
+                        found = _tunnel_inner(buf, off, end) if descend else None
+                        if found is not None:
                             for _ in self.ethernet_batch(
-                                    buf, _BATCH_META.pack(sec, fraction, inner, ip_end - inner),
+                                    buf, _BATCH_META.pack(sec, fraction, found[0], found[1] - found[0]),
                                     units, tunnelled=True):
                                 break
                             else:
