@@ -173,6 +173,21 @@ def test_rfc9369_a1_initial_keys():
         bytes.fromhex("edf6d05c83121201b436e16877593c3a"))
 
 
+@pytest.mark.parametrize("fast_context", [True, False], ids=["context", "cipher"])
+def test_header_protection_mask_rfc9001_a2(monkeypatch, fast_context):
+    """Both ways of making the AES-ECB encryptor (cryptography's context constructor, and
+    ``Cipher`` where a version has none) give RFC 9001 A.2's mask."""
+    monkeypatch.setattr(quic, "_cipher_makers", None)
+    if not fast_context:
+        monkeypatch.setattr(quic, "_encryption_context", lambda: None)
+    else:
+        assert quic._encryption_context() is not None, "this cryptography has no context constructor"
+    ecb_encrypt = quic._ciphers()[1]
+    mask = ecb_encrypt(bytes.fromhex("9f50449e04a0e810283a1e9933adedd2"))(
+        bytes.fromhex("d1b1c98dd7689fb8ec11d242b123dc9b"))
+    assert mask[:5] == bytes.fromhex("437b9aec36")
+
+
 def test_unknown_version_has_no_keys():
     with pytest.raises(DecodeError) as err:
         derive_initial_keys(RFC_DCID, 0xFF00001D)
