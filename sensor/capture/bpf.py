@@ -334,8 +334,10 @@ PREFETCH_BYTES = 40 << 20
 READ_AHEAD_BYTES = 4 << 20
 # The reader thread hands a batch over only once it holds the GIL again, and a thread waiting
 # for the GIL gets it after the switch interval: at Python's default 5 ms that is slower than
-# libpcap reads a batch, so the decoder would idle on it.  1 ms costs it nothing measurable.
-READER_SWITCH_INTERVAL = 0.001
+# libpcap reads a batch, so the decoder would idle on it.  At 1 ms the decoder still waited
+# 12-20 ms in all for batches on the benchmark mix, at 0.2 ms 1-2 ms: the reader asks for the
+# GIL about twice a batch whatever the interval, so the decoder is not interrupted more often.
+READER_SWITCH_INTERVAL = 0.0002
 MICRO, NANO = 1_000_000, 1_000_000_000
 # The microsecond magic per byte order: what libpcap is shown for a nanosecond file too
 # (NanosecondFeed).
