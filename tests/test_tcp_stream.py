@@ -182,3 +182,20 @@ def test_a_handshake_record_holding_no_hello_never_opens_a_client_stream(payload
     """What the batch path checks before StreamTable.settle_server_flight (a handshake
     record whose sixth byte is not ClientHello) is a start ``segment`` bypasses too."""
     assert not may_open_client_stream(payload)
+
+
+def test_a_segment_cut_by_the_snap_length_gives_the_stream_up():
+    """A hello whose first segment the capture cut short can never be reassembled: the
+    stream is given up and its later segments bypassed, instead of waiting on the hole."""
+    hello = big_hello()
+    first, second = hello[:1400], hello[1400:]
+    frames = [seg(flags="S", seq=ISN), seg(first)[:200], seg(second, seq=ISN + 1 + len(first))]
+    out, dec = run(frames)
+    key = next(iter(dec.streams.bypass))
+    assert not hellos(out)
+    assert not dec.streams.streams and len(dec.streams.bypass) == 1
+    assert dec.stats.malformed["ipv4_snapped"] == 1
+    assert dec.streams.bypass[key] == (ISN + 1) % (1 << 32)
+
+    whole, dec = run([seg(flags="S", seq=ISN), seg(first), seg(second, seq=ISN + 1 + len(first))])
+    assert [h.server_name.text for h in hellos(whole)] == ["s07.upd.kaspersky.com"]

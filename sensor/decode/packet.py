@@ -422,6 +422,20 @@ class PacketDecoder:
                                 self._judge_loss(key, flags, seq, buf, l4, 0)
                             close(key)
                             continue
+                    elif l4 + 20 <= end < ip_end and offset >= 0x50 and not flags & 0x02:
+                        # Cut by the snap length (``_tcp``'s ``missing``): the headers say
+                        # what the segment carried.  One whose payload was cut off whole, or
+                        # a bypassed flow's, is settled here as ``_tcp`` settles it; a
+                        # capture taken with a short snap length is mostly these.
+                        start = l4 + (offset >> 2 & 0x3C)
+                        if start == end or start < end and (seen := bypass_get(key)) is not None \
+                                and ((seen - seq) % SEQ_MOD >= SEQ_WINDOW or seen == seq):
+                            self.stats.bad("ipv4_snapped" if width == 4 else "ipv6_snapped")
+                            if loss.flows:
+                                self._judge_loss(key, flags, seq, buf, l4, ip_end - start)
+                            if start == end and flags & 0x05:
+                                close(key)
+                            continue
                 elif proto == 17 and screen is not None and l4 + 20 <= ip_end <= end:
                     sport, dport, dns_flags = udp_dns_at(buf, l4)
                     # The destination address ends where the UDP header starts.  UDP to a
@@ -502,10 +516,12 @@ class PacketDecoder:
             total = _u16(data, off + 2)[0]
             if total < ihl:
                 raise DecodeError("ipv4_bad_length")
+            missing = 0  # payload bytes the snap length cut off
             if off + total < end:
                 end = off + total  # Ethernet padding
             elif off + total > end:
                 self.stats.bad("ipv4_snapped")
+                missing = off + total - end
             if end - off < ihl:
                 raise DecodeError("ipv4_truncated")
             proto = data[off + 9]
@@ -519,7 +535,7 @@ class PacketDecoder:
                                            data[l4:end])
                 if whole is None:
                     return
-                data, l4, end = whole, 0, len(whole)
+                data, l4, end, missing = whole, 0, len(whole), 0
             version = 4
         elif etype == ETH_IPV6:
             if end - off < 40:
@@ -527,8 +543,12 @@ class PacketDecoder:
             if data[off] >> 4 != 6:
                 raise DecodeError("ipv6_bad_header")
             plen = _u16(data, off + 4)[0]
+            missing = 0
             if plen and off + 40 + plen < end:
                 end = off + 40 + plen
+            elif plen and off + 40 + plen > end:
+                self.stats.bad("ipv6_snapped")
+                missing = off + 40 + plen - end
             proto = data[off + 6]
             src = data[off + 8:off + 24]
             dst = data[off + 24:off + 40]
@@ -550,7 +570,7 @@ class PacketDecoder:
                                                bool(fo & 1), data[l4 + 8:end])
                     if whole is None:
                         return
-                    data, l4, end, proto = whole, 0, len(whole), nxt
+                    data, l4, end, proto, missing = whole, 0, len(whole), nxt, 0
                 else:
                     break
             else:
@@ -564,7 +584,7 @@ class PacketDecoder:
             self.stats.decoded += 1
         if proto == 6:
             self._tcp(out, ts, data, l4, end, src, dst, version, src_mac, dst_mac, vlans, tunnel,
-                      interface)
+                      interface, missing)
         elif proto == 17:
             self._udp(out, ts, data, l4, end, src, dst, version, src_mac, dst_mac, vlans, tunnel,
                       interface, depth)
@@ -617,7 +637,10 @@ class PacketDecoder:
         return (transport, dport) in interest.flow_ports or dst in interest.flow_addresses
 
     def _tcp(self, out, ts, data, l4, end, src, dst, version, src_mac, dst_mac, vlans, tunnel,
-             interface):
+             interface, missing=0):
+        """``missing``: payload bytes the snap length cut off.  Capture loss counts them as
+        seen (they crossed the wire and reached the capture), and a stream they leave a
+        hole in is given up rather than left waiting for bytes that never come."""
         if end - l4 < 20:
             raise DecodeError("tcp_truncated")
         sport, dport, seq = _tcp_hdr(data, l4)
@@ -648,10 +671,10 @@ class PacketDecoder:
             # TCP Fast Open (RFC 7413): the client's first bytes, a ClientHello or a
             # request, ride in the SYN and start one sequence number after it.
             seq = (seq + 1) % SEQ_MOD
-            self.loss.client_segment(key, seq, end - start)
+            self.loss.client_segment(key, seq, end - start + missing)
         else:
             if self.loss.flows and start <= end:
-                self._judge_loss(key, flags, seq, data, l4, end - start)
+                self._judge_loss(key, flags, seq, data, l4, end - start + missing)
             if start >= end:
                 if start > end and end - l4 >= 20 and doff > 60:
                     raise DecodeError("tcp_bad_offset")
@@ -663,6 +686,8 @@ class PacketDecoder:
                 return
         items = streams.segment(key, seq, data[start:end], ts,
                                 dport == 53 or sport == 53)
+        if missing:
+            streams.cut(key, seq)
         if flags & (TCP_FIN | TCP_RST):
             streams.close(key)
         if not items:

@@ -84,6 +84,16 @@ class StreamTable:
         self.bypass.pop(key, None)
         self._forget(key)
 
+    def cut(self, key: tuple, seq: int) -> None:
+        """The capture kept only the start of the segment at ``seq`` (its snap length): the
+        stream cannot be reassembled past it, so it is given up and its later segments
+        bypassed, instead of waiting on a hole that never fills."""
+        st = self.streams.get(key)
+        if st is not None:
+            self._finish(key, st)
+        elif key not in self.bypass:
+            self._bypass(key, seq)
+
     def segment(self, key: tuple, seq: int, payload: bytes, ts: float, dns: bool) -> list:
         st = self.streams.get(key)
         if st is None:
