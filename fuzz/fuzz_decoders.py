@@ -5,8 +5,8 @@
     python3 fuzz/fuzz_decoders.py all -runs=20000              # every target in turn
 
 Targets: frame (whole frames through PacketDecoder, every link type), batch (a libpcap
-batch of Ethernet frames through the buffer fast path, which must give exactly what
-decoding each frame gives), capture (pcap/pcapng files), pipeline (a capture file through
+batch of Ethernet frames, and of the same as Linux cooked frames, through the buffer fast
+path, which must give exactly what decoding each frame gives), capture (pcap/pcapng files), pipeline (a capture file through
 every stage: decoder, detector, tracker, ECS and JSON alerts, inventory snapshots), dns,
 dns_tcp, http, tls, quic, dhcp.  Seeds come from the sample captures in pcaps/, for
 capture and pipeline as pcap and as pcapng too (written to fuzz/corpus/TARGET on first
@@ -82,7 +82,14 @@ def _outcome(decoder, records) -> tuple:
 
 
 def one_batch(data: bytes) -> None:
+    """The frames as Ethernet, then as Linux cooked (SLL) frames made from them: the fast
+    path reads both on the buffer."""
     frames = _split_frames(data)
+    _batch_agrees(frames, 1)
+    _batch_agrees([struct.pack("!HHH8s", 0, 1, 6, f[6:12].ljust(8, b"\0")) + f[12:] for f in frames], 113)
+
+
+def _batch_agrees(frames: list, linktype: int) -> None:
     stamps = [1_700_000_000 + i * 0.013 for i in range(len(frames))]
     single, batched = (PacketDecoder(Stats(), DecoderConfig(dedup_window=0.0)) for _ in range(2))
     single.interest = decoder_interest(SIGNATURES, set())
@@ -90,16 +97,16 @@ def one_batch(data: bytes) -> None:
     one_by_one = []
     for ts, frame in zip(stamps, frames):
         single.stats.packets += 1
-        one_by_one += single.decode(ts, 1, frame)
+        one_by_one += single.decode(ts, linktype, frame)
     buf, meta = bytearray(), bytearray()
     for ts, frame in zip(stamps, frames):
         sec = int(ts)
         meta += BATCH_META.pack(sec, round((ts - sec) * 1e6), len(buf), len(frame))
         buf += frame
     fast = []
-    for ts, frame, _ in batched.ethernet_batch(bytes(buf), bytes(meta)):
+    for ts, frame, _ in batched.ethernet_batch(bytes(buf), bytes(meta), cooked=linktype == 113):
         batched.stats.packets += 1
-        fast += batched.decode(ts, 1, frame)
+        fast += batched.decode(ts, linktype, frame)
     assert _outcome(batched, fast) == _outcome(single, one_by_one)
 
 

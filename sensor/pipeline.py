@@ -14,6 +14,7 @@ import time
 from datetime import date
 
 from .config import DEFAULT_INTERNAL, ConfigError, Settings
+from .decode.link import LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL
 from .decode.packet import DecoderConfig, Interest, PacketDecoder
 from .detect.engine import Detector
 from .detect.signatures import SignatureError, default_signature_paths, load_signatures
@@ -27,7 +28,6 @@ from .track.store import Store, StoreError, default_state_path
 from .track.tracker import KSC_TCP_PORTS, KSC_UDP_PORTS, Tracker, TrackerConfig
 
 BATCH_META = struct.Struct("=IIII")  # libpcap next_batch: sec, fraction, offset, caplen
-LINKTYPE_ETHERNET = 1
 FLUSH_INTERVAL = 5.0  # seconds of packet time between store commits and summary checks
 # What Sensor() raises when the configuration, the signatures or the state store are not
 # usable (a state file that is not an inventory, a directory that cannot be made): the
@@ -115,12 +115,14 @@ class Sensor:
     def handle_batch(self, linktype: int, buf: bytes, meta: bytes, interface: int = 0,
                      units: int = 1_000_000) -> None:
         """A libpcap batch (``next_batch``: one buffer, 16-byte (sec, fraction, offset,
-        caplen) records, ``units`` fractions a second).  For Ethernet the decoder first
-        drops what it can rule out on the buffer (PacketDecoder.ethernet_batch).
+        caplen) records, ``units`` fractions a second).  For Ethernet and Linux cooked
+        frames the decoder first drops what it can rule out on the buffer
+        (PacketDecoder.ethernet_batch).
         ``wire_len`` is the captured length here."""
         handle = self.handle
-        if linktype == LINKTYPE_ETHERNET:
-            for ts, frame, caplen in self.decoder.ethernet_batch(buf, meta, units):
+        if linktype == LINKTYPE_ETHERNET or linktype == LINKTYPE_LINUX_SLL:
+            for ts, frame, caplen in self.decoder.ethernet_batch(
+                    buf, meta, units, cooked=linktype == LINKTYPE_LINUX_SLL):
                 handle(ts, linktype, frame, caplen, interface)
             return
         unpack_from = BATCH_META.unpack_from

@@ -15,6 +15,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Dot1Q, Ether
 
 from sensor.capture.pcapfile import open_capture
+from sensor.decode.link import LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL
 from sensor.decode.packet import DecoderConfig, PacketDecoder
 from sensor.records import ClientHello, HttpRequest
 from sensor.detect.signatures import default_signature_paths, load_signatures
@@ -69,25 +70,32 @@ def _outcome(decoder: PacketDecoder, records: list) -> tuple:
             dict(s.capture_loss), sorted(decoder.streams.bypass), streams)
 
 
-def _one_by_one(frames) -> tuple:
+def _one_by_one(frames, linktype: int = LINKTYPE_ETHERNET) -> tuple:
     decoder = _decoder()
     records = []
     for ts, data in frames:
         decoder.stats.packets += 1
         decoder.stats.bytes += len(data)
-        records += decoder.decode(ts, 1, data)
+        records += decoder.decode(ts, linktype, data)
     return _outcome(decoder, records)
 
 
-def _batched(frames) -> tuple:
+def _batched(frames, linktype: int = LINKTYPE_ETHERNET) -> tuple:
     decoder = _decoder()
     records = []
     buf, meta = _batch(frames)
-    for ts, frame, caplen in decoder.ethernet_batch(buf, meta):
+    cooked = linktype == LINKTYPE_LINUX_SLL
+    for ts, frame, caplen in decoder.ethernet_batch(buf, meta, cooked=cooked):
         decoder.stats.packets += 1
         decoder.stats.bytes += caplen
-        records += decoder.decode(ts, 1, frame)
+        records += decoder.decode(ts, linktype, frame)
     return _outcome(decoder, records)
+
+
+def _cooked(frame: bytes) -> bytes:
+    """The Ethernet frame as ``tcpdump -i any`` writes it: Linux cooked (SLL), the sender's
+    address and the type field (a VLAN tag's too) kept."""
+    return struct.pack("!HHH8s", 0, 1, 6, frame[6:12] + b"\0\0") + frame[12:]
 
 
 def _times(frames):
@@ -99,6 +107,26 @@ def _times(frames):
 def test_every_sample_capture_frame_in_order():
     frames = _times(FRAMES)
     assert _batched(frames) == _one_by_one(frames)
+
+
+def test_every_sample_capture_frame_in_order_cooked():
+    """Linux cooked frames (``tcpdump -i any``) are read on the buffer as Ethernet from two
+    bytes in, and what the fast path settles is what decoding them one by one settles."""
+    frames = _times([(ts, _cooked(data)) for ts, data in FRAMES * 2])
+    assert _batched(frames, LINKTYPE_LINUX_SLL) == _one_by_one(frames, LINKTYPE_LINUX_SLL)
+    decoder = _decoder()
+    buf, meta = _batch(frames)
+    yielded = sum(1 for ts, frame, _ in decoder.ethernet_batch(buf, meta, cooked=True)
+                  if decoder.decode(ts, LINKTYPE_LINUX_SLL, frame) is not None)
+    assert yielded < len(frames) * 0.6
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_mutated_cooked_frames_give_the_same_records_and_counters(data):
+    frames = data.draw(mutated_frames())
+    stamped = _times([(0.0, _cooked(frame)[:len(frame) + 2]) for frame in frames])
+    assert _batched(stamped, LINKTYPE_LINUX_SLL) == _one_by_one(stamped, LINKTYPE_LINUX_SLL)
 
 
 @pytest.mark.parametrize("snaplen", [54, 66, 74, 120, 300])

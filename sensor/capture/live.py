@@ -33,11 +33,11 @@ import sys
 import time
 import traceback
 
+from ..decode.link import LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL
 from ..track.verdict import INSTALL_VERDICTS
 from .bpf import build_filter
 
 _META = struct.Struct("=IIII")
-LINKTYPE_ETHERNET = 1
 BATCH = 1024
 MAX_BATCHES = 64
 MAX_WORKERS = 64
@@ -354,7 +354,10 @@ class _CaptureWorker:
             meta = None
             for buf, meta in source.batches():
                 # On Ethernet the decoder first drops, on the buffer, what it can rule out.
-                frames = decoder.ethernet_batch(buf, meta) if linktype == LINKTYPE_ETHERNET else _frames(buf, meta)
+                if linktype == LINKTYPE_ETHERNET or linktype == LINKTYPE_LINUX_SLL:
+                    frames = decoder.ethernet_batch(buf, meta, cooked=linktype == LINKTYPE_LINUX_SLL)
+                else:
+                    frames = _frames(buf, meta)
                 for ts, data, caplen in frames:
                     stats.packets += 1
                     stats.bytes += caplen

@@ -53,6 +53,9 @@ _DNS_PORT_BYTES = b"\x00\x35"  # 53 as a header carries it
 # From the IPv4 payload to the inner Ethernet frame, for VXLAN (UDP and VXLAN's headers) and
 # for ERSPAN type II (GRE with a sequence number, ERSPAN II's header) alike.
 _TUNNEL_INNER = 16
+# A Linux cooked (SLL) header is 16 bytes with its protocol field last: read two bytes in,
+# it stands where an Ethernet header's 14 do.
+SLL_SHIFT = 2
 _VXLAN_PORT_BYTES = VXLAN_PORT.to_bytes(2, "big")
 # From the ethertype of an untagged IPv4 frame: (ethertype, version and IHL, total length,
 # fragment word, protocol, addresses and the payload's first four bytes (UDP's ports, or
@@ -92,6 +95,21 @@ def _tunnel_inner(buf: bytes, off: int, end: int) -> tuple[int, int] | None:
             or proto == 47 and buf[l4:l4 + 4] == ERSPAN_II_GRE:
         return inner, ip_end
     return None
+
+
+def _cooked_view(meta: bytes) -> tuple[bytes, dict[int, tuple[int, int]]]:
+    """``meta`` with each Linux cooked (SLL) frame's record starting SLL_SHIFT bytes in, so
+    that its protocol field stands where an Ethernet header's type does and the network
+    header follows it, and the frame's own (offset, caplen) by the shifted offset: the
+    batch path reads the rest as it reads Ethernet (``tcpdump -i any`` writes SLL)."""
+    view = memoryview(bytearray(meta)).cast("I")
+    outer = {}
+    for index in range(0, len(view), 4):
+        off, caplen = view[index + 2], view[index + 3]
+        outer[off + SLL_SHIFT] = (off, caplen)
+        view[index + 2] = off + SLL_SHIFT
+        view[index + 3] = max(caplen - SLL_SHIFT, 0)
+    return view.tobytes(), outer
 
 
 def _tunnel_view(buf: bytes, meta: bytes) -> tuple[bytes, dict[int, tuple[int, int]]]:
@@ -247,7 +265,7 @@ class PacketDecoder:
         return out
 
     def ethernet_batch(self, buf: bytes, meta: bytes, units: int = 1_000_000,
-                       tunnelled: bool = False):
+                       tunnelled: bool = False, cooked: bool = False):
         """The frames of a libpcap batch (``next_batch``: one buffer, native (sec, fraction,
         offset, caplen) records, ``units`` fractions a second) that ``decode`` could make
         something of, as ``(ts, frame, caplen)``; the rest are counted here and never
@@ -283,7 +301,8 @@ class PacketDecoder:
           and remote span deliver a span port so, and the capture filter may pass
           tunnels whole.
 
-        Untagged or single-tagged IPv4 without options or fragments and IPv6 without
+        ``cooked``: the batch holds Linux cooked (SLL) frames, read as Ethernet from two
+        bytes in (_cooked_view).  Untagged or single-tagged IPv4 without options or fragments and IPv6 without
         extension headers are judged here; anything else takes the full path.  This loop
         is the read path's hot spot, so it is written out flat with local names."""
         bypass_get = self.streams.bypass.get
@@ -318,7 +337,9 @@ class PacketDecoder:
         # start; elsewhere a VXLAN frame is read again at its inner frame one by one.
         counted = meta
         outer = None
-        if not tunnelled and meta:
+        if cooked:
+            meta, outer = _cooked_view(meta)
+        elif not tunnelled and meta:
             first, first_caplen = _BATCH_META.unpack_from(meta)[2:]
             if _tunnel_inner(buf, first, first + first_caplen) is not None:
                 meta, outer = _tunnel_view(buf, meta)
