@@ -188,6 +188,24 @@ def test_header_protection_mask_rfc9001_a2(monkeypatch, fast_context):
     assert mask[:5] == bytes.fromhex("437b9aec36")
 
 
+@pytest.mark.parametrize("broken", ["raises", "wrong"])
+def test_a_context_constructor_that_misbehaves_is_not_used(monkeypatch, broken):
+    """The constructor is not cryptography's public API: one that raises or encrypts
+    differently from ``Cipher`` leaves the public path in use, and Initials still open."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    def misbehaving(algorithm, mode):
+        if broken == "raises":
+            raise TypeError("changed signature")
+        return Cipher(algorithms.AES(bytes(16)), mode).encryptor()
+
+    monkeypatch.setattr(quic, "_context_constructor", lambda: misbehaving)
+    assert quic._encryption_context() is None
+    monkeypatch.setattr(quic, "_cipher_makers", None)
+    hello = QuicInitialTable(Stats()).feed(RFC9001_CLIENT_INITIAL, ctx())
+    assert hello.server_name.text == "example.com"
+
+
 def test_unknown_version_has_no_keys():
     with pytest.raises(DecodeError) as err:
         derive_initial_keys(RFC_DCID, 0xFF00001D)
