@@ -5,6 +5,7 @@ mutated by hypothesis, so the fast path's hand-rolled header checks meet hostile
 
 from __future__ import annotations
 
+import socket
 import struct
 from pathlib import Path
 
@@ -44,9 +45,9 @@ WRAPPED = [(ts, in_erspan2(data, n) if n % 4 == 3 else in_vxlan(data, n))
            for n, (ts, data) in enumerate(FRAMES)]
 
 
-def _decoder() -> PacketDecoder:
+def _decoder(answered: frozenset = frozenset()) -> PacketDecoder:
     decoder = PacketDecoder(Stats(), DecoderConfig(dedup_window=0.0))
-    decoder.interest = decoder_interest(SIGNATURES, set())
+    decoder.interest = decoder_interest(SIGNATURES, set(answered))
     return decoder
 
 
@@ -70,8 +71,8 @@ def _outcome(decoder: PacketDecoder, records: list) -> tuple:
             dict(s.capture_loss), sorted(decoder.streams.bypass), streams)
 
 
-def _one_by_one(frames, linktype: int = LINKTYPE_ETHERNET) -> tuple:
-    decoder = _decoder()
+def _one_by_one(frames, linktype: int = LINKTYPE_ETHERNET, answered: frozenset = frozenset()) -> tuple:
+    decoder = _decoder(answered)
     records = []
     for ts, data in frames:
         decoder.stats.packets += 1
@@ -80,8 +81,8 @@ def _one_by_one(frames, linktype: int = LINKTYPE_ETHERNET) -> tuple:
     return _outcome(decoder, records)
 
 
-def _batched(frames, linktype: int = LINKTYPE_ETHERNET) -> tuple:
-    decoder = _decoder()
+def _batched(frames, linktype: int = LINKTYPE_ETHERNET, answered: frozenset = frozenset()) -> tuple:
+    decoder = _decoder(answered)
     records = []
     buf, meta = _batch(frames)
     cooked = linktype == LINKTYPE_LINUX_SLL
@@ -107,6 +108,31 @@ def _times(frames):
 def test_every_sample_capture_frame_in_order():
     frames = _times(FRAMES)
     assert _batched(frames) == _one_by_one(frames)
+
+
+def test_flows_towards_answered_addresses_leave_the_buffer():
+    """A SYN towards an address a Kaspersky name resolved to is evidence (dns_answer_flow):
+    the fast path hands it over by its destination address, IPv4 and IPv6, tagged or not,
+    and settles the SYNs towards every other address itself."""
+    answered = {IP: "198.51.100.7", IPv6: "2001:db8::7"}
+    frames = []
+    for port, (network, tagged, towards) in enumerate(
+            (n, t, a) for n in (IP, IPv6) for t in (False, True) for a in (True, False)):
+        client, server = ("10.0.0.5", "198.51.100.9") if network is IP else ("2001:db8::5", "2001:db8::9")
+        link = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+        if tagged:
+            link = link / Dot1Q(vlan=30)
+        # The other address is the client's, so a fast path reading the source would err.
+        frame = link / network(src=answered[network] if not towards else client,
+                               dst=answered[network] if towards else server) \
+            / TCP(sport=40000 + port, dport=443, flags="S")
+        frames.append((0.0, bytes(frame)))
+    keys = frozenset(socket.inet_pton(socket.AF_INET if n is IP else socket.AF_INET6, a)
+                     for n, a in answered.items())
+    frames = _times(frames)
+    batched = _batched(frames, answered=keys)
+    assert batched == _one_by_one(frames, answered=keys)
+    assert len(batched[0]) == 4  # a FlowStart for each SYN towards an answered address
 
 
 def test_every_sample_capture_frame_in_order_cooked():

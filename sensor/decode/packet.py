@@ -358,21 +358,17 @@ class PacketDecoder:
                 if etype == 0x0800:
                     if vihl != 0x45 or frag & 0x3FFF:
                         proto = 0
-                    addr = tag + 26
                     l4 = tag + 34
-                    width = 4
                     ip_end = tag + 14 + total
                 elif etype == 0x86DD and end >= tag + 62:
                     version, length, proto = ipv6_at(buf, tag + 14)
                     if version >> 4 != 6:
                         proto = 0
-                    addr = tag + 22
                     l4 = tag + 54
-                    width = 16
                     ip_end = l4 + length
                     if proto == 6 and l4 + 20 <= end:
                         seq, offset, flags = tcp_at(buf, l4)
-                        key = buf[addr:l4 + 4]
+                        key = buf[tag + 22:l4 + 4]
                 else:
                     proto = 0
                 # Snapped or short datagrams take the full path, which counts them.
@@ -434,7 +430,9 @@ class PacketDecoder:
                                 continue
                         elif flags & 0x02 and payload == 0:
                             dport = (buf[l4 + 2] << 8) | buf[l4 + 3]
-                            if not wants_flow("tcp", dport, buf[addr + width:addr + 2 * width]):
+                            # The destination address ends where the TCP header starts.
+                            if not wants_flow("tcp", dport, buf[l4 - 4:l4] if etype == 0x0800
+                                              else buf[l4 - 16:l4]):
                                 stream_syn(key, seq, (sec * units + fraction) / units, dport == 53)
                                 loss_syn(key, seq)
                                 continue
@@ -451,7 +449,7 @@ class PacketDecoder:
                         start = l4 + (offset >> 2 & 0x3C)
                         if start == end or start < end and (seen := bypass_get(key)) is not None \
                                 and ((seen - seq) % SEQ_MOD >= SEQ_WINDOW or seen == seq):
-                            self.stats.bad("ipv4_snapped" if width == 4 else "ipv6_snapped")
+                            self.stats.bad("ipv4_snapped" if etype == 0x0800 else "ipv6_snapped")
                             if loss.flows:
                                 self._judge_loss(key, flags, seq, buf, l4, ip_end - start)
                             if start == end and flags & 0x05:
@@ -459,13 +457,15 @@ class PacketDecoder:
                             continue
                 elif proto == 17 and screen is not None and l4 + 20 <= ip_end <= end:
                     sport, dport, dns_flags = udp_dns_at(buf, l4)
-                    # The destination address ends where the UDP header starts.  UDP to a
-                    # tunnel port is the tunnel to the full path whatever the other port says.
+                    # The addresses end where the UDP header starts, the destination last.
+                    # UDP to a tunnel port is the tunnel to the full path whatever the other
+                    # port says.
+                    width = 4 if etype == 0x0800 else 16
                     if dport == 53 and not dns_flags & 0x80:
-                        server = buf[addr + width:l4] + b"q"
+                        server = buf[l4 - width:l4] + b"q"
                     elif sport == 53 and dns_flags & 0x80 and dport != VXLAN_PORT \
                             and dport != GENEVE_PORT:
-                        server = buf[addr:addr + width] + b"r"
+                        server = buf[l4 - 2 * width:l4 - width] + b"r"
                     else:
                         server = None
                     if server is not None:
