@@ -63,7 +63,7 @@ def test_in_order_stream_acknowledged_has_no_gap():
     send(loss, isn, cut(3000, [1000, 1000, 1000]))
     loss.server_ack(KEY, isn + 1 + 3000)
     assert counters(loss) == (1, 0, 3000, 0)
-    assert loss.flows[KEY].seen == 3000
+    assert loss.flows[KEY].expect == isn + 1 + 3000 and loss.flows[KEY].holes is None
 
 
 def test_dropped_middle_segment_acknowledged_by_server_fin_is_one_gap():
@@ -83,7 +83,7 @@ def test_retransmission_and_reordering_are_not_gaps():
     send(loss, isn, [a, c, a, d, b, c, (50, 400)])  # b arrives last; overlaps too
     loss.server_ack(KEY, isn + 1 + 1000)
     assert counters(loss) == (1, 0, 1000, 0)
-    assert loss.flows[KEY].seen == 1000 and loss.flows[KEY].holes is None
+    assert loss.flows[KEY].expect == isn + 1 + 1000 and loss.flows[KEY].holes is None
 
 
 def test_hole_filled_after_an_earlier_ack_is_not_a_gap():
@@ -273,7 +273,7 @@ def test_full_delivery_in_any_order_never_gaps(stream, rng):
     loss.client_fin(KEY, (isn + 1 + total) % MOD)
     loss.server_ack(KEY, (isn + 2 + total) % MOD)
     assert loss.gap_events == 0 and loss.gap_bytes == 0
-    assert loss.acked_bytes == total and loss.flows[KEY].seen == total
+    assert loss.acked_bytes == total and loss.flows[KEY].holes is None
 
 
 @settings(max_examples=300, deadline=None)

@@ -29,7 +29,7 @@ segment is still noticed by the next one of them.
 Flows are keyed by the client direction's raw bytes, ``src + dst + tcp_header[0:4]``
 (see ``reverse_key`` for the server direction).  ``client_segment`` runs for every
 client data segment, so its common case (the segment starts where the previous one
-ended) is a dict lookup, one comparison and three stores.  Every other case (holes,
+ended) is a dict lookup, one comparison and two stores.  Every other case (holes,
 retransmissions, acknowledgements) takes the slower path.  A flow whose SYN was missed
 starts at the first client byte seen; earlier bytes are never judged, so a partial
 connection cannot produce a false gap.  Like Zeek, the estimate assumes the capture keeps
@@ -87,13 +87,12 @@ class _Flow:
     sequence ranges below ``expect`` that never arrived, in stream order.
     """
 
-    __slots__ = ("expect", "judged", "holes", "seen", "fin", "last")
+    __slots__ = ("expect", "judged", "holes", "fin", "last")
 
     def __init__(self, start: int, last: float):
         self.expect = start
         self.judged = start
         self.holes: list[tuple[int, int]] | None = None
-        self.seen = 0
         self.fin: int | None = None
         self.last = last
 
@@ -143,7 +142,6 @@ class CaptureLoss:
         flow = self.flows.get(key)
         if flow is not None and seq == flow.expect:
             flow.expect = (seq + length) & SEQ_MASK
-            flow.seen += length
             flow.last = self.clock
             return
         self._segment_slow(key, flow, seq, length)
@@ -241,9 +239,8 @@ class CaptureLoss:
             self._add_hole(flow, top, start)
             self.holes += 1
         elif start < top and flow.holes:
-            flow.seen += self._fill(flow, start, min(end, top))
+            self._fill(flow, start, min(end, top))
         if end > top:
-            flow.seen += end - max(start, top)
             flow.expect = (judged + end) & SEQ_MASK
 
     def _add_hole(self, flow: _Flow, start: int, end: int) -> None:
@@ -268,11 +265,9 @@ class CaptureLoss:
         holes[i:i + 2] = [(holes[i][0], holes[i + 1][1])]
         self.merged_holes += 1
 
-    def _fill(self, flow: _Flow, start: int, end: int) -> int:
-        """Take ``[start, end)`` (offsets from the judged point) out of the holes and
-        return how many of those bytes were missing until now."""
+    def _fill(self, flow: _Flow, start: int, end: int) -> None:
+        """Take ``[start, end)`` (offsets from the judged point) out of the holes."""
         judged = flow.judged
-        filled = 0
         remaining = []
         for hole in flow.holes:
             lo = (hole[0] - judged) & SEQ_MASK
@@ -280,13 +275,11 @@ class CaptureLoss:
             if hi <= start or lo >= end:
                 remaining.append(hole)
                 continue
-            filled += min(hi, end) - max(lo, start)
             if lo < start:
                 remaining.append((hole[0], (judged + start) & SEQ_MASK))
             if hi > end:
                 remaining.append(((judged + end) & SEQ_MASK, hole[1]))
         flow.holes = remaining or None
-        return filled
 
     def _judge(self, flow: _Flow, ack: int) -> None:
         """Count an acknowledgement of the client stream up to ``ack`` (exclusive)."""

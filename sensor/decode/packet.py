@@ -388,7 +388,6 @@ class PacketDecoder:
                                             # written out: this runs for every bulk segment.
                                             if seq == flow.expect:
                                                 flow.expect = (seq + payload) & 0xFFFFFFFF
-                                                flow.seen += payload
                                                 flow.last = clock
                                             else:
                                                 client_segment(key, seq, payload)
