@@ -332,6 +332,10 @@ class PacketDecoder:
         ipv6_at = _BATCH_IPV6.unpack_from
         tcp_at = _BATCH_TCP.unpack_from
         udp_dns_at = _BATCH_UDP_DNS.unpack_from
+        # Module constants the loop tests on every frame, as locals.
+        seq_mod, seq_window = SEQ_MOD, SEQ_WINDOW
+        report_interval = RESOLVER_REPORT_INTERVAL
+        report_whole_seconds = RESOLVER_REPORT_INTERVAL - 1.0
         # A batch that opens with a tunnel frame is likely all tunnel (cloud traffic
         # mirroring's VXLAN, remote span's ERSPAN): read at the inner frames from the
         # start; elsewhere a VXLAN frame is read again at its inner frame one by one.
@@ -380,7 +384,7 @@ class PacketDecoder:
                         elif not flags & 0x07:
                             seen = bypass_get(key)
                             if seen is not None and payload >= 0:
-                                if (seen - seq) % SEQ_MOD >= SEQ_WINDOW or seen == seq:
+                                if (seen - seq) % seq_mod >= seq_window or seen == seq:
                                     flow = loss_get(key)
                                     if flow is not None:
                                         if payload:
@@ -447,7 +451,7 @@ class PacketDecoder:
                         # capture taken with a short snap length is mostly these.
                         start = l4 + (offset >> 2 & 0x3C)
                         if start == end or start < end and (seen := bypass_get(key)) is not None \
-                                and ((seen - seq) % SEQ_MOD >= SEQ_WINDOW or seen == seq):
+                                and ((seen - seq) % seq_mod >= seq_window or seen == seq):
                             self.stats.bad("ipv4_snapped" if etype == 0x0800 else "ipv6_snapped")
                             if loss.flows:
                                 self._judge_loss(key, flags, seq, buf, l4, ip_end - start)
@@ -472,9 +476,9 @@ class PacketDecoder:
                         # The whole second alone settles it unless it straddles an end of the
                         # interval: the frame's time lies in [sec, sec + 1).
                         if last is not None and (
-                                0.0 <= sec - last < RESOLVER_REPORT_INTERVAL - 1.0
+                                0.0 <= sec - last < report_whole_seconds
                                 or 0.0 <= (sec * units + fraction) / units - last
-                                < RESOLVER_REPORT_INTERVAL) \
+                                < report_interval) \
                                 and screen.search(buf, l4 + 8, ip_end) is None:
                             continue
                     elif dport == VXLAN_PORT:
