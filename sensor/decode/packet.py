@@ -56,6 +56,9 @@ _TUNNEL_INNER = 16
 # A Linux cooked (SLL) header is 16 bytes with its protocol field last: read two bytes in,
 # it stands where an Ethernet header's 14 do.
 SLL_SHIFT = 2
+# Tag protocol identifiers of a service tag (802.1ad, and the pre-standard QinQ ones the
+# full path's ``ethernet`` reads).
+_SERVICE_TPIDS = (0x88A8, 0x9100, 0x9200)
 _VXLAN_PORT_BYTES = VXLAN_PORT.to_bytes(2, "big")
 # From the ethertype of an untagged IPv4 frame: (ethertype, version and IHL, total length,
 # fragment word, protocol, addresses and the payload's first four bytes (UDP's ports, or
@@ -109,6 +112,32 @@ def _cooked_view(meta: bytes) -> tuple[bytes, dict[int, tuple[int, int]]]:
         outer[off + SLL_SHIFT] = (off, caplen)
         view[index + 2] = off + SLL_SHIFT
         view[index + 3] = max(caplen - SLL_SHIFT, 0)
+    return view.tobytes(), outer
+
+
+def _outer_tag(buf: bytes, off: int, caplen: int) -> bool:
+    """Whether the frame at ``off`` opens with a tag the batch loop does not read (it reads
+    one 802.1Q tag): a service tag (802.1ad or a pre-standard TPID), or the outer of two
+    802.1Q tags.  Provider networks mirror their traffic so (QinQ)."""
+    if caplen < 22:
+        return False
+    tpid = (buf[off + 12] << 8) | buf[off + 13]
+    return tpid in _SERVICE_TPIDS or tpid == 0x8100 and buf[off + 16] == 0x81 and buf[off + 17] == 0
+
+
+def _outer_tag_view(buf: bytes, meta: bytes) -> tuple[bytes, dict[int, tuple[int, int]]]:
+    """``meta`` with the record of each frame that opens with such a tag (_outer_tag)
+    starting four bytes in, so that the tag's inner type stands where the frame's type
+    does, and the frame's own (offset, caplen) by the shifted offset; other frames as
+    they are."""
+    view = memoryview(bytearray(meta)).cast("I")
+    outer = {}
+    for index in range(0, len(view), 4):
+        off, caplen = view[index + 2], view[index + 3]
+        if _outer_tag(buf, off, caplen):
+            outer[off + 4] = (off, caplen)
+            view[index + 2] = off + 4
+            view[index + 3] = caplen - 4
     return view.tobytes(), outer
 
 
@@ -347,6 +376,10 @@ class PacketDecoder:
             first, first_caplen = _BATCH_META.unpack_from(meta)[2:]
             if _tunnel_inner(buf, first, first + first_caplen) is not None:
                 meta, outer = _tunnel_view(buf, meta)
+            elif _outer_tag(buf, first, first_caplen):
+                # Likewise a batch that opens with a service tag: the frames that carry
+                # one are read behind it.
+                meta, outer = _outer_tag_view(buf, meta)
         descend = not tunnelled and outer is None
         for sec, fraction, off, caplen in _BATCH_META.iter_unpack(meta):
             end = off + caplen
