@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import struct
 from dataclasses import dataclass
+from itertools import islice
 
 from ..inet import AF_INET, AF_INET6, inet_ntop
 from ..records import DecodeError, DnsMessage, FlowStart, PacketContext
@@ -59,6 +60,8 @@ SLL_SHIFT = 2
 # Tag protocol identifiers of a service tag (802.1ad, and the pre-standard QinQ ones the
 # full path's ``ethernet`` reads).
 _SERVICE_TPIDS = (0x88A8, 0x9100, 0x9200)
+TAG_LOOKAHEAD = 8  # leading frames of a batch looked at for one (_outer_tag_view)
+_TAG_FIRST_BYTES = frozenset(tpid >> 8 for tpid in _SERVICE_TPIDS + (0x8100,))
 _VXLAN_PORT_BYTES = VXLAN_PORT.to_bytes(2, "big")
 # From the ethertype of an untagged IPv4 frame: (ethertype, version and IHL, total length,
 # fragment word, protocol, addresses and the payload's first four bytes (UDP's ports, or
@@ -123,6 +126,15 @@ def _outer_tag(buf: bytes, off: int, caplen: int) -> bool:
         return False
     tpid = (buf[off + 12] << 8) | buf[off + 13]
     return tpid in _SERVICE_TPIDS or tpid == 0x8100 and buf[off + 16] == 0x81 and buf[off + 17] == 0
+
+
+def _leads_with_outer_tags(buf: bytes, meta: bytes) -> bool:
+    """Whether one of the batch's first TAG_LOOKAHEAD frames opens with such a tag: the
+    type's first byte rules out nearly every other frame before _outer_tag is asked."""
+    for _, _, off, caplen in islice(_BATCH_META.iter_unpack(meta), TAG_LOOKAHEAD):
+        if caplen >= 22 and buf[off + 12] in _TAG_FIRST_BYTES and _outer_tag(buf, off, caplen):
+            return True
+    return False
 
 
 def _outer_tag_view(buf: bytes, meta: bytes) -> tuple[bytes, dict[int, tuple[int, int]]]:
@@ -376,9 +388,9 @@ class PacketDecoder:
             first, first_caplen = _BATCH_META.unpack_from(meta)[2:]
             if _tunnel_inner(buf, first, first + first_caplen) is not None:
                 meta, outer = _tunnel_view(buf, meta)
-            elif _outer_tag(buf, first, first_caplen):
-                # Likewise a batch that opens with a service tag: the frames that carry
-                # one are read behind it.
+            elif _leads_with_outer_tags(buf, meta):
+                # Likewise a batch with a frame behind a service tag among its first: the
+                # frames that carry one are read behind it.
                 meta, outer = _outer_tag_view(buf, meta)
         descend = not tunnelled and outer is None
         for sec, fraction, off, caplen in _BATCH_META.iter_unpack(meta):
