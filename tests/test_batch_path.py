@@ -160,7 +160,7 @@ SERVICE_TAGGED = [(ts, _service_tagged(data, tpid)) for (ts, data), tpid in
 @pytest.mark.parametrize("lead", [[], FRAMES[:3]], ids=["tagged-batch", "mixed-batch"])
 def test_every_sample_capture_frame_in_order_behind_a_service_tag(lead):
     """QinQ and 802.1ad (provider networks mirror so): a batch with a frame behind a tag
-    the loop does not read among its first is read behind such tags (_outer_tag_view), and
+    the loop does not read among its first is read behind such tags (_past_outer_tag), and
     what the fast path settles is what decoding each frame settles."""
     frames = _times(lead + [SERVICE_TAGGED[n] if n % 4 != 3 else FRAMES[n]
                             for n in range(len(FRAMES))] * 2)
@@ -215,7 +215,7 @@ def _snapped_segment(frame: bytes) -> bool:
 
 
 # A batch that opens with a tunnel frame is read at the inner frames all at once
-# (_tunnel_view); behind another frame, VXLAN frames are read again one by one.
+# (_relocated_view); behind another frame, VXLAN frames are read again one by one.
 LEADS = pytest.mark.parametrize("lead", [[], FRAMES[:1]], ids=["vxlan-batch", "mixed-batch"])
 
 
@@ -226,8 +226,8 @@ def test_every_sample_capture_frame_in_order_inside_vxlan(lead, monkeypatch):
     from sensor.decode import packet
 
     views = []
-    view = packet._tunnel_view
-    monkeypatch.setattr(packet, "_tunnel_view", lambda *args: views.append(1) or view(*args))
+    view = packet._relocated_view
+    monkeypatch.setattr(packet, "_relocated_view", lambda *args: views.append(1) or view(*args))
     frames = _times(lead + WRAPPED)
     assert _batched(frames) == _one_by_one(frames)
     assert bool(views) is not bool(lead)

@@ -69,19 +69,16 @@ import threading
 import time
 from typing import NamedTuple
 
+from ..decode.tunnels import ERSPAN_II_GRE, GENEVE_PORT, VXLAN_PORT
 from .pcapfile import (CaptureError, open_capture, pcapng_leading_interfaces,
                        pcapng_microsecond_view)
 
 DLT_EN10MB = 1
 
-# Keep in step with decode.packet (DNS_PORTS, DHCP_PORTS, tunnels) and track.tracker
-# (KSC_UDP_PORTS); tests/test_bpf_filter.py checks that they are all covered.
-VXLAN_PORT = 4789  # decode.tunnels.VXLAN_PORT
-UDP_PORTS = (53, 5353, 5355, VXLAN_PORT, 6081)
-# GRE's flags (a sequence number only) and protocol word as ERSPAN type II sends them.
-_ERSPAN_II_GRE = 0x1000_88BE
+# Keep in step with decode.packet (DNS_PORTS, DHCP_PORTS; the tunnel ports come from
+# decode.tunnels) and track.tracker (KSC_UDP_PORTS); tests/test_bpf_filter.py checks them.
+UDP_PORTS = (53, 5353, 5355, VXLAN_PORT, GENEVE_PORT)
 _VXLAN_PORT_BYTES = VXLAN_PORT.to_bytes(2, "big")
-_ERSPAN_II_GRE_BYTES = _ERSPAN_II_GRE.to_bytes(4, "big")
 UDP_PORT_RANGES = ((67, 68), (546, 547), (15000, 15001))
 TCP_PORTS = (53,)
 
@@ -190,7 +187,7 @@ def _ip_layers(v4: str, v6: str, ip: int, ipv4_type: str, ipv6_type: str,
         tunnel = (f"({v4}[{ip}] == 0x45 and {v4}[{ip + 6}:2] & 0x3fff == 0"
                   f" and (({v4}[{ip + 9}] == 17 and {v4}[{ip + 22}:2] == {VXLAN_PORT}"
                   f" and {v4}[{ip + 28}] & 0x08 != 0)"
-                  f" or ({v4}[{ip + 9}] == 47 and {v4}[{ip + 20}:4] == 0x{_ERSPAN_II_GRE:08x})))")
+                  f" or ({v4}[{ip + 9}] == 47 and {v4}[{ip + 20}:4] == 0x{ERSPAN_II_GRE.hex()})))")
         tests = f"(({tunnel} and {_inner_frame(ip + 36)}) or (not {tunnel} and {tests}))"
     ipv4 = f"({ipv4_type} and {tests})"
     ipv6 = (f"({ipv6_type} and (({v6}[{ip + 6}] == 6 and "
@@ -278,7 +275,7 @@ def opens_with_tunnel(head: bytes, order: str) -> bool:
         frame = head[pos + 16:pos + 16 + min(caplen, 51)]
         if len(frame) == 51 and frame[12:15] == b"\x08\x00\x45" and (
                 frame[23] == 17 and frame[36:38] == _VXLAN_PORT_BYTES and frame[42] & 0x08
-                or frame[23] == 47 and frame[34:38] == _ERSPAN_II_GRE_BYTES):
+                or frame[23] == 47 and frame[34:38] == ERSPAN_II_GRE):
             return True
         pos += 16 + caplen
     return False

@@ -60,13 +60,13 @@ SLL_SHIFT = 2
 # Tag protocol identifiers of a service tag (802.1ad, and the pre-standard QinQ ones the
 # full path's ``ethernet`` reads).
 _SERVICE_TPIDS = (0x88A8, 0x9100, 0x9200)
-TAG_LOOKAHEAD = 8  # leading frames of a batch looked at for one (_outer_tag_view)
+TAG_LOOKAHEAD = 8  # leading frames of a batch looked at for one (_past_outer_tag)
 _TAG_FIRST_BYTES = frozenset(tpid >> 8 for tpid in _SERVICE_TPIDS + (0x8100,))
 _VXLAN_PORT_BYTES = VXLAN_PORT.to_bytes(2, "big")
-# From the ethertype of an untagged IPv4 frame: (ethertype, version and IHL, total length,
-# fragment word, protocol, addresses and the payload's first four bytes (UDP's ports, or
-# GRE's flags and protocol), VXLAN's flags)
-_IPV4_TUNNEL = struct.Struct("!HBxHxxHxBxx12s4xB")
+# From the ethertype of an IPv4 frame: (ethertype, version and IHL, total length, fragment
+# word, protocol, the payload's first four bytes (UDP's ports, or GRE's flags and
+# protocol), VXLAN's flags)
+_IPV4_TUNNEL = struct.Struct("!HBxHxxHxB10x4s4xB")
 
 
 def _tunnel_inner(buf: bytes, off: int, end: int) -> tuple[int, int] | None:
@@ -78,44 +78,56 @@ def _tunnel_inner(buf: bytes, off: int, end: int) -> tuple[int, int] | None:
     the IP packet does."""
     if end - off < 54:
         return None
-    tag = off + 4 if buf[off + 12:off + 14] == b"\x81\x00" else off
-    etype = buf[tag + 12:tag + 14]
-    if etype == b"\x08\x00":
-        if buf[tag + 14] != 0x45 or _u16(buf, tag + 20)[0] & 0x3FFF:
+    tag = off + 4 if buf[off + 12] == 0x81 and buf[off + 13] == 0 else off
+    # IPv4 (what cloud mirroring and remote span send) with one unpack.
+    etype, vihl, total, frag, proto, words, flags = _IPV4_TUNNEL.unpack_from(buf, tag + 12)
+    if etype == 0x0800:
+        if vihl != 0x45 or frag & 0x3FFF:
             return None
-        proto = buf[tag + 23]
         l4 = tag + 34
-        ip_end = tag + 14 + _u16(buf, tag + 16)[0]
-    elif etype == b"\x86\xdd" and end >= tag + 62:
+        ip_end = tag + 14 + total
+    elif etype == 0x86DD and end >= tag + 62:
         if buf[tag + 14] >> 4 != 6:
             return None
         proto = buf[tag + 20]
         l4 = tag + 54
         ip_end = l4 + _u16(buf, tag + 18)[0]
+        words, flags = buf[l4:l4 + 4], buf[l4 + 8]
     else:
         return None
     inner = l4 + _TUNNEL_INNER
     if not (ip_end - inner >= 54 and ip_end <= end):
         return None
-    if proto == 17 and buf[l4 + 2:l4 + 4] == _VXLAN_PORT_BYTES and buf[l4 + 8] & 0x08 \
-            or proto == 47 and buf[l4:l4 + 4] == ERSPAN_II_GRE:
+    if proto == 17 and words.endswith(_VXLAN_PORT_BYTES) and flags & 0x08 \
+            or proto == 47 and words == ERSPAN_II_GRE:
         return inner, ip_end
     return None
 
 
-def _cooked_view(meta: bytes) -> tuple[bytes, dict[int, tuple[int, int]]]:
-    """``meta`` with each Linux cooked (SLL) frame's record starting SLL_SHIFT bytes in, so
-    that its protocol field stands where an Ethernet header's type does and the network
-    header follows it, and the frame's own (offset, caplen) by the shifted offset: the
-    batch path reads the rest as it reads Ethernet (``tcpdump -i any`` writes SLL)."""
+def _relocated_view(buf: bytes, meta: bytes, part_of) -> tuple[bytes, dict[int, tuple[int, int]]]:
+    """``meta`` with the record of each frame ``buf[off:end]`` that ``part_of(buf, off,
+    end)`` gives a part of to read instead, as (start, end), pointing at that part, and
+    the frame's own (offset, caplen) by the part's start, so that a frame the full path
+    needs is handed over whole; the other records as they are.  The batch loop then reads
+    a tunnel's inner frame (_tunnel_inner), a frame past a tag it does not read
+    (_past_outer_tag), or a cooked frame as Ethernet (_past_sll_prefix)."""
     view = memoryview(bytearray(meta)).cast("I")
     outer = {}
-    for index in range(0, len(view), 4):
-        off, caplen = view[index + 2], view[index + 3]
-        outer[off + SLL_SHIFT] = (off, caplen)
-        view[index + 2] = off + SLL_SHIFT
-        view[index + 3] = max(caplen - SLL_SHIFT, 0)
+    for index in range(2, len(view), 4):
+        off, caplen = view[index], view[index + 1]
+        part = part_of(buf, off, off + caplen)
+        if part is not None:
+            start, end = part
+            outer[start] = (off, caplen)
+            view[index], view[index + 1] = start, end - start
     return view.tobytes(), outer
+
+
+def _past_sll_prefix(buf: bytes, off: int, end: int) -> tuple[int, int]:
+    """A Linux cooked (SLL) frame from SLL_SHIFT bytes in, where its protocol field stands
+    as an Ethernet header's type does and the network header follows (``tcpdump -i any``
+    writes SLL)."""
+    return off + SLL_SHIFT, max(end, off + SLL_SHIFT)
 
 
 def _outer_tag(buf: bytes, off: int, caplen: int) -> bool:
@@ -128,6 +140,12 @@ def _outer_tag(buf: bytes, off: int, caplen: int) -> bool:
     return tpid in _SERVICE_TPIDS or tpid == 0x8100 and buf[off + 16] == 0x81 and buf[off + 17] == 0
 
 
+def _past_outer_tag(buf: bytes, off: int, end: int) -> tuple[int, int] | None:
+    """A frame that opens with such a tag from four bytes in, where the tag's inner type
+    stands as the frame's type does."""
+    return (off + 4, end) if _outer_tag(buf, off, end - off) else None
+
+
 def _leads_with_outer_tags(buf: bytes, meta: bytes) -> bool:
     """Whether one of the batch's first TAG_LOOKAHEAD frames opens with such a tag: the
     type's first byte rules out nearly every other frame before _outer_tag is asked."""
@@ -137,49 +155,6 @@ def _leads_with_outer_tags(buf: bytes, meta: bytes) -> bool:
     return False
 
 
-def _outer_tag_view(buf: bytes, meta: bytes) -> tuple[bytes, dict[int, tuple[int, int]]]:
-    """``meta`` with the record of each frame that opens with such a tag (_outer_tag)
-    starting four bytes in, so that the tag's inner type stands where the frame's type
-    does, and the frame's own (offset, caplen) by the shifted offset; other frames as
-    they are."""
-    view = memoryview(bytearray(meta)).cast("I")
-    outer = {}
-    for index in range(0, len(view), 4):
-        off, caplen = view[index + 2], view[index + 3]
-        if _outer_tag(buf, off, caplen):
-            outer[off + 4] = (off, caplen)
-            view[index + 2] = off + 4
-            view[index + 3] = caplen - 4
-    return view.tobytes(), outer
-
-
-def _tunnel_view(buf: bytes, meta: bytes) -> tuple[bytes, dict[int, tuple[int, int]]]:
-    """``meta`` with each tunnel frame's record pointing at its inner frame, and the outer
-    frame's (offset, caplen) by the inner one's offset.  Untagged IPv4 (what cloud
-    mirroring and remote span send) is read with one unpack; anything else by
-    _tunnel_inner."""
-    view = memoryview(bytearray(meta)).cast("I")
-    outer = {}
-    ipv4_tunnel_at = _IPV4_TUNNEL.unpack_from
-    for index, (_, _, off, caplen) in enumerate(_BATCH_META.iter_unpack(meta)):
-        if caplen < 54:
-            continue
-        etype, vihl, total, frag, proto, words, flags = ipv4_tunnel_at(buf, off + 12)
-        if etype == 0x0800 and vihl == 0x45:
-            inner, ip_end = off + 34 + _TUNNEL_INNER, off + 14 + total
-            if frag & 0x3FFF or ip_end > off + caplen or ip_end - inner < 54 or not (
-                    proto == 17 and words.endswith(_VXLAN_PORT_BYTES) and flags & 0x08
-                    or proto == 47 and words.endswith(ERSPAN_II_GRE)):
-                continue
-        else:
-            found = _tunnel_inner(buf, off, off + caplen)
-            if found is None:
-                continue
-            inner, ip_end = found
-        outer[inner] = (off, caplen)
-        view[4 * index + 2] = inner
-        view[4 * index + 3] = ip_end - inner
-    return view.tobytes(), outer
 _DNS_QR = 0x8000
 _DNS_HEADER_LEN = 12
 MDNS_PORT = 5353
@@ -337,15 +312,17 @@ class PacketDecoder:
           a server's long ones);
         * a VXLAN or ERSPAN II frame whose inner frame one of these rules settles, as the
           full path decodes it: a batch that opens with one is read at its inner frames
-          (_tunnel_view), elsewhere a VXLAN frame's inner frame goes through this loop
+          (_relocated_view), elsewhere a VXLAN frame's inner frame goes through this loop
           alone (``tunnelled``: not counted, no deeper tunnel).  Cloud traffic mirroring
           and remote span deliver a span port so, and the capture filter may pass
           tunnels whole.
 
         ``cooked``: the batch holds Linux cooked (SLL) frames, read as Ethernet from two
-        bytes in (_cooked_view).  Untagged or single-tagged IPv4 without options or fragments and IPv6 without
-        extension headers are judged here; anything else takes the full path.  This loop
-        is the read path's hot spot, so it is written out flat with local names."""
+        bytes in (_past_sll_prefix).  A batch with a frame behind a tag the loop does not read
+        among its first is read past such tags (_past_outer_tag).  Untagged or
+        single-tagged IPv4 without options or fragments and IPv6 without extension
+        headers are judged here; anything else takes the full path.  This loop is the read
+        path's hot spot, so it is written out flat with local names."""
         bypass_get = self.streams.bypass.get
         close = self.streams.close
         loss = self.loss
@@ -383,15 +360,15 @@ class PacketDecoder:
         counted = meta
         outer = None
         if cooked:
-            meta, outer = _cooked_view(meta)
+            meta, outer = _relocated_view(buf, meta, _past_sll_prefix)
         elif not tunnelled and meta:
             first, first_caplen = _BATCH_META.unpack_from(meta)[2:]
             if _tunnel_inner(buf, first, first + first_caplen) is not None:
-                meta, outer = _tunnel_view(buf, meta)
+                meta, outer = _relocated_view(buf, meta, _tunnel_inner)
             elif _leads_with_outer_tags(buf, meta):
                 # Likewise a batch with a frame behind a service tag among its first: the
                 # frames that carry one are read behind it.
-                meta, outer = _outer_tag_view(buf, meta)
+                meta, outer = _relocated_view(buf, meta, _past_outer_tag)
         descend = not tunnelled and outer is None
         for sec, fraction, off, caplen in _BATCH_META.iter_unpack(meta):
             end = off + caplen
