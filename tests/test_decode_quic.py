@@ -273,6 +273,15 @@ def test_ack_ping_padding_are_skipped_and_connection_close_stops():
     assert crypto_frames(frames) == [(7, b"abc")]
 
 
+def test_padding_runs_between_and_after_crypto_frames():
+    """Chrome scatters PADDING and PING between CRYPTO pieces, and pads every Initial to
+    1,200 bytes at its end: each run is skipped whole, whatever its length."""
+    frames = (samples.crypto_frame(9, b"world") + b"\x00" * 300 + b"\x01"
+              + b"\x00" + samples.crypto_frame(0, b"hello ") + b"\x00" * 877)
+    assert crypto_frames(frames) == [(9, b"world"), (0, b"hello ")]
+    assert crypto_frames(b"\x00" * 1200) == []
+
+
 @pytest.mark.parametrize("frames,reason", [
     (b"\x08\x00GET /", "quic_bad_frame"),  # STREAM is not allowed in an Initial
     (b"\x1e", "quic_bad_frame"),  # HANDSHAKE_DONE
