@@ -18,7 +18,7 @@ from scapy.layers.l2 import Dot1Q, Ether
 
 from sensor.capture.pcapfile import open_capture
 from sensor.decode.link import LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL
-from sensor.decode.packet import DecoderConfig, PacketDecoder
+from sensor.decode.packet import DecoderConfig, PacketDecoder, _tunnel_inner
 from sensor.records import ClientHello, HttpRequest
 from sensor.detect.signatures import default_signature_paths, load_signatures
 from sensor.pipeline import decoder_interest
@@ -554,3 +554,18 @@ def test_screened_dns_within_the_report_interval_stays_on_the_buffer():
             reports += [r.ctx.ts for r in decoder.decode(ts, 1, frame) if isinstance(r, DnsMessage)]
         assert yielded <= 70, "about one frame a second, for the table expiry"
         assert [round(ts - 1_700_000_000) for ts in reports] == [0, 0, 60, 60]
+
+
+@pytest.mark.parametrize("n", range(4))
+def test_a_tunnel_frame_cut_anywhere_at_the_end_of_a_batch(n):
+    """The tunnel test reads a frame's headers up to VXLAN's flags (_tunnel_inner): a frame
+    cut short, last in its batch, has nothing after it to read.  Found by the batch fuzz
+    target (an IPv6 frame 62 bytes from its tag)."""
+    whole = in_erspan2(FRAMES[0][1], n) if n == 3 else in_vxlan(FRAMES[0][1], n)
+    assert _tunnel_inner(whole, 0, len(whole)) is not None
+    for cut in range(len(whole)):
+        assert _tunnel_inner(whole[:cut], 0, cut) is None
+        for lead in ([], FRAMES[:1]):
+            buf, meta = _batch([*lead, (FRAMES[0][0], whole[:cut])])
+            handed = [frame for _, frame, _ in _decoder().ethernet_batch(buf, meta)]
+            assert handed[-1] == whole[:cut]  # the full path counts what is cut short

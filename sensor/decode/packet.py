@@ -86,7 +86,9 @@ def _tunnel_inner(buf: bytes, off: int, end: int) -> tuple[int, int] | None:
             return None
         l4 = tag + 34
         ip_end = tag + 14 + total
-    elif etype == 0x86DD and end >= tag + 62:
+    elif etype == 0x86DD and end >= tag + 63:
+        # Through VXLAN's flags byte, the 63rd from the tag: a frame that ends before it
+        # may be the last of its batch.
         if buf[tag + 14] >> 4 != 6:
             return None
         proto = buf[tag + 20]
