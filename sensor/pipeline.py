@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import math
 import os
-import struct
 import sys
 import time
 from datetime import date
 
 from .config import DEFAULT_INTERNAL, ConfigError, Settings
-from .decode.link import LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL
 from .decode.packet import DecoderConfig, Interest, PacketDecoder
 from .detect.engine import Detector
 from .detect.signatures import SignatureError, default_signature_paths, load_signatures
@@ -27,7 +25,6 @@ from .stats import Stats
 from .track.store import Store, StoreError, default_state_path
 from .track.tracker import KSC_TCP_PORTS, KSC_UDP_PORTS, Tracker, TrackerConfig
 
-BATCH_META = struct.Struct("=IIII")  # libpcap next_batch: sec, fraction, offset, caplen
 FLUSH_INTERVAL = 5.0  # seconds of packet time between store commits and summary checks
 # What Sensor() raises when the configuration, the signatures or the state store are not
 # usable (a state file that is not an inventory, a directory that cannot be made): the
@@ -115,21 +112,12 @@ class Sensor:
     def handle_batch(self, linktype: int, buf: bytes, meta: bytes, interface: int = 0,
                      units: int = 1_000_000) -> None:
         """A libpcap batch (``next_batch``: one buffer, 16-byte (sec, fraction, offset,
-        caplen) records, ``units`` fractions a second).  For Ethernet and Linux cooked
-        frames the decoder first drops what it can rule out on the buffer
-        (PacketDecoder.ethernet_batch).
+        caplen) records, ``units`` fractions a second), through PacketDecoder.batch, which
+        drops on the buffer what it can rule out of Ethernet and Linux cooked frames.
         ``wire_len`` is the captured length here."""
         handle = self.handle
-        if linktype == LINKTYPE_ETHERNET or linktype == LINKTYPE_LINUX_SLL:
-            for ts, frame, caplen in self.decoder.ethernet_batch(
-                    buf, meta, units, cooked=linktype == LINKTYPE_LINUX_SLL):
-                handle(ts, linktype, frame, caplen, interface)
-            return
-        unpack_from = BATCH_META.unpack_from
-        for pos in range(0, len(meta), 16):
-            sec, fraction, off, caplen = unpack_from(meta, pos)
-            handle((sec * units + fraction) / units, linktype, buf[off:off + caplen], caplen,
-                   interface)
+        for ts, frame, caplen in self.decoder.batch(linktype, buf, meta, units):
+            handle(ts, linktype, frame, caplen, interface)
 
     def capture_loss_interval(self) -> tuple[int, int]:
         """(gaps, acks) of the capture-loss estimate since the previous call: Zeek reports

@@ -69,7 +69,7 @@ import threading
 import time
 from typing import NamedTuple
 
-from ..decode.tunnels import ERSPAN_II_GRE, GENEVE_PORT, VXLAN_PORT
+from ..decode.tunnels import ERSPAN_II_GRE, GENEVE_PORT, VXLAN_PORT, VXLAN_PORT_BYTES
 from .pcapfile import (CaptureError, open_capture, pcapng_leading_interfaces,
                        pcapng_microsecond_view)
 
@@ -78,7 +78,6 @@ DLT_EN10MB = 1
 # Keep in step with decode.packet (DNS_PORTS, DHCP_PORTS; the tunnel ports come from
 # decode.tunnels) and track.tracker (KSC_UDP_PORTS); tests/test_bpf_filter.py checks them.
 UDP_PORTS = (53, 5353, 5355, VXLAN_PORT, GENEVE_PORT)
-_VXLAN_PORT_BYTES = VXLAN_PORT.to_bytes(2, "big")
 UDP_PORT_RANGES = ((67, 68), (546, 547), (15000, 15001))
 TCP_PORTS = (53,)
 
@@ -274,7 +273,7 @@ def opens_with_tunnel(head: bytes, order: str) -> bool:
         caplen = record.unpack_from(head, pos)[0]
         frame = head[pos + 16:pos + 16 + min(caplen, 51)]
         if len(frame) == 51 and frame[12:15] == b"\x08\x00\x45" and (
-                frame[23] == 17 and frame[36:38] == _VXLAN_PORT_BYTES and frame[42] & 0x08
+                frame[23] == 17 and frame[36:38] == VXLAN_PORT_BYTES and frame[42] & 0x08
                 or frame[23] == 47 and frame[34:38] == ERSPAN_II_GRE):
             return True
         pos += 16 + caplen

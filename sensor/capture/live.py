@@ -33,7 +33,6 @@ import sys
 import time
 import traceback
 
-from ..decode.link import LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL
 from ..track.verdict import INSTALL_VERDICTS
 from .bpf import build_filter
 
@@ -119,15 +118,6 @@ class LiveSource:
                 return
             yield buf, meta
 
-    def batch(self):
-        """Yield (ts, linktype, data, wire_len) for what is ready now, without blocking.
-
-        ``next_batch`` does not report wire lengths; the captured length stands in for it."""
-        linktype = self.linktype
-        for buf, meta in self.batches():
-            for ts, data, caplen in _frames(buf, meta):
-                yield ts, linktype, data, caplen
-
     def drops(self) -> tuple[int, int, int]:
         """(received, kernel drops, interface drops) as libpcap reports them."""
         try:
@@ -138,14 +128,6 @@ class LiveSource:
 
     def close(self) -> None:
         self.handle.close()
-
-
-def _frames(buf: bytes, meta: bytes):
-    """(ts, frame, caplen) of every record of a libpcap batch."""
-    unpack_from = _META.unpack_from
-    for i in range(0, len(meta), 16):
-        sec, usec, off, caplen = unpack_from(meta, i)
-        yield (sec * 1_000_000 + usec) / 1_000_000, buf[off:off + caplen], caplen
 
 
 def drop_privileges(user: str) -> None:
@@ -353,12 +335,7 @@ class _CaptureWorker:
             linktype = source.linktype
             meta = None
             for buf, meta in source.batches():
-                # On Ethernet the decoder first drops, on the buffer, what it can rule out.
-                if linktype == LINKTYPE_ETHERNET or linktype == LINKTYPE_LINUX_SLL:
-                    frames = decoder.ethernet_batch(buf, meta, cooked=linktype == LINKTYPE_LINUX_SLL)
-                else:
-                    frames = _frames(buf, meta)
-                for ts, data, caplen in frames:
+                for ts, data, caplen in decoder.batch(linktype, buf, meta):
                     stats.packets += 1
                     stats.bytes += caplen
                     records = decode(ts, linktype, data, index)

@@ -18,11 +18,12 @@ from ..stats import Stats
 from . import dns, http, tls
 from .capture_loss import CaptureLoss
 from .fragments import Reassembler
-from .link import ETH_IPV4, ETH_IPV6, ETH_TEB, LINK_DECODERS, ethernet, format_mac
+from .link import (ETH_IPV4, ETH_IPV6, ETH_TEB, LINK_DECODERS, LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL,
+                   ethernet, format_mac)
 from .quic import SERVER_PORT_LIMIT as QUIC_SERVER_PORT_LIMIT
 from .quic import QuicInitialTable, looks_like_quic_initial
 from .tcp_stream import HTTP_FIRST_BYTES, KIND_HTTP, KIND_TLS, SEQ_MOD, SEQ_WINDOW, StreamTable
-from .tunnels import ERSPAN_II_GRE, GENEVE_PORT, VXLAN_PORT, geneve, gre, vxlan
+from .tunnels import ERSPAN_II_GRE, GENEVE_PORT, VXLAN_PORT, VXLAN_PORT_BYTES, geneve, gre, vxlan
 
 _u16 = struct.Struct("!H").unpack_from
 _HH = struct.Struct("!HH").unpack_from
@@ -62,7 +63,6 @@ SLL_SHIFT = 2
 _SERVICE_TPIDS = (0x88A8, 0x9100, 0x9200)
 TAG_LOOKAHEAD = 8  # leading frames of a batch looked at for one (_past_outer_tag)
 _TAG_FIRST_BYTES = frozenset(tpid >> 8 for tpid in _SERVICE_TPIDS + (0x8100,))
-_VXLAN_PORT_BYTES = VXLAN_PORT.to_bytes(2, "big")
 # From the ethertype of an IPv4 frame: (ethertype, version and IHL, total length, fragment
 # word, protocol, the payload's first four bytes (UDP's ports, or GRE's flags and
 # protocol), VXLAN's flags)
@@ -100,10 +100,18 @@ def _tunnel_inner(buf: bytes, off: int, end: int) -> tuple[int, int] | None:
     inner = l4 + _TUNNEL_INNER
     if not (ip_end - inner >= 54 and ip_end <= end):
         return None
-    if proto == 17 and words.endswith(_VXLAN_PORT_BYTES) and flags & 0x08 \
+    if proto == 17 and words.endswith(VXLAN_PORT_BYTES) and flags & 0x08 \
             or proto == 47 and words == ERSPAN_II_GRE:
         return inner, ip_end
     return None
+
+
+def batch_frames(buf: bytes, meta: bytes, units: int = 1_000_000):
+    """``(ts, frame, caplen)`` of every record of a libpcap batch (``next_batch``: one
+    buffer, native (sec, fraction, offset, caplen) records, ``units`` fractions a second),
+    each frame sliced out."""
+    for sec, fraction, off, caplen in _BATCH_META.iter_unpack(meta):
+        yield (sec * units + fraction) / units, buf[off:off + caplen], caplen
 
 
 def _relocated_view(buf: bytes, meta: bytes, part_of) -> tuple[bytes, dict[int, tuple[int, int]]]:
@@ -281,6 +289,14 @@ class PacketDecoder:
         except DecodeError as err:
             self.stats.bad(err.reason)
         return out
+
+    def batch(self, linktype: int, buf: bytes, meta: bytes, units: int = 1_000_000):
+        """The frames of a libpcap batch for ``decode``, as ``(ts, frame, caplen)``: Ethernet
+        and Linux cooked batches through ethernet_batch, which drops on the buffer what it
+        can rule out; other link types every frame (batch_frames)."""
+        if linktype == LINKTYPE_ETHERNET or linktype == LINKTYPE_LINUX_SLL:
+            return self.ethernet_batch(buf, meta, units, cooked=linktype == LINKTYPE_LINUX_SLL)
+        return batch_frames(buf, meta, units)
 
     def ethernet_batch(self, buf: bytes, meta: bytes, units: int = 1_000_000,
                        tunnelled: bool = False, cooked: bool = False):

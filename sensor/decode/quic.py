@@ -149,13 +149,11 @@ def _ciphers() -> tuple:
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
         ecb = modes.ECB()
-        context = _encryption_context()
+        context = _encryption_context() or (lambda algorithm, mode: Cipher(algorithm, mode).encryptor())
 
         def ecb_encrypt(key: bytes):
             # ECB is stateless per block, so one encryptor context serves every packet.
-            if context is not None:
-                return context(algorithms.AES(key), ecb).update
-            return Cipher(algorithms.AES(key), ecb).encryptor().update
+            return context(algorithms.AES(key), ecb).update
 
         _cipher_makers = AESGCM, ecb_encrypt, InvalidTag
     return _cipher_makers

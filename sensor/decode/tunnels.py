@@ -22,6 +22,7 @@ _GRE_KEY = 0x2000
 _GRE_SEQ = 0x1000
 _ERSPAN_II = 0x88BE
 _ERSPAN_III = 0x22EB
+VXLAN_PORT_BYTES = VXLAN_PORT.to_bytes(2, "big")  # as a UDP header carries it
 # GRE's first word as ERSPAN type II sends it: a sequence number, no other flag (which
 # fixes where the inner frame starts), and the protocol.
 ERSPAN_II_GRE = struct.pack("!HH", _GRE_SEQ, _ERSPAN_II)
