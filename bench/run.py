@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,9 @@ from sensor.detect.signatures import default_signature_paths, load_signatures  #
 DEFAULT_MIX = ROOT / "bench" / "out" / "mix.pcap"
 SENSOR_RUN = "purge-sensor read"
 PLAIN_RUN = "purge-sensor read --no-bpf-prefilter"
+INTERPRETER_RUN = "python -c pass"
+EMPTY_RUN = "purge-sensor read (empty capture)"
+EMPTY_TCPDUMP = "tcpdump -r (empty capture)"
 # The offline targets of the issue that asked for this benchmark, checked against this run.
 MAX_TCPDUMP_RATIO = 2.0
 MIN_TSHARK_RATIO = 50
@@ -122,6 +126,18 @@ def count_packets(path: Path) -> tuple[int, int]:
     return packets, size
 
 
+def empty_capture(mix: Path, directory: str) -> Path:
+    """A capture of ``mix``'s format and link type holding no packets: ``read`` of it is the
+    sensor's fixed cost (interpreter, imports, signatures, filter, state store, exit)."""
+    from sensor.capture.pcapfile import open_capture
+
+    with open_capture(str(mix)) as cap:
+        linktype = next(iter(cap), (0, 1))[1]
+    path = Path(directory) / "empty.pcap"
+    path.write_bytes(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 262144, linktype))
+    return path
+
+
 def outputs_of(argv: list[str]) -> list[Path]:
     """The state and alert files a sensor run leaves, so each repetition starts afresh."""
     files = []
@@ -154,6 +170,15 @@ def offline(mix: Path, repeat: int, skip_tshark: bool, skip_plain: bool,
         for name, python in others.items():
             runs[name] = sensor_argv("read", "-q", "--state", str(other_outputs[name].with_suffix(".sqlite")),
                                      "-o", f"file:{other_outputs[name]}", str(mix), python=python)
+        # The fixed costs within those seconds, timed in the same rounds.
+        empty = empty_capture(mix, tmp)
+        startup = {
+            INTERPRETER_RUN: [sys.executable, "-c", "pass"],
+            EMPTY_RUN: sensor_argv("read", "-q", "--state", f"{tmp}/e.sqlite", "-o", f"file:{tmp}/e.json",
+                                   str(empty)),
+            EMPTY_TCPDUMP: ["tcpdump", "-r", str(empty), "-w", "/dev/null", file_filter(str(mix))],
+        }
+        runs.update(startup)
         if not skip_plain:
             runs[PLAIN_RUN] = sensor_argv(
                 "read", "-q", "--no-bpf-prefilter", "--state", f"{tmp}/b.sqlite", "-o", f"file:{tmp}/b.json",
@@ -190,9 +215,16 @@ def offline(mix: Path, repeat: int, skip_tshark: bool, skip_plain: bool,
     tshark = results.get("tshark -r (DNS, SNI, Host)")
     print(f"{'tool':<36} {'seconds':>8} {'packets/s':>12} {'MB/s':>8} {'peak RSS MB':>12} {'x tcpdump':>10}")
     for name, (seconds, _, rss) in results.items():
+        if name in startup:
+            continue
         print(f"{name:<36} {seconds:8.2f} {packets / seconds:12,.0f} {file_mb / seconds:8.0f} "
               f"{rss / 1e6:12.0f} {seconds / base:10.2f}")
     sensor = results[SENSOR_RUN][0]
+    fixed, tcpdump_fixed = results[EMPTY_RUN][0], results[EMPTY_TCPDUMP][0]
+    print(f"fixed cost: {SENSOR_RUN} {fixed:.2f} s on an empty capture, of which "
+          f"{results[INTERPRETER_RUN][0]:.2f} s start and stop the interpreter (python -c pass, site "
+          f"hooks included); tcpdump {tcpdump_fixed:.2f} s. The packets alone: "
+          f"{(sensor - fixed) / max(base - tcpdump_fixed, 1e-3):.2f}x tcpdump")
     if tshark:
         print(f"{SENSOR_RUN} is {tshark[0] / sensor:.1f}x faster than tshark")
     if unfiltered is not None:
