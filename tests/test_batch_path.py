@@ -198,6 +198,20 @@ def test_every_sample_capture_frame_snapped(snaplen):
     assert snapped and _handed_over(frames, counted=_snapped_segment) < snapped
 
 
+def _with_trailer(frame: bytes) -> bytes:
+    """The frame as a span port or TAP may record it: padded to Ethernet's 60-byte minimum
+    and followed by the 4-byte frame check sequence, bytes past the end of the IP packet."""
+    return frame.ljust(60, b"\0") + b"\xde\xad\xbe\xef"
+
+
+def test_every_sample_capture_frame_with_padding_and_a_frame_check_sequence():
+    """Bytes behind the IP packet belong to no layer: the batch path reads each packet to
+    its IP length, as the full path does, and still settles frames on the buffer."""
+    frames = _times([(ts, _with_trailer(data)) for ts, data in FRAMES * 2])
+    assert _batched(frames) == _one_by_one(frames)
+    assert _handed_over(frames) < len(frames) * 0.6
+
+
 def _snapped_segment(frame: bytes) -> bool:
     """An untagged or single-tagged TCP segment, not a SYN, whose headers are all there
     and whose payload the snap length cut short."""
