@@ -2,6 +2,7 @@
 `python3 fuzz/fuzz_decoders.py all -max_total_time=N`)."""
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,4 +20,7 @@ def test_fuzz_target_runs_clean(target):
                            "-runs=3000", "-seed=1"], capture_output=True, timeout=300, cwd=ROOT)
     log = proc.stderr.decode(errors="replace")
     assert proc.returncode == 0, log[-3000:]
-    assert "Done 3000 runs" in log
+    # libFuzzer first runs every input of the target's corpus, which local runs grow past
+    # 3,000 (fuzz/corpus is not committed): then it stops after that first pass.
+    done = re.search(r"^Done (\d+) runs", log, re.MULTILINE)
+    assert done and int(done.group(1)) >= 3000, log[-3000:]
