@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""Rewrite a classic Ethernet pcap (microsecond, little-endian, as make_mix.py writes) the
+way captures from the field differ from a generator's, to check that the sensor's speed
+and its detections with and without the filter hold on them:
+
+* ``--tcp-timestamps``: every TCP segment carries a 12-byte timestamp option, as Linux and
+  macOS send on every segment (data offset 8, not 5);
+* ``--trailer``: every frame padded to Ethernet's 60-byte minimum and followed by a 4-byte
+  frame check sequence, as some span ports and TAPs deliver;
+* ``--reorder SHARE``: that share of frames swapped with the next one;
+* ``--retransmit SHARE``: that share of frames with a payload sent again 300 ms later;
+* ``--stretch FACTOR``: time between packets multiplied (a slower link: tables expire as
+  they go, DNS answers age before their flows start).
+
+    python3 bench/field_variants.py bench/out/mix.pcap /tmp/field.pcap --trailer --reorder 0.01 --retransmit 0.005
+    python3 bench/run.py --no-tshark --mix /tmp/field.pcap      # read, and the filter's detections
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import random
+import struct
+import sys
+
+PCAP_HEADER = struct.Struct("<IHHiIII")
+RECORD = struct.Struct("<IIII")
+MICROSECOND_LE_MAGIC = 0xA1B2C3D4
+LINKTYPE_ETHERNET = 1
+TIMESTAMP_OPTION = b"\x01\x01\x08\x0a" + struct.pack("!II", 0x00012345, 0x00067890)
+FRAME_CHECK_SEQUENCE = b"\xde\xad\xbe\xef"
+RETRANSMIT_DELAY_US = 300_000
+
+
+def read_records(stream):
+    """(microseconds, frame, wire length) of every record."""
+    while True:
+        head = stream.read(RECORD.size)
+        if len(head) < RECORD.size:
+            return
+        sec, usec, caplen, wire_len = RECORD.unpack(head)
+        yield sec * 1_000_000 + usec, stream.read(caplen), wire_len
+
+
+def with_tcp_timestamps(frame: bytes) -> bytes:
+    """The frame with a timestamp option in its TCP header, if it is untagged or
+    single-tagged IPv4 (no options) or IPv6 carrying TCP without options; else as it is."""
+    ip = 18 if frame[12:14] == b"\x81\x00" else 14
+    etype = frame[ip - 2:ip]
+    if etype == b"\x08\x00" and len(frame) >= ip + 40 and frame[ip] == 0x45 and frame[ip + 9] == 6:
+        l4, length_at = ip + 20, ip + 2
+    elif etype == b"\x86\xdd" and len(frame) >= ip + 60 and frame[ip + 6] == 6:
+        l4, length_at = ip + 40, ip + 4
+    else:
+        return frame
+    if frame[l4 + 12] >> 4 != 5:
+        return frame
+    out = bytearray(frame)
+    struct.pack_into("!H", out, length_at, struct.unpack_from("!H", out, length_at)[0] + len(TIMESTAMP_OPTION))
+    out[l4 + 12] = 0x80 | out[l4 + 12] & 0x0F
+    out[l4 + 20:l4 + 20] = TIMESTAMP_OPTION
+    return bytes(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source")
+    parser.add_argument("destination")
+    parser.add_argument("--tcp-timestamps", action="store_true", help="a timestamp option on every TCP segment")
+    parser.add_argument("--trailer", action="store_true", help="pad to 60 bytes, then a 4-byte FCS")
+    parser.add_argument("--reorder", type=float, default=0.0, metavar="SHARE",
+                        help="share of frames swapped with the next one")
+    parser.add_argument("--retransmit", type=float, default=0.0, metavar="SHARE",
+                        help="share of frames longer than 60 bytes sent again 300 ms later")
+    parser.add_argument("--stretch", type=float, default=1.0, metavar="FACTOR",
+                        help="multiply the time between packets")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    if not 0 <= args.reorder <= 1 or not 0 <= args.retransmit <= 1 or args.stretch <= 0:
+        parser.error("--reorder and --retransmit take a share from 0 to 1, --stretch a positive factor")
+    rnd = random.Random(args.seed)
+    with open(args.source, "rb") as source, open(args.destination, "wb") as out:
+        header = source.read(PCAP_HEADER.size)
+        if len(header) < PCAP_HEADER.size or PCAP_HEADER.unpack(header)[0] != MICROSECOND_LE_MAGIC \
+                or PCAP_HEADER.unpack(header)[6] != LINKTYPE_ETHERNET:
+            print(f"{args.source}: not a little-endian microsecond Ethernet pcap", file=sys.stderr)
+            return 2
+        out.write(header)
+        first = None
+
+        def write(us: int, frame: bytes) -> None:
+            if args.trailer:
+                frame = frame.ljust(60, b"\0") + FRAME_CHECK_SEQUENCE
+            out.write(RECORD.pack(us // 1_000_000, us % 1_000_000, len(frame), len(frame)))
+            out.write(frame)
+
+        later: list[tuple[int, int, bytes]] = []
+        held = None
+        for number, (us, frame, _) in enumerate(read_records(source)):
+            first = us if first is None else first
+            us = first + int((us - first) * args.stretch)
+            if args.tcp_timestamps:
+                frame = with_tcp_timestamps(frame)
+            while later and later[0][0] <= us:
+                again_us, _, again = heapq.heappop(later)
+                write(again_us, again)
+            if len(frame) > 60 and rnd.random() < args.retransmit:
+                heapq.heappush(later, (us + RETRANSMIT_DELAY_US, number, frame))
+            if held is None and rnd.random() < args.reorder:
+                held = (us, frame)
+                continue
+            write(us, frame)
+            if held is not None:
+                write(us, held[1])
+                held = None
+        if held is not None:
+            write(*held)
+        for again_us, _, again in sorted(later):
+            write(again_us, again)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
