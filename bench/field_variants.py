@@ -24,23 +24,11 @@ import random
 import struct
 import sys
 
-PCAP_HEADER = struct.Struct("<IHHiIII")
-RECORD = struct.Struct("<IIII")
-MICROSECOND_LE_MAGIC = 0xA1B2C3D4
-LINKTYPE_ETHERNET = 1
+import classic_pcap
+
 TIMESTAMP_OPTION = b"\x01\x01\x08\x0a" + struct.pack("!II", 0x00012345, 0x00067890)
 FRAME_CHECK_SEQUENCE = b"\xde\xad\xbe\xef"
 RETRANSMIT_DELAY_US = 300_000
-
-
-def read_records(stream):
-    """(microseconds, frame, wire length) of every record."""
-    while True:
-        head = stream.read(RECORD.size)
-        if len(head) < RECORD.size:
-            return
-        sec, usec, caplen, wire_len = RECORD.unpack(head)
-        yield sec * 1_000_000 + usec, stream.read(caplen), wire_len
 
 
 def with_tcp_timestamps(frame: bytes) -> bytes:
@@ -82,23 +70,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--reorder and --retransmit take a share from 0 to 1, --stretch a positive factor")
     rnd = random.Random(args.seed)
     with open(args.source, "rb") as source, open(args.destination, "wb") as out:
-        header = source.read(PCAP_HEADER.size)
-        if len(header) < PCAP_HEADER.size or PCAP_HEADER.unpack(header)[0] != MICROSECOND_LE_MAGIC \
-                or PCAP_HEADER.unpack(header)[6] != LINKTYPE_ETHERNET:
+        if not classic_pcap.read_ethernet_header(source):
             print(f"{args.source}: not a little-endian microsecond Ethernet pcap", file=sys.stderr)
             return 2
-        out.write(header)
+        out.write(classic_pcap.header())
         first = None
 
         def write(us: int, frame: bytes) -> None:
             if args.trailer:
                 frame = frame.ljust(60, b"\0") + FRAME_CHECK_SEQUENCE
-            out.write(RECORD.pack(us // 1_000_000, us % 1_000_000, len(frame), len(frame)))
+            out.write(classic_pcap.RECORD.pack(us // 1_000_000, us % 1_000_000, len(frame), len(frame)))
             out.write(frame)
 
         later: list[tuple[int, int, bytes]] = []
         held = None
-        for number, (us, frame, _) in enumerate(read_records(source)):
+        for number, (sec, usec, frame) in enumerate(classic_pcap.records(source)):
+            us = sec * 1_000_000 + usec
             first = us if first is None else first
             us = first + int((us - first) * args.stretch)
             if args.tcp_timestamps:

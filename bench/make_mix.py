@@ -28,6 +28,8 @@ import struct
 import sys
 from pathlib import Path
 
+import classic_pcap
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "pcaps"))
 sys.path.insert(0, str(ROOT))
@@ -51,8 +53,6 @@ COMMON_NAMES = tuple(f"{svc}.{dom}" for dom in (
     "video.example", "news.example", "shop.example", "mail.example", "cloud.example")
     for svc in ("www", "api", "static", "img", "login", "cdn1", "cdn2", "edge", "update", "media"))
 
-_PCAP_HEADER = struct.Struct("<IHHiIII")
-_RECORD = struct.Struct("<IIII")
 _SEQ_ACK_FLAGS = struct.Struct("!IIBB")
 _U16 = struct.Struct("!H")
 
@@ -309,9 +309,9 @@ def write_mix(path: Path, packets: int, seed: int = SEED,
     total_bytes = 0
     usec = 0
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = _RECORD.pack
+    record = classic_pcap.RECORD.pack
     with open(path, "wb") as out:
-        out.write(_PCAP_HEADER.pack(0xA1B2C3D4, 2, 4, 0, 0, 262144, 1))
+        out.write(classic_pcap.header())
         chunk: list[bytes] = []
         while written < packets:
             if pending:

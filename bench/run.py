@@ -32,7 +32,6 @@ import os
 import re
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import classic_pcap  # noqa: E402
 from make_mix import GENERATOR  # noqa: E402
 from sensor.capture.bpf import build_filter, file_filter  # noqa: E402
 from sensor.detect.signatures import default_signature_paths, load_signatures  # noqa: E402
@@ -134,7 +134,7 @@ def empty_capture(mix: Path, directory: str) -> Path:
     with open_capture(str(mix)) as cap:
         linktype = next(iter(cap), (0, 1))[1]
     path = Path(directory) / "empty.pcap"
-    path.write_bytes(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 262144, linktype))
+    path.write_bytes(classic_pcap.header(linktype))
     return path
 
 

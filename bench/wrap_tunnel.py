@@ -15,6 +15,8 @@ import random
 import struct
 import sys
 
+import classic_pcap
+
 _OUTER_MACS = bytes.fromhex("020000000001020000000002")
 _MIRROR, _COLLECTOR = bytes([192, 168, 200, 1]), bytes([192, 168, 200, 2])
 
@@ -47,23 +49,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     chooser = random.Random(1)
     with open(args.source, "rb") as source, open(args.output, "wb") as output:
-        header = source.read(24)
-        if len(header) < 24 or header[:4] != b"\xd4\xc3\xb2\xa1" or struct.unpack_from("<I", header, 20)[0] != 1:
+        if not classic_pcap.read_ethernet_header(source):
             print(f"wrap_tunnel: {args.source}: not a little-endian microsecond Ethernet pcap", file=sys.stderr)
             return 2
-        output.write(header[:16] + struct.pack("<I", 262144) + header[20:])
-        count = 0
+        output.write(classic_pcap.header())
         wrap = TUNNELS[args.tunnel]
-        while not args.packets or count < args.packets:
-            record = source.read(16)
-            if len(record) < 16:
+        for count, (sec, usec, frame) in enumerate(classic_pcap.records(source)):
+            if args.packets and count >= args.packets:
                 break
-            sec, usec, caplen, _ = struct.unpack("<IIII", record)
-            frame = source.read(caplen)
             if chooser.random() < args.share:
                 frame = wrap(frame, count)
-            output.write(struct.pack("<IIII", sec, usec, len(frame), len(frame)) + frame)
-            count += 1
+            output.write(classic_pcap.RECORD.pack(sec, usec, len(frame), len(frame)) + frame)
     return 0
 
 

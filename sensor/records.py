@@ -12,8 +12,14 @@ comfortable (dataclasses with slots) rather than minimal.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from typing import Union
+
+
+# Capture hands decode a libpcap batch (``next_batch``) rather than a tuple per packet: one
+# buffer, and per frame one record of native words (sec, fraction, offset, caplen).
+BATCH_RECORD = struct.Struct("=IIII")
 
 
 class DecodeError(Exception):

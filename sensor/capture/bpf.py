@@ -70,6 +70,7 @@ import time
 from typing import NamedTuple
 
 from ..decode.tunnels import ERSPAN_II_GRE, GENEVE_PORT, VXLAN_PORT, VXLAN_PORT_BYTES
+from ..records import BATCH_RECORD
 from .pcapfile import (CaptureError, open_capture, pcapng_leading_interfaces,
                        pcapng_microsecond_view)
 
@@ -355,7 +356,6 @@ MAX_PROLOGUE = 16 << 10
 # The largest step between consecutive packets MillisecondClock follows, in milliseconds.
 MAX_CLOCK_STEP = 3_600_000
 _HALF_WRAP, _WRAP_MASK = 1 << 31, (1 << 32) - 1
-_META = struct.Struct("=IIII")
 
 
 class ClockLost(Exception):
@@ -380,11 +380,11 @@ class MillisecondClock:
     def rebase(self, meta: bytes) -> bytes:
         """``meta`` with (seconds, nanoseconds) in place of libpcap's two time words."""
         out = bytearray(len(meta))
-        pack_into = _META.pack_into
+        pack_into = BATCH_RECORD.pack_into
         milliseconds, sec, fraction = self.milliseconds, self.sec, self.fraction
         pos = 0
         try:
-            for wrapped, within, offset, caplen in _META.iter_unpack(meta):
+            for wrapped, within, offset, caplen in BATCH_RECORD.iter_unpack(meta):
                 if wrapped or within:
                     step = ((wrapped - milliseconds + _HALF_WRAP) & _WRAP_MASK) - _HALF_WRAP
                     if step > MAX_CLOCK_STEP or step < -MAX_CLOCK_STEP:
@@ -678,7 +678,7 @@ class PrefilteredCapture:
         import pcapy
 
         next_batch = self._handle.next_batch
-        unpack_from = _META.unpack_from
+        unpack_from = BATCH_RECORD.unpack_from
         units = self.units
         clock = self._clock
         yielded = 0

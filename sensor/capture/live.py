@@ -28,15 +28,14 @@ import os
 import pwd
 import select
 import signal
-import struct
 import sys
 import time
 import traceback
 
+from ..records import BATCH_RECORD
 from ..track.verdict import INSTALL_VERDICTS
 from .bpf import build_filter
 
-_META = struct.Struct("=IIII")
 BATCH = 1024
 MAX_BATCHES = 64
 MAX_WORKERS = 64
@@ -344,7 +343,7 @@ class _CaptureWorker:
             if source.drained or meta is None:
                 self.watermarks[index] = started
             else:
-                sec, usec = _META.unpack_from(meta, len(meta) - 16)[:2]
+                sec, usec = BATCH_RECORD.unpack_from(meta, len(meta) - 16)[:2]
                 self.watermarks[index] = (sec * 1_000_000 + usec) / 1_000_000
 
     def send_records(self, watermark: float) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from itertools import islice
 
 from ..inet import AF_INET, AF_INET6, inet_ntop
-from ..records import DecodeError, DnsMessage, FlowStart, PacketContext
+from ..records import BATCH_RECORD, DecodeError, DnsMessage, FlowStart, PacketContext
 from ..stats import Stats
 from . import dns, http, tls
 from .capture_loss import CaptureLoss
@@ -40,7 +40,6 @@ MAX_TUNNEL_DEPTH = 4
 TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
 
 _dns_header = struct.Struct("!HH").unpack_from  # id, flags
-_BATCH_META = struct.Struct("=IIII")  # libpcap next_batch: sec, fraction, offset, caplen
 # From the ethertype, as IPv4 without options carrying TCP: (ethertype, version/IHL, total
 # length, flags/fragment, protocol, addresses and ports (the flow key), sequence number, data
 # offset byte, flags).  One unpack for the commonest frame; 36 bytes.
@@ -110,7 +109,7 @@ def batch_frames(buf: bytes, meta: bytes, units: int = 1_000_000):
     """``(ts, frame, caplen)`` of every record of a libpcap batch (``next_batch``: one
     buffer, native (sec, fraction, offset, caplen) records, ``units`` fractions a second),
     each frame sliced out."""
-    for sec, fraction, off, caplen in _BATCH_META.iter_unpack(meta):
+    for sec, fraction, off, caplen in BATCH_RECORD.iter_unpack(meta):
         yield (sec * units + fraction) / units, buf[off:off + caplen], caplen
 
 
@@ -159,7 +158,7 @@ def _past_outer_tag(buf: bytes, off: int, end: int) -> tuple[int, int] | None:
 def _leads_with_outer_tags(buf: bytes, meta: bytes) -> bool:
     """Whether one of the batch's first TAG_LOOKAHEAD frames opens with such a tag: the
     type's first byte rules out nearly every other frame before _outer_tag is asked."""
-    for _, _, off, caplen in islice(_BATCH_META.iter_unpack(meta), TAG_LOOKAHEAD):
+    for _, _, off, caplen in islice(BATCH_RECORD.iter_unpack(meta), TAG_LOOKAHEAD):
         if caplen >= 22 and buf[off + 12] in _TAG_FIRST_BYTES and _outer_tag(buf, off, caplen):
             return True
     return False
@@ -380,7 +379,7 @@ class PacketDecoder:
         if cooked:
             meta, outer = _relocated_view(buf, meta, _past_sll_prefix)
         elif not tunnelled and meta:
-            first, first_caplen = _BATCH_META.unpack_from(meta)[2:]
+            first, first_caplen = BATCH_RECORD.unpack_from(meta)[2:]
             if _tunnel_inner(buf, first, first + first_caplen) is not None:
                 meta, outer = _relocated_view(buf, meta, _tunnel_inner)
             elif _leads_with_outer_tags(buf, meta):
@@ -388,7 +387,7 @@ class PacketDecoder:
                 # frames that carry one are read behind it.
                 meta, outer = _relocated_view(buf, meta, _past_outer_tag)
         descend = not tunnelled and outer is None
-        for sec, fraction, off, caplen in _BATCH_META.iter_unpack(meta):
+        for sec, fraction, off, caplen in BATCH_RECORD.iter_unpack(meta):
             end = off + caplen
             # Before the next table expiry only: the full path runs it first.
             if caplen >= 54 and (sec < expiry_sec or (sec * units + fraction) / units < next_expiry):
@@ -527,7 +526,7 @@ class PacketDecoder:
                         found = _tunnel_inner(buf, off, end) if descend else None
                         if found is not None:
                             for _ in self.ethernet_batch(
-                                    buf, _BATCH_META.pack(sec, fraction, found[0], found[1] - found[0]),
+                                    buf, BATCH_RECORD.pack(sec, fraction, found[0], found[1] - found[0]),
                                     units, tunnelled=True):
                                 break
                             else:
@@ -551,7 +550,7 @@ class PacketDecoder:
             return  # the outer frame is counted
         # What was not yielded was counted and judged here; caplen is the last of each
         # record's four native words.
-        skipped = len(counted) // _BATCH_META.size - yielded
+        skipped = len(counted) // BATCH_RECORD.size - yielded
         stats = self.stats
         stats.packets += skipped
         stats.bytes += sum(memoryview(counted).cast("I")[3::4]) - yielded_bytes
