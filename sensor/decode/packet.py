@@ -245,8 +245,12 @@ class Interest:
             or _MAYBE_IP_LITERAL_HOST.search(lowered) is not None)
 
     def _holds_label(self, lowered: bytes) -> bool:
+        # bytes.find, not ``in``: Python 3.11's bytes.__contains__ first tries its argument
+        # as an integer, so every bytes needle formats and clears a TypeError (about 2,000
+        # instructions, more than the search through a 2 KB hello).
+        find = lowered.find
         for label in self.text_labels:
-            if label in lowered:
+            if find(label) != -1:
                 return True
         return False
 
