@@ -171,6 +171,53 @@ def test_event_sample_is_capped_per_host(tmp_path):
     h.tracker.close()
 
 
+def test_event_cap_holds_across_flushes_reopens_and_merges(tmp_path):
+    """Store._over_event_cap skips the trimming query for a host whose events it can
+    bound under the cap: the table must still hold each host's newest ``cap`` events after
+    every flush, for hosts created here, hosts from an earlier run and merged hosts, and
+    the query must run only for hosts that may be over."""
+    path = str(tmp_path / "inv.sqlite")
+    cap = 4
+    trims = []
+
+    def traced(store):
+        store.db.set_trace_callback(lambda sql: trims.append(sql) if "rowid NOT IN" in sql else None)
+        return store
+
+    def held(store, key):
+        return [r[2] for r in store.events(key, 100)]
+
+    h = Harness(store=traced(Store(path)), evidence_sample=cap)
+    fed = {"10.0.8.1": [], "10.0.8.2": []}
+    for i in range(12):
+        for ip in fed:
+            name = f"n{i}.ksn.kaspersky-labs.com"
+            h.feed(hello(T0 + i, ip, "203.0.113.5", name))
+            fed[ip].append(name)
+        if i % 2 == 1:
+            before = len(trims)
+            h.tracker.flush()
+            # Two events per host per flush: no host can pass the cap before the third flush.
+            assert (len(trims) > before) == (i >= 5), i
+            for ip, names in fed.items():
+                assert held(h.tracker.store, f"ip:{ip}") == names[-cap:][::-1] or \
+                    sorted(held(h.tracker.store, f"ip:{ip}")) == sorted(names[-cap:]), (i, ip)
+    h.tracker.close()
+
+    h = Harness(store=traced(Store(path)), evidence_sample=cap)
+    h.feed(hello(T0 + 20, "10.0.8.1", "203.0.113.5", "late.ksn.kaspersky-labs.com"))
+    h.tracker.flush()
+    assert len(held(h.tracker.store, "ip:10.0.8.1")) == cap
+    assert "late.ksn.kaspersky-labs.com" in held(h.tracker.store, "ip:10.0.8.1")
+    h.feed(DhcpLease(ctx(T0 + 21, "10.0.0.1", "10.0.8.2", 67, 68), "aa:bb:cc:00:08:02", "10.0.8.2", "PC-82"))
+    for i in range(3):
+        h.feed(hello(T0 + 22 + i, "10.0.8.2", "203.0.113.5", f"m{i}.ksn.kaspersky-labs.com"))
+    h.tracker.flush()
+    merged = held(h.tracker.store, "mac:aa:bb:cc:00:08:02")
+    assert len(merged) == cap and {f"m{i}.ksn.kaspersky-labs.com" for i in range(3)} <= set(merged)
+    h.tracker.close()
+
+
 def test_merge_moves_stored_evidence_to_the_mac_host(tmp_path):
     path = str(tmp_path / "inv.sqlite")
     h = Harness(store=Store(path))

@@ -135,6 +135,7 @@ class Store:
         # what it writes, and reloads both sets after deleting (merges, the host cap).  A
         # read-only store may have another writer, so it always asks.
         self._stored_keys: set[str] | None = None
+        self._event_bounds: dict[str, int] = {}
         self._stored_ips: set[str] | None = None
         if not readonly:
             self._load_stored()
@@ -230,7 +231,7 @@ class Store:
                            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", batch.evidence)
             if batch.events:
                 db.executemany("INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?,?)", batch.events)
-                for host_key in {e[0] for e in batch.events}:
+                for host_key in self._over_event_cap(batch.events, batch.renames):
                     db.execute("DELETE FROM events WHERE host_key=? AND rowid NOT IN (SELECT rowid FROM "
                                "events WHERE host_key=? ORDER BY ts DESC LIMIT ?)",
                                (host_key, host_key, self.events_per_host))
@@ -258,11 +259,41 @@ class Store:
             db.execute("ROLLBACK")
             raise
         if deleted:
+            self._event_bounds.clear()
             self._load_stored()
         elif self._stored_keys is not None:
             for row in batch.hosts:
                 self._stored_keys.add(row[0])
                 self._stored_ips.add(row[1])
+
+    def _over_event_cap(self, events: list, renames: list) -> list:
+        """The hosts of a batch's events that may now hold more than ``events_per_host``.
+        A host this process created, or trimmed to the cap, has a known upper bound of its
+        events: while that stays under the cap it needs no trimming query (one per host a
+        batch touched, most of a young inventory's write).  Other hosts, and hosts that a
+        merge just gave another's events, are trimmed as before, after which the cap is
+        their bound.  Called inside write()'s transaction, after the merges and before the
+        batch's new hosts join ``_stored_keys``."""
+        added: dict[str, int] = {}
+        for event in events:
+            added[event[0]] = added.get(event[0], 0) + 1
+        bounds = self._event_bounds
+        stored = self._stored_keys
+        merged = {new for _, new in renames}
+        cap = self.events_per_host
+        over = []
+        for host_key, count in added.items():
+            bound = None if host_key in merged else bounds.get(host_key)
+            if bound is None and stored is not None and host_key not in stored \
+                    and host_key not in merged:
+                bound = 0  # a host first written now holds no event yet
+            if bound is not None and bound + count <= cap:
+                bounds[host_key] = bound + count
+            else:
+                over.append(host_key)
+                if stored is not None:
+                    bounds[host_key] = cap
+        return over
 
     def _trim_hosts(self, excess: int) -> None:
         """Drop the least valuable hosts first: no install-type verdict, then oldest evidence."""

@@ -48,6 +48,10 @@ from .internal import DEFAULT_INTERNAL, InternalNetworks, canonical_ip, host_por
 from .store import Batch, Store
 from .verdict import INSTALL_VERDICTS, decide, summarize, tally_key
 
+# json.dumps with options builds an encoder per call, which cost more than encoding a
+# detection's few details.
+_DETAIL_JSON = json.JSONEncoder(sort_keys=True, default=str)
+
 PUBLIC_FALLBACK_RESOLVERS = frozenset((
     "8.8.8.8", "1.1.1.1", "223.6.6.6", "9.9.9.9", "185.228.168.168",
     "2001:4860:4860::8888", "2606:4700:4700::1111", "2400:3200:baba::1", "2620:fe::fe",
@@ -472,7 +476,7 @@ class Tracker:
         self._dirty[host.key] = host
         if ts - ev.sampled_at >= self.config.sample_interval:
             ev.sampled_at = ts
-            detail = json.dumps(det.extra, sort_keys=True, default=str) if det is not None and det.extra else ""
+            detail = _DETAIL_JSON.encode(det.extra) if det is not None and det.extra else ""
             self._events.append((host.key, ts, action, key[1], sig.id, flow, detail))
         if host.add_tally(tally_key(action, ev.category, ev.strength, ev.vendor, fallback), 1):
             return self._rejudge(host, ts)
