@@ -10,7 +10,12 @@ and its detections with and without the filter hold on them:
 * ``--reorder SHARE``: that share of frames swapped with the next one;
 * ``--retransmit SHARE``: that share of frames with a payload sent again 300 ms later;
 * ``--stretch FACTOR``: time between packets multiplied (a slower link: tables expire as
-  they go, DNS answers age before their flows start).
+  they go, DNS answers age before their flows start);
+* ``--link sll|sll2|raw``: the frames as another link type writes them: Linux cooked v1
+  and v2 (``tcpdump -i any`` on older and current libpcap: the sender's address kept, a
+  VLAN tag after the protocol field as libpcap reinserts it), or bare IP packets
+  (LINKTYPE_RAW, as a tun or WireGuard interface gives them; tags dropped, non-IP frames
+  left out).
 
     python3 bench/field_variants.py bench/out/mix.pcap /tmp/field.pcap --trailer --reorder 0.01 --retransmit 0.005
     python3 bench/run.py --no-tshark --mix /tmp/field.pcap      # read, and the filter's detections
@@ -28,6 +33,9 @@ import classic_pcap
 
 TIMESTAMP_OPTION = b"\x01\x01\x08\x0a" + struct.pack("!II", 0x00012345, 0x00067890)
 FRAME_CHECK_SEQUENCE = b"\xde\xad\xbe\xef"
+LINKTYPES = {"ethernet": classic_pcap.LINKTYPE_ETHERNET, "sll": 113, "sll2": 276, "raw": 101}
+VLAN_TPIDS = (b"\x81\x00", b"\x88\xa8", b"\x91\x00")
+IP_TYPES = (b"\x08\x00", b"\x86\xdd")
 RETRANSMIT_DELAY_US = 300_000
 
 
@@ -51,6 +59,21 @@ def with_tcp_timestamps(frame: bytes) -> bytes:
     return bytes(out)
 
 
+def as_link(frame: bytes, link: str) -> bytes | None:
+    """The Ethernet frame as ``link`` carries it (see the module's description); None for a
+    frame that link type would not carry (raw: not IP)."""
+    if link == "ethernet":
+        return frame
+    if link == "sll":
+        return struct.pack("!HHH8s", 0, 1, 6, frame[6:12] + b"\0\0") + frame[12:]
+    if link == "sll2":
+        return frame[12:14] + struct.pack("!HIHBB8s", 0, 2, 1, 0, 6, frame[6:12] + b"\0\0") + frame[14:]
+    pos = 12
+    while frame[pos:pos + 2] in VLAN_TPIDS:
+        pos += 4
+    return frame[pos + 2:] if frame[pos:pos + 2] in IP_TYPES else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of frames longer than 60 bytes sent again 300 ms later")
     parser.add_argument("--stretch", type=float, default=1.0, metavar="FACTOR",
                         help="multiply the time between packets")
+    parser.add_argument("--link", choices=sorted(LINKTYPES), default="ethernet",
+                        help="write the frames as this link type does")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     if not 0 <= args.reorder <= 1 or not 0 <= args.retransmit <= 1 or args.stretch <= 0:
@@ -73,12 +98,16 @@ def main(argv: list[str] | None = None) -> int:
         if not classic_pcap.read_ethernet_header(source):
             print(f"{args.source}: not a little-endian microsecond Ethernet pcap", file=sys.stderr)
             return 2
-        out.write(classic_pcap.header())
+        out.write(classic_pcap.header(LINKTYPES[args.link]))
         first = None
 
         def write(us: int, frame: bytes) -> None:
             if args.trailer:
                 frame = frame.ljust(60, b"\0") + FRAME_CHECK_SEQUENCE
+            if args.link != "ethernet":
+                frame = as_link(frame, args.link)
+                if frame is None:
+                    return
             out.write(classic_pcap.RECORD.pack(us // 1_000_000, us % 1_000_000, len(frame), len(frame)))
             out.write(frame)
 

@@ -63,3 +63,34 @@ def test_every_variant_at_once(tmp_path):
 def test_a_capture_it_cannot_rewrite_is_refused(tmp_path):
     out = tmp_path / "out.pcap"
     assert field_variants.main([str(ROOT / "pcaps" / "linux_sll.pcap"), str(out)]) == 2
+
+
+
+def test_link_types_carry_the_same_packets(tmp_path):
+    """``--link``: each frame as Linux cooked v1 and v2 carry it (the sender's address, the
+    type field, then what followed it, tags included) or as the bare IP packet, and the
+    same alerts as the Ethernet capture."""
+    ethernet = [frame for _, frame in _frames(DEMO)]
+    packets = [bytes(dpkt.ethernet.Ethernet(frame).data) for frame in ethernet
+               if isinstance(dpkt.ethernet.Ethernet(frame).data, (dpkt.ip.IP, dpkt.ip6.IP6))]
+    expected = None
+    for link in ("ethernet", "sll", "sll2", "raw"):
+        out = tmp_path / f"{link}.pcap"
+        assert field_variants.main([str(DEMO), str(out), "--link", link]) == 0
+        with open(out, "rb") as handle:
+            pcap = dpkt.pcap.Reader(handle)
+            assert pcap.datalink() == field_variants.LINKTYPES[link]
+            frames = [frame for _, frame in pcap]
+        if link == "sll":
+            assert [(f[6:12], f[14:]) for f in frames] == [(e[6:12], e[12:]) for e in ethernet]
+        elif link == "sll2":
+            assert [(f[12:18], f[:2], f[20:]) for f in frames] == [(e[6:12], e[12:14], e[14:]) for e in ethernet]
+        elif link == "raw":
+            assert frames == packets and packets
+        sink = tmp_path / f"{link}.json"
+        subprocess.run([sys.executable, "-m", "sensor.cli", "read", "-q", "--no-state",
+                        "-o", f"file:{sink}", str(out)], check=True, cwd=ROOT, timeout=120)
+        alerts = bench_run.alerts_of(sink)
+        assert sum(alerts.values()) > 0
+        expected = expected or alerts
+        assert alerts == expected, link

@@ -51,8 +51,14 @@ def ethernet(data: bytes, off: int):
         raise DecodeError("eth_truncated")
     dst = data[off:off + 6]
     src = data[off + 6:off + 12]
-    etype = _u16(data, off + 12)[0]
-    off += 14
+    etype, off, vlans = _behind_type(data, _u16(data, off + 12)[0], off + 14)
+    return etype, off, src, dst, vlans
+
+
+def _behind_type(data: bytes, etype: int, off: int):
+    """(type, offset, VLAN ids) of what an Ethernet-style type field announces at ``off``:
+    VLAN tags walked (bounded), MPLS and PPPoE sessions opened.  Linux cooked headers end
+    with such a field, and libpcap puts the tag the kernel removed back behind it."""
     vlans = ()
     depth = 0
     while etype in ETH_VLAN_TAGS:
@@ -68,7 +74,7 @@ def ethernet(data: bytes, off: int):
         etype, off = mpls(data, off)
     elif etype == ETH_PPPOE_SESSION:
         etype, off = pppoe_session(data, off)
-    return etype, off, src, dst, vlans
+    return etype, off, vlans
 
 
 def mpls(data: bytes, off: int):
@@ -125,25 +131,17 @@ def linux_sll(data: bytes, off: int):
         raise DecodeError("sll_truncated")
     halen = _u16(data, off + 4)[0]
     src = data[off + 6:off + 12] if halen == 6 else None
-    etype = _u16(data, off + 14)[0]
-    off += 16
-    vlans = ()
-    if etype in ETH_VLAN_TAGS:
-        if len(data) < off + 4:
-            raise DecodeError("vlan_truncated")
-        vlans = (_u16(data, off)[0] & 0x0FFF,)
-        etype = _u16(data, off + 2)[0]
-        off += 4
+    etype, off, vlans = _behind_type(data, _u16(data, off + 14)[0], off + 16)
     return etype, off, src, None, vlans
 
 
 def linux_sll2(data: bytes, off: int):
     if len(data) < off + 20:
         raise DecodeError("sll2_truncated")
-    etype = _u16(data, off)[0]
     halen = data[off + 11]
     src = data[off + 12:off + 18] if halen == 6 else None
-    return etype, off + 20, src, None, ()
+    etype, off, vlans = _behind_type(data, _u16(data, off)[0], off + 20)
+    return etype, off, src, None, vlans
 
 
 def null_loopback(data: bytes, off: int):
