@@ -1156,14 +1156,27 @@ def erspan3(cap: Capture, frame: bytes) -> bytes:
     return outer_ipv4(OUTER_SWITCH, OUTER_SENSOR, 47, gre, seq)
 
 
+def _flow_port(frame: bytes) -> int:
+    """The outer UDP source port a VTEP gives the inner frame's flow (RFC 7348 and RFC 8926
+    ask for a hash of the inner headers): the same for every packet of one direction of a
+    flow, so that a switch's ECMP, and a sensor's fanout by flow, keep the flow together."""
+    if frame[12:14] == b"\x08\x00":
+        flow = frame[23:24] + frame[26:38]
+    elif frame[12:14] == b"\x86\xdd":
+        flow = frame[20:21] + frame[22:58]
+    else:
+        flow = frame[:14]
+    return 49152 + zlib.crc32(flow) % 16000
+
+
 def vxlan(cap: Capture, frame: bytes) -> bytes:
-    sport = 49152 + zlib.crc32(frame[:34]) % 16000
+    sport = _flow_port(frame)
     return outer_udp(VTEP_A, VTEP_B, sport, 4789, struct.pack("!BBHI", 0x08, 0, 0, 4242 << 8) + frame,
                      cap.next_ident())
 
 
 def geneve(cap: Capture, frame: bytes) -> bytes:
-    sport = 49152 + zlib.crc32(frame[:34]) % 16000
+    sport = _flow_port(frame)
     option = struct.pack("!HBB", 0x0103, 0x01, 1) + b"\x00\x00\x00\x2a"
     header = struct.pack("!BBHI", len(option) // 4, 0, ETH_TEB, 77 << 8) + option
     return outer_udp(VTEP_A, VTEP_B, sport, 6081, header + frame, cap.next_ident())
