@@ -142,9 +142,8 @@ def _tagged(source: Path, out: Path, vlan: int = 30) -> Path:
 def test_live_capture_on_any_equals_read(tmp_path, name):
     """``run -i any`` captures Linux cooked frames (SLL): the kernel takes a VLAN tag off
     and libpcap puts it back behind the cooked header's type field, where the decoder
-    reads it.  Here the kernel refuses libpcap's cooked translation of the filter
-    (EINVAL), so libpcap runs it in user space, before it puts the tag back.  The alerts
-    are ``read``'s of the Ethernet capture.  (QinQ is left out: on ``any`` the kernel
+    reads it; the kernel's filter met the frame without it.  The alerts are ``read``'s of
+    the Ethernet capture.  (QinQ is left out: on ``any`` the kernel
     hands the inner tag over behind a type field that says IPv4, which no reader can
     follow; capture on the interface itself, as test_live_capture_equals_read does.)"""
     capture = ROOT / "pcaps" / name if name != "tagged" else _tagged(ROOT / "pcaps" / "demo.pcap",
