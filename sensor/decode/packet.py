@@ -18,8 +18,9 @@ from ..stats import Stats
 from . import dns, http, tls
 from .capture_loss import CaptureLoss
 from .fragments import Reassembler
-from .link import (ETH_IPV4, ETH_IPV6, ETH_TEB, LINK_DECODERS, LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL,
-                   ethernet, format_mac)
+from .link import (ETH_IPV4, ETH_IPV6, ETH_TEB, LINK_DECODERS, LINKTYPE_ETHERNET, LINKTYPE_IPV4,
+                   LINKTYPE_IPV6, LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2, LINKTYPE_RAW,
+                   LINKTYPE_RAW_LEGACY, ethernet, format_mac)
 from .quic import SERVER_PORT_LIMIT as QUIC_SERVER_PORT_LIMIT
 from .quic import QuicInitialTable, looks_like_quic_initial
 from .tcp_stream import HTTP_FIRST_BYTES, KIND_HTTP, KIND_TLS, SEQ_MOD, SEQ_WINDOW, StreamTable
@@ -111,6 +112,51 @@ def batch_frames(buf: bytes, meta: bytes, units: int = 1_000_000):
     each frame sliced out."""
     for sec, fraction, off, caplen in BATCH_RECORD.iter_unpack(meta):
         yield (sec * units + fraction) / units, buf[off:off + caplen], caplen
+
+
+# The type field of the pseudo Ethernet header _ethernet_layout puts before a frame of
+# another link type: what its cooked v2 header says, or what its link type or IP version
+# says it carries (as decode.link reads them).  None: a type the batch loop hands over.
+_PSEUDO_HEADER_PAD = bytes(12)
+_NO_TYPE = b"\x00\x00"
+_IP_VERSION_TYPES = {4: b"\x08\x00", 6: b"\x86\xdd"}
+_LAID_OUT_AS_ETHERNET = {LINKTYPE_LINUX_SLL2: None, LINKTYPE_RAW: None, LINKTYPE_RAW_LEGACY: None,
+                         LINKTYPE_IPV4: b"\x08\x00", LINKTYPE_IPV6: b"\x86\xdd"}
+SLL2_HEADER = 20
+
+
+def _ethernet_layout(buf: bytes, meta: bytes, linktype: int) -> tuple[bytes, bytes, dict]:
+    """A batch of a link type whose network header the batch loop cannot find by moving the
+    frame's start (Linux cooked v2, whose type field opens its 20-byte header; bare IP,
+    which has no link header), copied out as the loop reads Ethernet: each frame's network
+    header behind a pseudo header of twelve zero bytes and its type.  Returns that buffer,
+    its records, and each pseudo frame's own (offset, caplen) in ``buf`` by its offset, so
+    that a frame the full path needs is handed over as captured.  ``tcpdump -i any`` writes
+    SLL2 (libpcap 1.10 and later), tun and WireGuard interfaces give bare IP."""
+    fixed = _LAID_OUT_AS_ETHERNET[linktype]
+    sll2 = linktype == LINKTYPE_LINUX_SLL2
+    frames = memoryview(buf)
+    chunks: list = []
+    records: list = []
+    outer = {}
+    pos = 0
+    for sec, fraction, off, caplen in BATCH_RECORD.iter_unpack(meta):
+        start, end = off, off + caplen
+        if sll2:
+            if caplen >= SLL2_HEADER:
+                etype, start = frames[off:off + 2], off + SLL2_HEADER
+            else:
+                etype, start = _NO_TYPE, end
+        elif fixed is not None:
+            etype = fixed
+        else:
+            etype = _IP_VERSION_TYPES.get(buf[off] >> 4, _NO_TYPE) if caplen else _NO_TYPE
+        length = 14 + end - start
+        chunks += (_PSEUDO_HEADER_PAD, etype, frames[start:end])
+        records.append(BATCH_RECORD.pack(sec, fraction, pos, length))
+        outer[pos] = (off, caplen)
+        pos += length
+    return b"".join(chunks), b"".join(records), outer
 
 
 def _relocated_view(buf: bytes, meta: bytes, part_of) -> tuple[bytes, dict[int, tuple[int, int]]]:
@@ -299,10 +345,13 @@ class PacketDecoder:
         can rule out; other link types every frame (batch_frames)."""
         if linktype == LINKTYPE_ETHERNET or linktype == LINKTYPE_LINUX_SLL:
             return self.ethernet_batch(buf, meta, units, cooked=linktype == LINKTYPE_LINUX_SLL)
+        if linktype in _LAID_OUT_AS_ETHERNET:
+            layout, records, outer = _ethernet_layout(buf, meta, linktype)
+            return self.ethernet_batch(layout, records, units, captured=(buf, meta, outer))
         return batch_frames(buf, meta, units)
 
     def ethernet_batch(self, buf: bytes, meta: bytes, units: int = 1_000_000,
-                       tunnelled: bool = False, cooked: bool = False):
+                       tunnelled: bool = False, cooked: bool = False, captured: tuple | None = None):
         """The frames of a libpcap batch (``next_batch``: one buffer, native (sec, fraction,
         offset, caplen) records, ``units`` fractions a second) that ``decode`` could make
         something of, as ``(ts, frame, caplen)``; the rest are counted here and never
@@ -339,7 +388,10 @@ class PacketDecoder:
           tunnels whole.
 
         ``cooked``: the batch holds Linux cooked (SLL) frames, read as Ethernet from two
-        bytes in (_past_sll_prefix).  A batch with a frame behind a tag the loop does not read
+        bytes in (_past_sll_prefix).  ``captured``: ``buf`` and ``meta`` are another link
+        type's batch laid out as Ethernet (_ethernet_layout), and this is the batch as
+        captured with the map from the layout's frames to its own; frames are handed over
+        from it.  A batch with a frame behind a tag the loop does not read
         among its first is read past such tags (_past_outer_tag).  Untagged or
         single-tagged IPv4 without options or fragments and IPv6 without extension
         headers are judged here; anything else takes the full path.  This loop is the read
@@ -380,7 +432,10 @@ class PacketDecoder:
         # start; elsewhere a VXLAN frame is read again at its inner frame one by one.
         counted = meta
         outer = None
-        if cooked:
+        frames = buf
+        if captured is not None:
+            frames, counted, outer = captured
+        elif cooked:
             meta, outer = _relocated_view(buf, meta, _past_sll_prefix)
         elif not tunnelled and meta:
             first, first_caplen = BATCH_RECORD.unpack_from(meta)[2:]
@@ -546,7 +601,7 @@ class PacketDecoder:
                 end = off + caplen
             yielded += 1
             yielded_bytes += caplen
-            yield (sec * units + fraction) / units, buf[off:end], caplen
+            yield (sec * units + fraction) / units, frames[off:end], caplen
             next_expiry = self._next_expiry
             expiry_sec = int(next_expiry)
             clock = loss.clock
