@@ -5,8 +5,8 @@
     python3 fuzz/fuzz_decoders.py all -runs=20000              # every target in turn
 
 Targets: frame (whole frames through PacketDecoder, every link type), batch (a libpcap
-batch of Ethernet frames, and of the same as Linux cooked frames, through the buffer fast
-path, which must give exactly what decoding each frame gives), capture (pcap/pcapng files), pipeline (a capture file through
+batch of Ethernet frames, and of the same as Linux cooked v1 and v2 frames and as bare IP,
+through the buffer fast path, which must give exactly what decoding each frame gives), capture (pcap/pcapng files), pipeline (a capture file through
 every stage: decoder, detector, tracker, ECS and JSON alerts, inventory snapshots), dns,
 dns_tcp, http, tls, quic, dhcp.  Seeds come from the sample captures in pcaps/, for
 capture and pipeline as pcap and as pcapng too (written to fuzz/corpus/TARGET on first
@@ -82,11 +82,15 @@ def _outcome(decoder, records) -> tuple:
 
 
 def one_batch(data: bytes) -> None:
-    """The frames as Ethernet, then as Linux cooked (SLL) frames made from them: the fast
-    path reads both on the buffer."""
+    """The frames as Ethernet, then as Linux cooked v1 (SLL) and v2 (SLL2) frames and as
+    bare IP (what follows the Ethernet header) made from them: the fast path reads the
+    first two on the buffer and the others behind pseudo Ethernet headers."""
     frames = _split_frames(data)
     _batch_agrees(frames, 1)
     _batch_agrees([struct.pack("!HHH8s", 0, 1, 6, f[6:12].ljust(8, b"\0")) + f[12:] for f in frames], 113)
+    _batch_agrees([f[12:14].ljust(2, b"\0") + struct.pack("!HIHBB8s", 0, 2, 1, 0, 6, f[6:12].ljust(8, b"\0"))
+                   + f[14:] for f in frames], 276)
+    _batch_agrees([f[14:] for f in frames], 101)
 
 
 def _batch_agrees(frames: list, linktype: int) -> None:
@@ -104,7 +108,7 @@ def _batch_agrees(frames: list, linktype: int) -> None:
         meta += BATCH_META.pack(sec, round((ts - sec) * 1e6), len(buf), len(frame))
         buf += frame
     fast = []
-    for ts, frame, _ in batched.ethernet_batch(bytes(buf), bytes(meta), cooked=linktype == 113):
+    for ts, frame, _ in batched.batch(linktype, bytes(buf), bytes(meta)):
         batched.stats.packets += 1
         fast += batched.decode(ts, linktype, frame)
     assert _outcome(batched, fast) == _outcome(single, one_by_one)

@@ -114,9 +114,11 @@ def batch_frames(buf: bytes, meta: bytes, units: int = 1_000_000):
         yield (sec * units + fraction) / units, buf[off:off + caplen], caplen
 
 
-# The type field of the pseudo Ethernet header _ethernet_layout puts before a frame of
-# another link type: what its cooked v2 header says, or what its link type or IP version
-# says it carries (as decode.link reads them).  None: a type the batch loop hands over.
+# The pseudo Ethernet header _ethernet_layout puts before a frame of another link type:
+# twelve zero bytes, then the type its cooked v2 header names, or the one its link type
+# fixes (IPv4 or IPv6 only), or else its IP version's, as decode.link reads them (None
+# below: decided per frame).  _NO_TYPE, for a frame too short or of no IP version, is a
+# type the batch loop hands over to the full path.
 _PSEUDO_HEADER_PAD = bytes(12)
 _NO_TYPE = b"\x00\x00"
 _IP_VERSION_TYPES = {4: b"\x08\x00", 6: b"\x86\xdd"}
