@@ -844,3 +844,23 @@ def test_the_kernel_takes_the_live_filter(interface):
                                         text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() in ("1", "113"), done.stderr
     assert "filter" not in done.stderr.lower(), done.stderr
+
+
+_BPF_LD, _BPF_LDX, _BPF_ABS, _BPF_IND, _BPF_MSH, _BPF_H = 0x00, 0x01, 0x20, 0x40, 0xA0, 0x08
+
+
+@pytest.mark.parametrize("tunnels", [False, True], ids=["plain", "tunnels"])
+def test_cooked_live_program_loads_nothing_libpcap_cannot_move(tunnels):
+    """Live ``-i any`` (Linux cooked) runs the program on the network header: libpcap moves
+    each packet load past the 16-byte cooked header onto it and the type field (offset
+    14) onto the kernel's protocol.  A load below offset 16 other than the type field it
+    turns into the kernel's packet-type field, and one reached through X then loads
+    nothing, so the kernel drops the packet: with the index's constant last
+    (``ether[l4 + doff + 5]``) that was every ClientHello sent to a higher ephemeral
+    port.  Every packet load of the program is past the cooked header or the type field."""
+    program = pcapy.compile(113, 262144, bpf.build_filter(None, 113, tunnels=tunnels), 1, 0).get_bpf()
+    loads = [(code, k) for code, _, _, k in program
+             if code & _BPF_CLASS in (_BPF_LD, _BPF_LDX) and code & 0xE0 in (_BPF_ABS, _BPF_IND, _BPF_MSH)]
+    assert loads
+    assert [(hex(code), k) for code, k in loads
+            if k < 16 and (code, k) != (_BPF_LD | _BPF_H | _BPF_ABS, 14)] == []
