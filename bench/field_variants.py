@@ -64,10 +64,11 @@ def as_link(frame: bytes, link: str) -> bytes | None:
     frame that link type would not carry (raw: not IP)."""
     if link == "ethernet":
         return frame
+    # struct pads the 8-byte address field; a frame cut short still gets whole headers.
     if link == "sll":
-        return struct.pack("!HHH8s", 0, 1, 6, frame[6:12] + b"\0\0") + frame[12:]
+        return struct.pack("!HHH8s", 0, 1, 6, frame[6:12]) + frame[12:]
     if link == "sll2":
-        return frame[12:14] + struct.pack("!HIHBB8s", 0, 2, 1, 0, 6, frame[6:12] + b"\0\0") + frame[14:]
+        return frame[12:14].ljust(2, b"\0") + struct.pack("!HIHBB8s", 0, 2, 1, 0, 6, frame[6:12]) + frame[14:]
     pos = 12
     while frame[pos:pos + 2] in VLAN_TPIDS:
         pos += 4

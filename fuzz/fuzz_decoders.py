@@ -24,8 +24,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import atheris  # noqa: E402
+from field_variants import as_link  # noqa: E402
 
 with atheris.instrument_imports():
     from sensor.capture.pcapfile import CaptureError, CaptureFile
@@ -87,9 +89,8 @@ def one_batch(data: bytes) -> None:
     first two on the buffer and the others behind pseudo Ethernet headers."""
     frames = _split_frames(data)
     _batch_agrees(frames, 1)
-    _batch_agrees([struct.pack("!HHH8s", 0, 1, 6, f[6:12].ljust(8, b"\0")) + f[12:] for f in frames], 113)
-    _batch_agrees([f[12:14].ljust(2, b"\0") + struct.pack("!HIHBB8s", 0, 2, 1, 0, 6, f[6:12].ljust(8, b"\0"))
-                   + f[14:] for f in frames], 276)
+    _batch_agrees([as_link(f, "sll") for f in frames], 113)
+    _batch_agrees([as_link(f, "sll2") for f in frames], 276)
     _batch_agrees([f[14:] for f in frames], 101)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import itertools
 import socket
 import struct
+import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,9 @@ from sensor.detect.signatures import default_signature_paths, load_signatures
 from sensor.pipeline import decoder_interest
 from sensor.stats import Stats
 from tests.helpers import in_erspan2, in_vxlan
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from field_variants import as_link  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 META = struct.Struct("=IIII")
@@ -106,17 +111,10 @@ def _handed_over(frames, linktype: int = LINKTYPE_ETHERNET, counted=lambda frame
     return handed
 
 
-def _cooked(frame: bytes) -> bytes:
-    """The Ethernet frame as ``tcpdump -i any`` writes it: Linux cooked (SLL), the sender's
-    address and the type field (a VLAN tag's too) kept."""
-    return struct.pack("!HHH8s", 0, 1, 6, frame[6:12] + b"\0\0") + frame[12:]
-
-
-def _cooked_v2(frame: bytes) -> bytes:
-    """The Ethernet frame as ``tcpdump -i any`` writes it with libpcap 1.10 and later: Linux
-    cooked v2, whose type field opens its header, the sender's address kept, the rest of
-    the frame (a tag left in it too) behind the header."""
-    return frame[12:14] + struct.pack("!HIHBB8s", 0, 2, 1, 0, 6, frame[6:12] + b"\0\0") + frame[14:]
+# The Ethernet frame as ``tcpdump -i any`` writes it: Linux cooked (SLL), or cooked v2 with
+# libpcap 1.10 and later, the sender's address and the type field (a tag's too) kept.
+_cooked = partial(as_link, link="sll")
+_cooked_v2 = partial(as_link, link="sll2")
 
 
 def _bare(frame: bytes) -> bytes:

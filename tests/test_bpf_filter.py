@@ -774,8 +774,9 @@ def test_the_switch_interval_is_short_while_the_reader_runs_and_restored_after()
         sys.setswitchinterval(before)
 
 
-# Classic BPF opcodes the scratch-slot check below follows.
-_BPF_CLASS, _BPF_ST, _BPF_STX, _BPF_JMP, _BPF_RET = 0x07, 0x02, 0x03, 0x05, 0x06
+# Classic BPF opcode fields the program checks below read: classes, load modes and sizes.
+_BPF_CLASS, _BPF_LD, _BPF_LDX, _BPF_ST, _BPF_STX, _BPF_JMP, _BPF_RET = 0x07, 0x00, 0x01, 0x02, 0x03, 0x05, 0x06
+_BPF_ABS, _BPF_IND, _BPF_MSH, _BPF_H = 0x20, 0x40, 0xA0, 0x08
 _BPF_JA, _BPF_LD_MEM, _BPF_LDX_MEM = 0x05, 0x60, 0x61
 
 
@@ -845,8 +846,6 @@ def test_the_kernel_takes_the_live_filter(interface):
     assert done.returncode == 0 and done.stdout.strip() in ("1", "113"), done.stderr
     assert "filter" not in done.stderr.lower(), done.stderr
 
-
-_BPF_LD, _BPF_LDX, _BPF_ABS, _BPF_IND, _BPF_MSH, _BPF_H = 0x00, 0x01, 0x20, 0x40, 0xA0, 0x08
 
 
 @pytest.mark.parametrize("tunnels", [False, True], ids=["plain", "tunnels"])

@@ -135,12 +135,15 @@ def linux_sll(data: bytes, off: int):
     return etype, off, src, None, vlans
 
 
+SLL2_HEADER = 20  # Linux cooked v2: the type field opens it, the network header follows
+
+
 def linux_sll2(data: bytes, off: int):
-    if len(data) < off + 20:
+    if len(data) < off + SLL2_HEADER:
         raise DecodeError("sll2_truncated")
     halen = data[off + 11]
     src = data[off + 12:off + 18] if halen == 6 else None
-    etype, off, vlans = _behind_type(data, _u16(data, off)[0], off + 20)
+    etype, off, vlans = _behind_type(data, _u16(data, off)[0], off + SLL2_HEADER)
     return etype, off, src, None, vlans
 
 

@@ -20,7 +20,7 @@ from .capture_loss import CaptureLoss
 from .fragments import Reassembler
 from .link import (ETH_IPV4, ETH_IPV6, ETH_TEB, LINK_DECODERS, LINKTYPE_ETHERNET, LINKTYPE_IPV4,
                    LINKTYPE_IPV6, LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2, LINKTYPE_RAW,
-                   LINKTYPE_RAW_LEGACY, ethernet, format_mac)
+                   LINKTYPE_RAW_LEGACY, SLL2_HEADER, ethernet, format_mac)
 from .quic import SERVER_PORT_LIMIT as QUIC_SERVER_PORT_LIMIT
 from .quic import QuicInitialTable, looks_like_quic_initial
 from .tcp_stream import HTTP_FIRST_BYTES, KIND_HTTP, KIND_TLS, SEQ_MOD, SEQ_WINDOW, StreamTable
@@ -121,10 +121,10 @@ def batch_frames(buf: bytes, meta: bytes, units: int = 1_000_000):
 # type the batch loop hands over to the full path.
 _PSEUDO_HEADER_PAD = bytes(12)
 _NO_TYPE = b"\x00\x00"
-_IP_VERSION_TYPES = {4: b"\x08\x00", 6: b"\x86\xdd"}
+_IPV4_TYPE, _IPV6_TYPE = ETH_IPV4.to_bytes(2, "big"), ETH_IPV6.to_bytes(2, "big")
+_IP_VERSION_TYPES = {4: _IPV4_TYPE, 6: _IPV6_TYPE}
 _LAID_OUT_AS_ETHERNET = {LINKTYPE_LINUX_SLL2: None, LINKTYPE_RAW: None, LINKTYPE_RAW_LEGACY: None,
-                         LINKTYPE_IPV4: b"\x08\x00", LINKTYPE_IPV6: b"\x86\xdd"}
-SLL2_HEADER = 20
+                         LINKTYPE_IPV4: _IPV4_TYPE, LINKTYPE_IPV6: _IPV6_TYPE}
 
 
 def _ethernet_layout(buf: bytes, meta: bytes, linktype: int) -> tuple[bytes, bytes, dict]:
