@@ -79,6 +79,7 @@ class Sensor:
         self.hosts_detected = 0
         self.host_snapshot: list[dict] = []
         self.capture_drops: dict = {}
+        self.capture_filter_in_kernel: dict = {}  # interface -> whether the kernel runs the filter
         self.want_snapshots = bool(settings.metrics)
         self._next_snapshot = 0.0
         self._next_flush = 0.0

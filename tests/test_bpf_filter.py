@@ -837,15 +837,35 @@ def test_filter_programs_store_every_scratch_slot_they_load(linktype, tunnels):
 def test_the_kernel_takes_the_live_filter(interface):
     """What ``run`` installs (build_filter with tunnels, for the interface's link type:
     Ethernet on ``lo``, Linux cooked on ``any``) attaches to the socket: libpcap says
-    "Kernel filter failed" on stderr when the kernel refuses it."""
-    script = ("import sys, pcapy; from sensor.capture.bpf import build_filter; "
-              f"h = pcapy.open_live({interface!r}, 65535, 0, 100); "
-              "h.setfilter(build_filter(None, h.datalink(), tunnels=True)); print(h.datalink())")
+    "Kernel filter failed" on stderr when the kernel refuses it, and the socket then has
+    no program.  The kernel reports the program it runs as long as the one compiled, and
+    LiveSource says the filter is in the kernel."""
+    script = ("import pcapy; from sensor.capture.bpf import build_filter; "
+              "from sensor.capture.live import LiveSource, kernel_filter_length; "
+              f"s = LiveSource({interface!r}, None); "
+              "n = len(pcapy.compile(s.linktype, 65535, build_filter(None, s.linktype, tunnels=True), 1, 0).get_bpf()); "
+              "print(s.linktype, s.filter_in_kernel, kernel_filter_length(s.fd), n)")
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
-                                        text=True, timeout=60)
-    assert done.returncode == 0 and done.stdout.strip() in ("1", "113"), done.stderr
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    linktype, in_kernel, attached, compiled = done.stdout.split()
+    assert linktype in ("1", "113") and in_kernel == "True"
+    assert int(attached) == int(compiled) > 1000
     assert "filter" not in done.stderr.lower(), done.stderr
 
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="opening an interface for capture needs root")
+def test_a_socket_without_a_filter_reports_none_attached():
+    """The other answer of the kernel's count: a capture opened without a filter has none,
+    as a socket has after the kernel refused its program (libpcap then removes its own)."""
+    script = ("import pcapy; from sensor.capture.live import kernel_filter_length; "
+              "h = pcapy.open_live('lo', 65535, 0, 100); print(kernel_filter_length(h.getfd())); "
+              "h.setfilter('udp port 53'); print(kernel_filter_length(h.getfd()))")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    before, after = map(int, done.stdout.split())
+    assert before == 0 and after > 0
 
 
 @pytest.mark.parametrize("tunnels", [False, True], ids=["plain", "tunnels"])

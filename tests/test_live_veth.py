@@ -207,6 +207,36 @@ def test_sighup_reloads_and_keeps_the_old_set_when_the_new_one_is_invalid(tmp_pa
                 proc.wait()
 
 
+# A user filter that passes every frame and compiles to more instructions than the
+# kernel takes (BPF_MAXINSNS, 4,096): two per length test, after the sensor's own ~1,500.
+EVERY_FRAME_TOO_LONG = " and ".join(f"len != {100_000 + n}" for n in range(1_600))
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_filter_the_kernel_refuses_runs_in_user_space_and_says_so(tmp_path, workers):
+    """libpcap filters in user space when the kernel refuses the program and says only
+    "Kernel filter failed".  The sensor names the interface in a warning at the start and
+    in every status line, and still finds what ``read`` finds."""
+    capture = ROOT / "pcaps" / "demo.pcap"
+    read_alerts, read_hosts = _read(capture, tmp_path)
+    seen = {}
+
+    def warning(proc, started):
+        seen["interface"] = started.split("capturing on ")[1].split(";")[0].split()[0]
+        seen["warning"] = _wait_for(proc, "refused the capture filter")
+
+    live_alerts, live_hosts, tail = _live(capture, tmp_path, "--bpf", EVERY_FRAME_TOO_LONG,
+                                          "--workers", workers, while_capturing=warning)
+    assert f"capture filter on {seen['interface']};" in seen["warning"]
+    assert f"filter in user space on {seen['interface']}\n" in tail
+    assert live_alerts == read_alerts and live_hosts == read_hosts
+
+
+def test_the_status_line_says_nothing_of_a_filter_the_kernel_takes(tmp_path):
+    _, _, tail = _live(ROOT / "pcaps" / "tls_ooo.pcap", tmp_path)
+    assert "stopped:" in tail and "user space" not in tail
+
+
 def answer_then_udp_flows(path: Path) -> None:
     """The internal resolver gets an upstream answer for a Kaspersky update name; then one
     client sends QUIC (long header, which the capture filter passes) to the answered

@@ -313,6 +313,14 @@ def test_detection_counters_match_the_sensor_json_output(stack):
     assert int(float(hosts[0]["value"][1])) == host_alerts > 0
 
 
+def test_the_live_sensor_reports_its_filter_in_the_kernel(stack):
+    """The kernel takes the sensor's filter on lo (the read sensor has no capture socket and
+    no such series); a refused one would read 0 and fire PurgeSensorFilterInUserSpace."""
+    result = stack.query("purge_sensor_capture_filter_in_kernel", stack.query_end)
+    assert [(r["metric"]["instance"], r["metric"]["interface"], r["value"][1]) for r in result] == [
+        (stack.live_target, "lo", "1")]
+
+
 def test_host_gauges_match_the_inventory_command(stack):
     proc = subprocess.run(sensor_argv("hosts", "--state", str(stack.workdir / "demo.sqlite"), "--format", "json",
                                       "--all"), capture_output=True, text=True, cwd=ROOT, timeout=60)

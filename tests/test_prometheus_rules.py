@@ -17,7 +17,8 @@ RULES_TEST = PROM / "rules_test.yml"
 pytestmark = pytest.mark.skipif(shutil.which("promtool") is None,
                                 reason="promtool not installed (Debian package prometheus)")
 REQUIRED_ALERTS = {"PurgeSensorNewInstallHost", "PurgeSensorInstallsAfterRemovalStart", "PurgeSensorDown",
-                   "PurgeSensorNoPackets", "PurgeSensorCaptureDrops", "PurgeSensorUpstreamCaptureLoss",
+                   "PurgeSensorNoPackets", "PurgeSensorCaptureDrops", "PurgeSensorFilterInUserSpace",
+                   "PurgeSensorUpstreamCaptureLoss",
                    "PurgeSensorAlertSpoolGrowing"}
 
 

@@ -39,6 +39,9 @@ from .bpf import build_filter
 BATCH = 1024
 MAX_BATCHES = 64
 MAX_WORKERS = 64
+# SO_ATTACH_FILTER's reading side (asm-generic/socket.h), at socket level SOL_SOCKET.
+SOL_SOCKET = 1
+SO_GET_FILTER = 26
 
 
 # pcap_activate's error statuses (pcap/pcap.h), worded as tcpdump reports them.
@@ -85,6 +88,9 @@ class LiveSource:
             raise OSError(f"{interface}: {err}") from None
         self.handle = handle
         self.fd = handle.getfd()
+        attached = kernel_filter_length(self.fd)
+        # None where the kernel cannot be asked: nothing is claimed either way.
+        self.filter_in_kernel = None if attached is None else attached > 0
         self._stats_error = pcapy.PcapError
         self._last = (0, 0, 0)
         self.drained = True
@@ -127,6 +133,45 @@ class LiveSource:
 
     def close(self) -> None:
         self.handle.close()
+
+
+def kernel_filter_length(fd: int) -> int | None:
+    """Instructions of the classic BPF program the kernel runs for socket ``fd``: 0 when
+    none is attached, None where the kernel cannot be asked (not Linux, no C library).
+
+    libpcap attaches the capture filter to its socket; when the kernel refuses the
+    program (over 4,096 instructions, or a load from a scratch slot nothing stored)
+    libpcap runs it in user space instead, after the kernel has copied every packet of
+    the link into the ring, and says no more than "Warning: Kernel filter failed" on
+    stderr.  Asked with no buffer and a zero length, SO_GET_FILTER returns the count:
+    socket.getsockopt cannot pass those, and any buffer it can pass the kernel may
+    overrun (it takes the length for a count of 8-byte instructions)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        getsockopt = ctypes.CDLL(None, use_errno=True).getsockopt
+    except (OSError, AttributeError):
+        return None
+    count = ctypes.c_uint(0)
+    if getsockopt(fd, SOL_SOCKET, SO_GET_FILTER, None, ctypes.byref(count)) != 0:
+        return None
+    return count.value
+
+
+def warn_user_space_filters(sensor) -> None:
+    """A filter the kernel refused costs the sensor its speed, not its results: say so once,
+    by interface, with what to look at."""
+    for interface in user_space_filters(sensor):
+        print(f"purge-sensor: warning: the kernel refused the capture filter on {interface}; "
+              "libpcap filters in user space, so every packet is copied out of the kernel and "
+              "drops come sooner (a long --bpf? the kernel takes at most 4,096 instructions)",
+              file=sys.stderr, flush=True)
+
+
+def user_space_filters(sensor) -> list[str]:
+    return sorted(iface for iface, in_kernel in sensor.capture_filter_in_kernel.items() if not in_kernel)
 
 
 def drop_privileges(user: str) -> None:
@@ -207,6 +252,10 @@ def _run_single(args) -> int:
     signal.signal(signal.SIGHUP, lambda *_: flags.__setitem__("reload", True))
     print(f"purge-sensor: capturing on {', '.join(args.interface)}; metrics on {settings.metrics}",
           file=sys.stderr, flush=True)
+    for source in sources:
+        if source.filter_in_kernel is not None:
+            sensor.capture_filter_in_kernel[source.interface] = source.filter_in_kernel
+    warn_user_space_filters(sensor)
     handle_batch = sensor.handle_batch
     status = _StatusLine(args.status_interval)
     fds = [s.fd for s in sources]
@@ -382,7 +431,7 @@ def _worker_main(args, settings, signatures, groups, conn, control, stop_event) 
         except (KeyError, PermissionError) as err:
             conn.send(("error", f"cannot switch to user {args.user!r}: {err}"))
             sys.exit(2)
-    conn.send(("ready", os.getpid()))
+    conn.send(("ready", os.getpid(), {source.interface: source.filter_in_kernel for source in sources}))
     worker = _CaptureWorker(sources, _worker_decoder(settings, signatures), conn, control)
     try:
         worker.run(lambda: bool(terminated) or stop_event.is_set() or os.getppid() != parent)
@@ -395,7 +444,7 @@ def _worker_main(args, settings, signatures, groups, conn, control, stop_event) 
 
 class _WorkerState:
     __slots__ = ("index", "process", "conn", "control", "pid", "ready", "finished", "watermark", "packets",
-                 "captures", "table_sizes")
+                 "captures", "table_sizes", "filters_in_kernel")
 
     def __init__(self, index, process, conn, control):
         self.index = index
@@ -409,6 +458,7 @@ class _WorkerState:
         self.packets = 0
         self.captures: dict = {}
         self.table_sizes: dict = {}
+        self.filters_in_kernel: dict = {}
 
 
 class WorkerPool:
@@ -469,8 +519,17 @@ class WorkerPool:
                     return f"worker {worker.index} exited while starting"
                 if message[0] == "error":
                     return message[1]
+                worker.filters_in_kernel = message[2]
                 worker.ready = True
         return None
+
+    def record_filters(self, sensor) -> None:
+        """An interface's filter runs in the kernel when it does on every worker's socket."""
+        for worker in self.workers:
+            for iface, in_kernel in worker.filters_in_kernel.items():
+                if in_kernel is not None:
+                    sensor.capture_filter_in_kernel[iface] = \
+                        sensor.capture_filter_in_kernel.get(iface, True) and in_kernel
 
     def poll(self, sensor, timeout: float) -> None:
         from multiprocessing.connection import wait
@@ -632,6 +691,8 @@ def _serve_workers(args, pool: WorkerPool, sensor) -> int:
     pids = ", ".join(str(w.pid) for w in pool.workers)
     print(f"purge-sensor: capturing on {', '.join(args.interface)} with {len(pool.workers)} workers "
           f"(pids {pids}); metrics on {sensor.settings.metrics}", file=sys.stderr, flush=True)
+    pool.record_filters(sensor)
+    warn_user_space_filters(sensor)
     status = _StatusLine(args.status_interval)
     while not flags["stop"] and pool.failure is None and not pool.stopped_by_signal:
         if flags["reload"]:
@@ -680,9 +741,11 @@ def _status(sensor, prefix: str) -> None:
     hosts = sum(1 for h in sensor.host_snapshot if h.get("verdict") in INSTALL_VERDICTS)
     gaps, acks = sensor.capture_loss_interval()
     loss = f"{100.0 * gaps / acks:.2f}% ({gaps:,} of {acks:,} acks)" if acks else "n/a (no acks)"
+    user_space = user_space_filters(sensor)
+    filtering = f", filter in user space on {', '.join(user_space)}" if user_space else ""
     print(f"purge-sensor: {prefix}{sensor.stats.packets:,} packets, {kernel:,} dropped by kernel, "
           f"{interface:,} by interface, capture loss {loss}, {sensor.alerts:,} alerts, "
-          f"{hosts} install hosts", file=sys.stderr, flush=True)
+          f"{hosts} install hosts{filtering}", file=sys.stderr, flush=True)
 
 
 def _reload(sensor, args) -> bool:

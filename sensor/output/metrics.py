@@ -123,6 +123,13 @@ class SensorCollector:
         for (iface, kind), n in sorted(getattr(self.sensor, "capture_drops", {}).items()):
             fam.add_metric([iface, kind], n)
         yield fam
+        # 0: the kernel refused the filter and libpcap runs it in user space (live capture).
+        fam = GaugeMetricFamily("purge_sensor_capture_filter_in_kernel",
+                                "1 when the kernel runs the capture filter, 0 when libpcap runs it in user space.",
+                                labels=["interface"])
+        for iface, in_kernel in sorted(getattr(self.sensor, "capture_filter_in_kernel", {}).items()):
+            fam.add_metric([iface], int(in_kernel))
+        yield fam
         # Zeek's capture_loss: the share of acknowledgements that covered bytes never seen,
         # rate(gaps) / rate(acks), is loss upstream of the sensor (span port, TAP, NIC).
         loss = self.sensor.stats.capture_loss
