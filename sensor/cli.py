@@ -167,12 +167,14 @@ def _read_captures(args, settings, captures, prefilter: bool, failed: list) -> i
         for path, cap in itertools.chain([first] if first is not None else [], captures):
             batches = getattr(cap, "batches", None)
             if batches is not None:
+                from .capture.bpf import Batch
+
                 handle_batch = sensor.handle_batch
                 units = cap.units
                 count = 0
                 for item in batches():
-                    if len(item) == 3:
-                        handle_batch(*item, 0, units)
+                    if type(item) is Batch:
+                        handle_batch(item.linktype, item.buf, item.meta, item.interface, units, item.others)
                     else:
                         handle(*item)
                     count += 1

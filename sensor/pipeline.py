@@ -111,12 +111,17 @@ class Sensor:
             self.tick(ts)
 
     def handle_batch(self, linktype: int, buf: bytes, meta: bytes, interface: int = 0,
-                     units: int = 1_000_000) -> None:
+                     units: int = 1_000_000, others: dict | None = None) -> None:
         """A libpcap batch (``next_batch``: one buffer, 16-byte (sec, fraction, offset,
         caplen) records, ``units`` fractions a second), through PacketDecoder.batch, which
         drops on the buffer what it can rule out of Ethernet and Linux cooked frames.
-        ``wire_len`` is the captured length here."""
+        ``wire_len`` is the captured length here.  ``others`` maps the offsets of frames
+        captured on another interface than ``interface`` to theirs."""
         handle = self.handle
+        if others:
+            for ts, frame, caplen, offset in self.decoder.batch(linktype, buf, meta, units, offsets=True):
+                handle(ts, linktype, frame, caplen, others.get(offset, interface))
+            return
         for ts, frame, caplen in self.decoder.batch(linktype, buf, meta, units):
             handle(ts, linktype, frame, caplen, interface)
 

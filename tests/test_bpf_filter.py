@@ -170,14 +170,117 @@ def test_single_interface_pcapng_is_read_by_libpcap_like_the_python_reader(tmp_p
     (((1, 6, b"eth0"),), True),
     (((1, 9, b"eth0"),), True),  # shown as microseconds (pcapng_microsecond_view)
     (((1, 7, b"eth0"),), False),  # libpcap would round tenths of a microsecond away
-    (((1, 6, b"eth0"), (1, 6, b"eth1")), False),  # libpcap does not say which interface
+    (((1, 6, b"eth0"), (1, 6, b"eth1")), True),  # interfaces told apart by InterfaceClock
+    (((1, 9, b"eth0"), (1, 9, b"eth1")), False),
     (((1, 6, b"eth0"), (113, 6, b"any")), False),
-], ids=["one-microsecond", "nanosecond", "100-nanosecond", "two-interfaces", "two-link-types"])
+], ids=["one-microsecond", "nanosecond", "100-nanosecond", "two-interfaces", "two-nanosecond-interfaces",
+        "two-link-types"])
 def test_which_pcapng_files_libpcap_reads(tmp_path, interfaces, by_libpcap):
     capture = _pcapng_of(ROOT / "pcaps" / "demo.pcap", tmp_path / "x.pcapng", interfaces)
     with bpf.open_prefiltered(str(capture)) as cap:
         assert cap.by_libpcap is by_libpcap
         assert len(list(cap)) > 0
+
+
+def _interleaved_pcapng(out: Path, interfaces: int = 2, clock_errors=None, tail: bytes = b"") -> Path:
+    """demo.pcap's Ethernet frames as a pcapng with ``interfaces`` Ethernet interfaces on
+    microsecond clocks, frame i on interface i % interfaces (a TAP's two directions on two
+    NICs interleave so), then ``tail``.  ``clock_errors`` maps an interface to seconds
+    added to its timestamps."""
+    from tests.helpers import load_make_samples
+
+    clock_errors = clock_errors or {}
+    with open_capture(str(ROOT / "pcaps" / "demo.pcap")) as cap:
+        frames = [(ts, data) for ts, linktype, data, _, _ in cap if linktype == 1]
+    records = [(round((ts + clock_errors.get(i % interfaces, 0)) * 1e6) * 1000, data, i % interfaces)
+               for i, (ts, data) in enumerate(frames)]
+    names = [(1, 6, f"eth{n}".encode()) for n in range(interfaces)]
+    out.write_bytes(load_make_samples().pcapng_file(names, records) + tail)
+    return out
+
+
+def _python_reads(capture: Path) -> list:
+    admits = bpf.LinktypeFilters(None).admits
+    with open_capture(str(capture)) as cap:
+        return [(r[0], r[1], r[2], r[4]) for r in cap if admits(r[1], r[2])]
+
+
+def _batched_reads(capture: Path) -> tuple[list, bool]:
+    """What ``read`` is handed: each frame of the batches with its interface, and whether
+    libpcap read it all."""
+    out = []
+    with bpf.open_prefiltered(str(capture)) as cap:
+        started_by_libpcap = cap.by_libpcap
+        for item in cap.batches():
+            if type(item) is bpf.Batch:
+                others = item.others or {}
+                out += [(ts, linktype, frame, others.get(off, item.interface))
+                        for (ts, linktype, frame), off
+                        in zip(_batch_frames(cap, *item), struct.iter_unpack("=IIII", item.meta))
+                        for off in [off[2]]]
+            else:
+                out.append((item[0], item[1], item[2], item[4]))
+        return out, started_by_libpcap and cap.by_libpcap
+
+
+@pytest.mark.parametrize("interfaces", [2, 3, 8])
+def test_a_pcapng_with_several_interfaces_is_read_by_libpcap_frame_by_frame_as_in_python(tmp_path, capsys,
+                                                                                       interfaces):
+    """libpcap reads one link type over several interfaces but does not say which: shown
+    each interface's clock moved into a band of its own (pcapng_interface_view), it is
+    told again by InterfaceClock.  Iteration and batches give the Python reader's frames,
+    timestamps and interfaces, and the alerts name the interfaces the Python path names."""
+    capture = _interleaved_pcapng(tmp_path / "multi.pcapng", interfaces)
+    expected = _python_reads(capture)
+    assert {frame[3] for frame in expected} == set(range(interfaces))
+    with bpf.open_prefiltered(str(capture)) as cap:
+        assert cap.by_libpcap
+        assert [(r[0], r[1], r[2], r[4]) for r in cap] == expected
+        assert cap.by_libpcap  # to the end: nothing fell back
+    assert _batched_reads(capture) == (expected, True)
+    alerts = {}
+    for mode in ("filtered", "plain"):
+        out = tmp_path / f"{mode}.json"
+        main(["read", "-q", "--no-state", "-o", f"file:{out}", str(capture)]
+             + (["--no-bpf-prefilter"] if mode == "plain" else []))
+        alerts[mode] = sorted((doc["@timestamp"], doc["event"]["action"], doc.get("host", {}).get("ip"),
+                               json.dumps(doc["observer"].get("ingress")))
+                              for doc in map(json.loads, out.read_text().splitlines()))
+    capsys.readouterr()
+    assert alerts["filtered"] == alerts["plain"]
+    assert len({ingress for *_, ingress in alerts["filtered"]}) > 2  # interfaces, and none for host events
+
+
+@pytest.mark.parametrize("case", ["second-section", "late-interface", "clock-years-off"])
+def test_what_the_interface_bands_cannot_tell_goes_to_the_python_reader(tmp_path, case):
+    """A later section (a cat of two pcapng files) or an interface described after the
+    first packet is read by libpcap without the sensor's offsets, so its packets land in no
+    interface's band; an interface whose clock is years off lands in another's, and the
+    jump gives it away.  Each makes the rest of the file go to the Python reader
+    (ClockLost), which gives every frame its true time and interface."""
+    from tests.helpers import load_make_samples
+
+    samples = load_make_samples()
+    if case == "second-section":
+        second = _interleaved_pcapng(tmp_path / "second.pcapng", 2).read_bytes()
+        capture = _interleaved_pcapng(tmp_path / "x.pcapng", 2, tail=second)
+    elif case == "late-interface":
+        ts, _, frame, _ = _python_reads(_interleaved_pcapng(tmp_path / "plain.pcapng", 2))[-1]
+        ticks = round(ts * 1e6) + 1
+        late = (samples._pcapng_block(1, struct.pack("<HHI", 1, 0, 262144) + samples._pcapng_option(0, b""))
+                + samples._pcapng_block(6, struct.pack("<IIIII", 2, ticks >> 32, ticks & 0xFFFFFFFF,
+                                                       len(frame), len(frame))
+                                        + frame + bytes(-len(frame) % 4)))
+        capture = _interleaved_pcapng(tmp_path / "x.pcapng", 2, tail=late)
+    else:
+        capture = _interleaved_pcapng(tmp_path / "x.pcapng", 2, clock_errors={0: 5 * 365 * 86400})
+    expected = _python_reads(capture)
+    with bpf.open_prefiltered(str(capture)) as cap:
+        got = [(r[0], r[1], r[2], r[4]) for r in cap]
+        assert not cap.by_libpcap  # handed over
+    assert got == expected
+    batched, by_libpcap = _batched_reads(capture)
+    assert batched == expected and not by_libpcap
 
 
 def test_pcapng_with_a_clock_offset_is_left_to_the_python_reader(tmp_path):
@@ -224,7 +327,7 @@ def _read_every_way(capture: Path) -> tuple[list[tuple[float, int, bytes]], bool
         assert cap.truncated is None
     with bpf.open_prefiltered(str(capture)) as cap:
         from_batches = [frame for item in cap.batches()
-                        for frame in (_batch_frames(cap, *item) if len(item) == 3 else [item[:3]])]
+                        for frame in (_batch_frames(cap, *item) if type(item) is bpf.Batch else [item[:3]])]
         assert cap.truncated is None
         handed_over = not cap.by_libpcap
     assert from_batches == expected
@@ -332,7 +435,8 @@ def _nanosecond_pcap(source: Path, out: Path, order: str = "<", cut: int = 0) ->
     return out
 
 
-def _batch_frames(cap, linktype: int, buf: bytes, meta: bytes) -> list[tuple[float, int, bytes]]:
+def _batch_frames(cap, linktype: int, buf: bytes, meta: bytes, _interface: int = 0,
+                  _others=None) -> list[tuple[float, int, bytes]]:
     """A ``batches()`` item as (ts, linktype, frame), its timestamps in the capture's units."""
     return [((sec * cap.units + fraction) / cap.units, linktype, buf[off:off + caplen])
             for sec, fraction, off, caplen in struct.iter_unpack("=IIII", meta)]
@@ -341,7 +445,7 @@ def _batch_frames(cap, linktype: int, buf: bytes, meta: bytes) -> list[tuple[flo
 @pytest.mark.parametrize("order", ["<", ">"], ids=["little-endian", "big-endian"])
 def test_nanosecond_pcap_is_read_by_libpcap_with_exact_timestamps(tmp_path, capsys, order):
     """libpcap opened for microseconds would divide the fractions by 1,000; behind the
-    microsecond magic (NanosecondFeed) it passes them through, so both the iteration and
+    microsecond magic (PrologueFeed) it passes them through, so both the iteration and
     the batch path keep every nanosecond, and the alerts equal --no-bpf-prefilter's to
     the last digit of their timestamps."""
     capture = _nanosecond_pcap(ROOT / "pcaps" / "demo.pcap", tmp_path / "ns.pcap", order)
@@ -425,7 +529,7 @@ def test_a_feed_that_fails_midway_hands_the_rest_to_the_python_reader(tmp_path, 
         got = []
         with bpf.open_prefiltered(str(capture)) as cap:
             for item in (cap.batches() if batched else cap):
-                if len(item) == 3:
+                if type(item) is bpf.Batch:
                     got += [(ts, frame) for ts, _, frame in _batch_frames(cap, *item)]
                 else:
                     got.append((item[0], item[2]))

@@ -521,7 +521,7 @@ NANOSECOND_PCAPNG = (shb("<") + idb("<", 1, tsresol=9) + block("<", 4, b"\0" * 8
 
 @pytest.mark.parametrize("order", ["<", ">"])
 def test_microsecond_view_of_a_nanosecond_pcapng(order):
-    """The head libpcap is shown (bpf.NanosecondFeed): the bytes before the first packet
+    """The head libpcap is shown (bpf.PrologueFeed): the bytes before the first packet
     with the one interface's resolution set to microseconds, and that packet's time."""
     data = (shb(order) + idb(order, 1, tsresol=9) + block(order, 4, b"\0" * 8)
             + epb(order, 0, 1735725600 * NANO + 123456789, FRAMES[0]))

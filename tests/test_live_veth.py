@@ -31,7 +31,8 @@ if veth.available():
 
 CAPTURES = ["demo.pcap", "vlan_qinq.pcap", "tls_ooo.pcap", "dns_tcp.pcap", "ipv6.pcap",
             "vxlan.pcap", "duplicates.pcap", "erspan2.pcap", "tcp_fast_open.pcap", "ip_options.pcap",
-            "registered_ports.pcap"]
+            "registered_ports.pcap", "erspan3.pcap", "geneve.pcap", "gre.pcap", "mpls.pcap", "pppoe.pcap",
+            "ip_fragments.pcap", "quic_v1.pcap", "hostile_names.pcap"]
 PPS = 400
 TIME_KEYS = ("first_seen", "last_seen", "detected_at", "first_seen_ts", "last_seen_ts", "state")
 

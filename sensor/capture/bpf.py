@@ -64,6 +64,7 @@ for the rest of the expression.
 
 from __future__ import annotations
 
+import array
 import fcntl
 import os
 import queue
@@ -78,7 +79,7 @@ from typing import NamedTuple
 
 from ..decode.tunnels import ERSPAN_II_GRE, GENEVE_PORT, VXLAN_PORT, VXLAN_PORT_BYTES
 from ..records import BATCH_RECORD
-from .pcapfile import (CaptureError, open_capture, pcapng_leading_interfaces,
+from .pcapfile import (CaptureError, open_capture, pcapng_interface_view, pcapng_leading_interfaces,
                        pcapng_microsecond_view)
 
 DLT_EN10MB = 1
@@ -330,9 +331,12 @@ class LibpcapFile(NamedTuple):
     linktype: int
     format: str
     units: int  # timestamp fractions a second in next_batch's records
-    prologue: bytes | None = None  # NanosecondFeed's, for a nanosecond file
+    prologue: bytes | None = None  # PrologueFeed's, for a nanosecond file or several interfaces
     first_ns: int | None = None  # MillisecondClock's start, for a nanosecond pcapng
     tunnels: bool = False  # opens with a tunnel: build_filter(tunnels=True)
+    resume: int | None = None  # where the file goes on after the prologue, if not at its length
+    first_us: int | None = None  # InterfaceClock's start, for a pcapng with several interfaces
+    interfaces: int = 1
 
 
 class FilterError(ValueError):
@@ -370,7 +374,7 @@ READ_AHEAD_BYTES = 4 << 20
 READER_SWITCH_INTERVAL = 0.0002
 MICRO, NANO = 1_000_000, 1_000_000_000
 # The microsecond magic per byte order: what libpcap is shown for a nanosecond file too
-# (NanosecondFeed).
+# (PrologueFeed).
 _MICRO_MAGIC = {"<": b"\xd4\xc3\xb2\xa1", ">": b"\xa1\xb2\xc3\xd4"}
 # Classic pcap magics libpcap reads here, with their byte order and timestamp units.  The
 # feed opens its pipe by /proc/self/fd and sizes it with F_SETPIPE_SZ: Linux only;
@@ -392,7 +396,8 @@ _HALF_WRAP, _WRAP_MASK = 1 << 31, (1 << 32) - 1
 
 
 class ClockLost(Exception):
-    """MillisecondClock cannot follow the capture's clock: the rest is read in Python."""
+    """MillisecondClock or InterfaceClock cannot follow the capture's clock: the rest is
+    read in Python."""
 
 
 class MillisecondClock:
@@ -431,6 +436,75 @@ class MillisecondClock:
             raise ClockLost from None
         self.milliseconds, self.sec, self.fraction = milliseconds, sec, fraction
         return bytes(out)
+
+    def convert(self, meta: bytes) -> tuple[bytes, int, None]:
+        return self.rebase(meta), 0, None
+
+
+# A pcapng with several interfaces is shown to libpcap with interface i's clock moved
+# (i + 1) * INTERFACE_STRIDE seconds on (pcapfile.pcapng_interface_view): about four years
+# apart, and at most MAX_LIBPCAP_INTERFACES of them, so today's times stay in the 32-bit
+# seconds of next_batch's records until the 2060s.
+INTERFACE_STRIDE = 1 << 27
+MAX_LIBPCAP_INTERFACES = 8
+# How far a batch's packets may lie from the packet before them, in seconds.
+MAX_INTERFACE_STEP = 7 * 86400
+
+
+class InterfaceClock:
+    """The interfaces of a pcapng with several, which libpcap reads but does not report:
+    each packet's seconds lie in its interface's band (pcapfile.pcapng_interface_view),
+    bands counted from the first packet's seconds.  ``convert`` takes the bands back out,
+    with list and array operations rather than a loop over the records.  A packet in no
+    interface's band (a later section's, or an interface described after the first
+    packet, which libpcap reads without an offset) raises ClockLost, and so does a batch
+    reaching more than MAX_INTERFACE_STEP from the packet before it: a clock so wrong that
+    it put a packet in another interface's band would be years off.  Nothing is guessed."""
+
+    def __init__(self, first_us: int, interfaces: int):
+        self.start = first_us // MICRO - INTERFACE_STRIDE // 2  # where band 0 begins
+        self.interfaces = interfaces
+        self.last = first_us // MICRO
+
+    def convert(self, meta: bytes) -> tuple[bytes, int, dict | None]:
+        """``meta`` with the true seconds, the interface of most of its frames, and the
+        others' by frame offset (None when there are none)."""
+        words = array.array("I")
+        words.frombytes(meta)
+        seconds = words[0::4]
+        start, stride = self.start, INTERFACE_STRIDE
+        low, high = min(seconds), max(seconds)
+        low_band, high_band = (low - start) // stride, (high - start) // stride
+        if low_band < 1 or high_band > self.interfaces:
+            raise ClockLost
+        others = None
+        if low_band == high_band:
+            band = low_band
+            shift = band * stride
+            words[0::4] = array.array("I", [sec - shift for sec in seconds])
+            low, high = low - shift, high - shift
+        else:
+            bands = [(sec - start) // stride for sec in seconds]
+            true = array.array("I", [sec - b * stride for sec, b in zip(seconds, bands)])
+            words[0::4] = true
+            low, high = min(true), max(true)
+            band = max(set(bands), key=bands.count)
+            others = {offset: b - 1 for offset, b in zip(words[2::4], bands) if b != band}
+        if low < self.last - MAX_INTERFACE_STEP or high > self.last + MAX_INTERFACE_STEP:
+            raise ClockLost
+        self.last = high
+        return words.tobytes(), band - 1, others
+
+
+class Batch(NamedTuple):
+    """A libpcap batch as PrefilteredCapture.batches gives it (Sensor.handle_batch's
+    arguments)."""
+
+    linktype: int
+    buf: bytes
+    meta: bytes
+    interface: int = 0
+    others: dict | None = None  # offsets of frames from another interface, to theirs
 
 
 def dlt_for(linktype: int) -> int:
@@ -491,7 +565,7 @@ class ReadAhead:
             self._changed.notify()
 
 
-class NanosecondFeed:
+class PrologueFeed:
     """A nanosecond capture shown to libpcap as a microsecond one, through a pipe.
 
     libpcap opened for microseconds (all pcapy offers) divides a nanosecond file's
@@ -506,7 +580,7 @@ class NanosecondFeed:
     after each of ~200k calls.  The child ends when the file does or libpcap's end of the
     pipe closes; it shares the file's offset, which is how far the feed has come."""
 
-    def __init__(self, path: str, prologue: bytes):
+    def __init__(self, path: str, prologue: bytes, resume: int | None = None):
         self._file = os.open(path, os.O_RDONLY)
         self._pid = 0
         self._status = 0
@@ -522,7 +596,7 @@ class NanosecondFeed:
             pass  # capped by /proc/sys/fs/pipe-max-size; a smaller pipe only means more wake-ups
         try:
             os.write(write_end, prologue)
-            os.lseek(self._file, len(prologue), os.SEEK_SET)
+            os.lseek(self._file, len(prologue) if resume is None else resume, os.SEEK_SET)
             self._pid = os.fork()
         except OSError:
             for fd in (read_end, write_end, self._file):
@@ -605,9 +679,9 @@ def _queued(pipe: int) -> int:
 class PrefilteredCapture:
     """A capture read with the sensor's filter applied before Python sees a packet.
 
-    Classic pcap files (microsecond, or nanosecond through NanosecondFeed), and pcapng
+    Classic pcap files (microsecond, or nanosecond through PrologueFeed), and pcapng
     files with one interface on a microsecond clock (or a nanosecond one, through
-    NanosecondFeed and MillisecondClock), are read by libpcap itself
+    PrologueFeed and MillisecondClock), are read by libpcap itself
     (``next_batch``), so rejected packets cost no Python work at all; ``units`` is what a
     second of its batches' second timestamp word is divided into.  Anything else is read
     by pcapfile.CaptureFile and filtered per packet with the same compiled program.
@@ -626,8 +700,8 @@ class PrefilteredCapture:
         self._stop_reader = threading.Event()
         self.read_ahead: ReadAhead | None = None
         self._capture = None
-        self._feed: NanosecondFeed | None = None
-        self._clock: MillisecondClock | None = None
+        self._feed: PrologueFeed | None = None
+        self._clock: MillisecondClock | InterfaceClock | None = None
         self.units = MICRO
         known = self._libpcap_format(path)
         linktype = known.linktype if known is not None else None
@@ -637,7 +711,7 @@ class PrefilteredCapture:
             opened = path
             if known.prologue is not None:
                 try:
-                    self._feed = NanosecondFeed(path, known.prologue)
+                    self._feed = PrologueFeed(path, known.prologue, known.resume)
                 except OSError as err:
                     raise CaptureError(f"{path}: {err.strerror}") from None
                 opened = self._feed.path
@@ -666,6 +740,8 @@ class PrefilteredCapture:
                 self._linktype = linktype
                 if known.first_ns is not None:
                     self._clock = MillisecondClock(known.first_ns)
+                elif known.interfaces > 1:
+                    self._clock = InterfaceClock(known.first_us, known.interfaces)
                 self._records = self._libpcap_records(linktype)
         if linktype is None:
             self._capture = open_capture(path)
@@ -705,6 +781,12 @@ class PrefilteredCapture:
             view = pcapng_microsecond_view(head) if _FEEDS_WORK else None
             if view is not None and len(view[0]) <= MAX_PROLOGUE:
                 return LibpcapFile(linktype, "pcapng", NANO, *view)
+        elif interfaces is not None and _FEEDS_WORK:
+            view = pcapng_interface_view(head, INTERFACE_STRIDE, MAX_LIBPCAP_INTERFACES)
+            if view is not None and len(view[0]) <= MAX_PROLOGUE:
+                prologue, resume, linktype, count, first_us = view
+                return LibpcapFile(linktype, "pcapng", MICRO, prologue, resume=resume,
+                                   first_us=first_us, interfaces=count)
         return None
 
     def _libpcap_records(self, linktype: int):
@@ -722,11 +804,13 @@ class PrefilteredCapture:
                     if not self._feed_failed():
                         return
                     break
+                interface, others = 0, None
                 if clock is not None:
-                    meta = clock.rebase(meta)
+                    meta, interface, others = clock.convert(meta)
                 for pos in range(0, len(meta), 16):
                     sec, fraction, off, caplen = unpack_from(meta, pos)
-                    yield (sec * units + fraction) / units, linktype, buf[off:off + caplen], caplen, 0
+                    yield ((sec * units + fraction) / units, linktype, buf[off:off + caplen], caplen,
+                           others.get(off, interface) if others else interface)
                 yielded += len(meta) >> 4
         except pcapy.PcapError as err:
             self.truncated = str(err)
@@ -735,7 +819,7 @@ class PrefilteredCapture:
         yield from self._python_rest(yielded)
 
     def _feed_failed(self) -> bool:
-        """A NanosecondFeed that stopped short ends libpcap's file early, where no error
+        """A PrologueFeed that stopped short ends libpcap's file early, where no error
         shows: the Python reader takes over, and meets (and reports) the failure itself."""
         return self._feed is not None and self._feed.failed()
 
@@ -755,9 +839,9 @@ class PrefilteredCapture:
             yield record
 
     def batches(self):
-        """The capture as libpcap ``next_batch`` batches, ``(linktype, buffer, meta)`` with
-        meta holding native (sec, usec, offset, caplen) records, so the reader can drop
-        bypassed flows without slicing each frame out.  Frames libpcap cannot read (other
+        """The capture as libpcap ``next_batch`` batches (Batch: meta holds native (sec,
+        usec, offset, caplen) records), so the reader can drop bypassed flows without
+        slicing each frame out.  Frames libpcap cannot read (other
         formats, the rest of a file after a libpcap error) come as the 5-tuples iteration
         yields.  Use this or iteration, not both; calling it again returns the same batches.
 
@@ -779,18 +863,20 @@ class PrefilteredCapture:
         stop = threading.Event()
         next_batch = self._handle.next_batch
         clock = self._clock
+        linktype = self._linktype
 
         def read() -> None:
             while room.wait(stop):
                 try:
                     buf, meta = next_batch(BATCH)
+                    interface, others = 0, None
                     if clock is not None and meta:
-                        meta = clock.rebase(meta)
+                        meta, interface, others = clock.convert(meta)
                 except (pcapy.PcapError, ClockLost) as err:
                     batches.put(err)
                     return
                 room.add(len(buf))
-                batches.put((buf, meta))
+                batches.put(Batch(linktype, buf, meta, interface, others))
                 if not meta:
                     return
 
@@ -806,7 +892,6 @@ class PrefilteredCapture:
         import pcapy
 
         batches, room = reader
-        linktype = self._linktype
         yielded = 0
         try:
             while True:
@@ -816,14 +901,13 @@ class PrefilteredCapture:
                 if isinstance(item, pcapy.PcapError):
                     self.truncated = str(item)
                     break
-                buf, meta = item
-                room.take(len(buf))
-                if not meta:
+                room.take(len(item.buf))
+                if not item.meta:
                     if not self._feed_failed():
                         return
                     break
-                yield linktype, buf, meta
-                yielded += len(meta) >> 4
+                yield item
+                yielded += len(item.meta) >> 4
         finally:
             self._join_reader()
         yield from self._python_rest(yielded)

@@ -181,6 +181,49 @@ def pcapng_microsecond_view(head: bytes) -> tuple[bytes, int] | None:
     return bytes(view), high << 32 | low
 
 
+def pcapng_interface_view(head: bytes, stride: int, most: int) -> tuple[bytes, int, int, int, int] | None:
+    """For a pcapng whose 2 to ``most`` interfaces, all described before its first packet
+    block (an EPB within ``head``), share one link type and count microseconds with no
+    offset: the bytes before that block with interface ``i`` given an if_tsoffset of
+    ``(i + 1) * stride`` seconds, where that block starts, the link type, the number of
+    interfaces and the first packet's timestamp in microseconds.  libpcap reading the file so reports each packet's
+    interface in its seconds (bpf.InterfaceClock takes it back out); the fraction is
+    untouched.  None otherwise."""
+    leading = _leading_blocks(head)
+    if leading is None or not 2 <= len(leading[1]) <= most:
+        return None
+    layout, idbs, packet_at = leading
+    if layout.head.unpack_from(head, packet_at)[0] != _EPB or packet_at + 28 > len(head):
+        return None
+    described = [_interface(head, pos, pos + length, layout) for pos, length in idbs]
+    if any(units != _DEFAULT_TS_UNITS or offset or linktype != described[0][0]
+           for linktype, _snaplen, units, offset, _ in described):
+        return None
+    view = bytearray()
+    last = 0
+    for index, (pos, length) in enumerate(idbs):
+        view += head[last:pos] + _with_offset(head[pos:pos + length], (index + 1) * stride, layout)
+        last = pos + length
+    view += head[last:packet_at]
+    high, low = layout.epb.unpack_from(head, packet_at + 8)[1:3]
+    return bytes(view), packet_at, described[0][0], len(idbs), high << 32 | low
+
+
+def _with_offset(idb: bytes, seconds: int, layout: _PcapngLayout) -> bytes:
+    """The IDB ``idb`` with an if_tsoffset option of ``seconds`` after its own options
+    (it has none: pcapng_interface_view checked)."""
+    end, pos = len(idb) - 4, 16
+    while pos + 4 <= end:
+        code, length = layout.option.unpack_from(idb, pos)
+        if code == _OPT_ENDOFOPT or pos + 4 + length > end:
+            break
+        pos += 4 + ((length + 3) & ~3)
+    body = (idb[8:pos] + layout.option.pack(_OPT_IF_TSOFFSET, 8) + layout.int64.pack(seconds)
+            + layout.option.pack(_OPT_ENDOFOPT, 0))
+    total = len(body) + 12
+    return layout.head.pack(_IDB, total) + body + layout.u32.pack(total)
+
+
 class CaptureFile:
     """One capture file (or stdin) being read; iterate once for its packets.
 

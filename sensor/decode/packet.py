@@ -106,12 +106,15 @@ def _tunnel_inner(buf: bytes, off: int, end: int) -> tuple[int, int] | None:
     return None
 
 
-def batch_frames(buf: bytes, meta: bytes, units: int = 1_000_000):
+def batch_frames(buf: bytes, meta: bytes, units: int = 1_000_000, offsets: bool = False):
     """``(ts, frame, caplen)`` of every record of a libpcap batch (``next_batch``: one
     buffer, native (sec, fraction, offset, caplen) records, ``units`` fractions a second),
-    each frame sliced out."""
+    each frame sliced out; with ``offsets`` the frame's offset in the buffer follows."""
     for sec, fraction, off, caplen in BATCH_RECORD.iter_unpack(meta):
-        yield (sec * units + fraction) / units, buf[off:off + caplen], caplen
+        if offsets:
+            yield (sec * units + fraction) / units, buf[off:off + caplen], caplen, off
+        else:
+            yield (sec * units + fraction) / units, buf[off:off + caplen], caplen
 
 
 # The pseudo Ethernet header _ethernet_layout puts before a frame of another link type:
@@ -341,19 +344,24 @@ class PacketDecoder:
             self.stats.bad(err.reason)
         return out
 
-    def batch(self, linktype: int, buf: bytes, meta: bytes, units: int = 1_000_000):
-        """The frames of a libpcap batch for ``decode``, as ``(ts, frame, caplen)``: Ethernet
-        and Linux cooked batches through ethernet_batch, which drops on the buffer what it
-        can rule out; other link types every frame (batch_frames)."""
+    def batch(self, linktype: int, buf: bytes, meta: bytes, units: int = 1_000_000,
+              offsets: bool = False):
+        """The frames of a libpcap batch for ``decode``, as ``(ts, frame, caplen)``, with
+        ``offsets`` followed by the frame's offset in ``buf``: Ethernet and Linux cooked
+        batches through ethernet_batch, which drops on the buffer what it can rule out;
+        other link types every frame (batch_frames)."""
         if linktype == LINKTYPE_ETHERNET or linktype == LINKTYPE_LINUX_SLL:
-            return self.ethernet_batch(buf, meta, units, cooked=linktype == LINKTYPE_LINUX_SLL)
+            return self.ethernet_batch(buf, meta, units, cooked=linktype == LINKTYPE_LINUX_SLL,
+                                       offsets=offsets)
         if linktype in _LAID_OUT_AS_ETHERNET:
             layout, records, outer = _ethernet_layout(buf, meta, linktype)
-            return self.ethernet_batch(layout, records, units, captured=(buf, meta, outer))
-        return batch_frames(buf, meta, units)
+            return self.ethernet_batch(layout, records, units, captured=(buf, meta, outer),
+                                       offsets=offsets)
+        return batch_frames(buf, meta, units, offsets)
 
     def ethernet_batch(self, buf: bytes, meta: bytes, units: int = 1_000_000,
-                       tunnelled: bool = False, cooked: bool = False, captured: tuple | None = None):
+                       tunnelled: bool = False, cooked: bool = False, captured: tuple | None = None,
+                       offsets: bool = False):
         """The frames of a libpcap batch (``next_batch``: one buffer, native (sec, fraction,
         offset, caplen) records, ``units`` fractions a second) that ``decode`` could make
         something of, as ``(ts, frame, caplen)``; the rest are counted here and never
@@ -603,7 +611,10 @@ class PacketDecoder:
                 end = off + caplen
             yielded += 1
             yielded_bytes += caplen
-            yield (sec * units + fraction) / units, frames[off:end], caplen
+            if offsets:
+                yield (sec * units + fraction) / units, frames[off:end], caplen, off
+            else:
+                yield (sec * units + fraction) / units, frames[off:end], caplen
             next_expiry = self._next_expiry
             expiry_sec = int(next_expiry)
             clock = loss.clock
