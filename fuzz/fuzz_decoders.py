@@ -6,10 +6,12 @@
 
 Targets: frame (whole frames through PacketDecoder, every link type), batch (a libpcap
 batch of Ethernet frames, and of the same as Linux cooked v1 and v2 frames and as bare IP,
-through the buffer fast path, which must give exactly what decoding each frame gives), capture (pcap/pcapng files), pipeline (a capture file through
+through the buffer fast path, which must give exactly what decoding each frame gives), capture (pcap/pcapng files), prefiltered (a capture file
+read through libpcap with the sensor's filter, by iteration and by batches, which must give
+the Python reader's filtered frames, timestamps and interfaces), pipeline (a capture file through
 every stage: decoder, detector, tracker, ECS and JSON alerts, inventory snapshots), dns,
 dns_tcp, http, tls, quic, dhcp.  Seeds come from the sample captures in pcaps/, for
-capture and pipeline as pcap and as pcapng too (written to fuzz/corpus/TARGET on first
+capture, prefiltered and pipeline as pcap and as pcapng too (written to fuzz/corpus/TARGET on first
 use).  A crash is any exception other than the decoder's own DecodeError / CaptureError,
 or a state table above its cap.
 """
@@ -17,7 +19,9 @@ or a state table above its cap.
 from __future__ import annotations
 
 import io
+import os
 import struct
+import tempfile
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +34,7 @@ import atheris  # noqa: E402
 from field_variants import as_link  # noqa: E402
 
 with atheris.instrument_imports():
+    from sensor.capture import bpf
     from sensor.capture.pcapfile import CaptureError, CaptureFile
     from sensor.decode import dhcp, dns, http, tls
     from sensor.decode.link import LINK_DECODERS
@@ -42,7 +47,7 @@ with atheris.instrument_imports():
     from sensor.records import DecodeError, PacketContext
     from sensor.stats import Stats
 
-TARGETS = ("frame", "batch", "capture", "pipeline", "dns", "dns_tcp", "http", "tls", "quic", "dhcp")
+TARGETS = ("frame", "batch", "capture", "prefiltered", "pipeline", "dns", "dns_tcp", "http", "tls", "quic", "dhcp")
 LINKTYPES = sorted(LINK_DECODERS)
 CTX = PacketContext(1.0, "10.0.0.1", "10.0.0.2", 50000, 443, "udp")
 STATS = Stats()
@@ -124,6 +129,52 @@ def one_capture(data: bytes) -> None:
         pass
 
 
+_SCRATCH = Path(tempfile.mkdtemp(prefix="fuzz-prefiltered-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+
+
+def one_prefiltered(data: bytes) -> None:
+    """What libpcap gives through PrefilteredCapture (PrologueFeed, MillisecondClock,
+    InterfaceClock and the hand-over to Python included) against the Python reader with
+    the same filter, per frame: time, link type, bytes and interface."""
+    path = _SCRATCH / "capture"
+    path.write_bytes(data)
+    try:
+        capture = CaptureFile("fuzz", io.BytesIO(data), len(data))
+        frames = list(capture)
+    except CaptureError:
+        return
+    if any(linktype in (0, 108) for _, linktype, _, _, _ in frames):
+        return  # BSD loopback: libpcap swaps the family before filtering, the Python path passes it whole
+    if capture.skipped or any(not 0 <= ts < 2 ** 32 for ts, _, _, _, _ in frames):
+        return  # a pcapng time past 2106 (or 9999) reaches next_batch's 32-bit seconds wrapped
+    tunnels = bpf.file_filter(str(path)) == bpf.build_filter(tunnels=True)
+    admits = bpf.LinktypeFilters(None).admits
+    if tunnels:
+        import pcapy
+
+        program = pcapy.compile(1, 262144, bpf.build_filter(tunnels=True), 1, 0)
+        admits = lambda linktype, frame: bool(program.filter(frame))  # noqa: E731
+    expected = [(ts, linktype, frame, interface) for ts, linktype, frame, _, interface in frames
+                if admits(linktype, frame)]
+    try:
+        with bpf.open_prefiltered(str(path)) as cap:
+            by_iteration = [(r[0], r[1], r[2], r[4]) for r in cap]
+        with bpf.open_prefiltered(str(path)) as cap:
+            by_batches = []
+            for item in cap.batches():
+                if type(item) is not bpf.Batch:
+                    by_batches.append((item[0], item[1], item[2], item[4]))
+                    continue
+                others = item.others or {}
+                for sec, fraction, off, caplen in BATCH_META.iter_unpack(item.meta):
+                    by_batches.append(((sec * cap.units + fraction) / cap.units, item.linktype,
+                                       item.buf[off:off + caplen], others.get(off, item.interface)))
+    except CaptureError:
+        return
+    assert by_iteration == expected, "iteration differs from the Python reader"
+    assert by_batches == expected, "batches differ from the Python reader"
+
+
 _PIPELINE: list = []
 
 
@@ -183,23 +234,26 @@ def one_dhcp(data: bytes) -> None:
     dhcp.parse_dhcp(data, CTX)
 
 
-HANDLERS = {"frame": one_frame, "batch": one_batch, "capture": one_capture, "pipeline": one_pipeline,
+HANDLERS = {"frame": one_frame, "batch": one_batch, "capture": one_capture, "prefiltered": one_prefiltered,
+            "pipeline": one_pipeline,
             "dns": one_dns, "dns_tcp": one_dns_tcp,
             "http": one_http, "tls": one_tls, "quic": one_quic, "dhcp": one_dhcp}
 
 
-def _as_pcapng(records) -> bytes:
-    """The records as pcapng with nanosecond interfaces, one per link type, written by the
-    sample generator's pcapng writer."""
+def _as_pcapng(records, resolution: int = 9, spread: int = 1) -> bytes:
+    """The records as pcapng with ``spread`` interfaces per link type, the records taking
+    them in turn, on clocks of 10**-``resolution`` seconds, written by the sample
+    generator's pcapng writer."""
     sys.path.insert(0, str(ROOT / "pcaps"))
     from make_samples import pcapng_file
 
-    interfaces: dict[int, int] = {}
-    for _, linktype, _, _, _ in records:
-        interfaces.setdefault(linktype, len(interfaces))
-    return pcapng_file([(linktype, 9, b"fuzz") for linktype in interfaces],
-                       [(round(ts * 1e9), frame, interfaces[linktype])
-                        for ts, linktype, frame, _, _ in records])
+    interfaces: dict[tuple[int, int], int] = {}
+    for i, (_, linktype, _, _, _) in enumerate(records):
+        interfaces.setdefault((linktype, i % spread), len(interfaces))
+    return pcapng_file([(linktype, resolution, b"fuzz") for linktype, _ in interfaces],
+                       [(round(ts * 10 ** resolution) * 10 ** (9 - resolution), frame,
+                         interfaces[(linktype, i % spread)])
+                        for i, (ts, linktype, frame, _, _) in enumerate(records)])
 
 
 def seeds(target: str) -> list[bytes]:
@@ -209,10 +263,13 @@ def seeds(target: str) -> list[bytes]:
     out: list[bytes] = []
     for path in sorted((ROOT / "pcaps").glob("*.pcap*")):
         data = path.read_bytes()
-        if target in ("capture", "pipeline"):
+        if target in ("capture", "pipeline", "prefiltered"):
             out.append(data[:65536])
             try:
-                out.append(_as_pcapng(list(CaptureFile(str(path), io.BytesIO(data), len(data)))[:64]))
+                records = list(CaptureFile(str(path), io.BytesIO(data), len(data)))[:64]
+                out.append(_as_pcapng(records))
+                if target == "prefiltered":
+                    out.append(_as_pcapng(records, resolution=6, spread=2))
             except CaptureError:
                 pass
             continue

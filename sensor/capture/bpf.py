@@ -343,12 +343,13 @@ class FilterError(ValueError):
     """The filter does not compile for this link type (libpcap's message included)."""
 
 
-def compile_filter(user_filter: str | None, linktype: int = DLT_EN10MB, snaplen: int = 262144):
+def compile_filter(user_filter: str | None, linktype: int = DLT_EN10MB, snaplen: int = 262144,
+                   tunnels: bool = False):
     """A compiled ``pcapy.BPFProgram`` for ``build_filter``; raises FilterError with libpcap's reason."""
     import pcapy
 
     try:
-        return pcapy.compile(linktype, snaplen, build_filter(user_filter, linktype), 1, 0)
+        return pcapy.compile(linktype, snaplen, build_filter(user_filter, linktype, tunnels), 1, 0)
     except pcapy.PcapError as err:
         raise FilterError(f"bad capture filter for link type {linktype}: {err}") from None
 
@@ -515,8 +516,9 @@ class LinktypeFilters:
     """Compiled programs per link type for captures libpcap cannot read itself (pcapng with
     several interfaces, nanosecond clocks, stdin); capped, since pcapng names link types freely."""
 
-    def __init__(self, user_filter: str | None):
+    def __init__(self, user_filter: str | None, tunnels: bool = False):
         self.user_filter = user_filter
+        self.tunnels = tunnels  # as build_filter's: what libpcap ran on the same capture
         self.programs: dict = {}
 
     def admits(self, linktype: int, frame: bytes) -> bool:
@@ -526,7 +528,7 @@ class LinktypeFilters:
             if len(self.programs) < MAX_FILTER_PROGRAMS and (
                     self.user_filter or linktype not in _WRITER_ORDER_LINKTYPES):
                 try:
-                    program = compile_filter(self.user_filter, dlt_for(linktype))
+                    program = compile_filter(self.user_filter, dlt_for(linktype), tunnels=self.tunnels)
                 except FilterError:
                     # The sensor's filter alone passes such a link type whole (the decoder
                     # judges it); an operator's filter that cannot apply to it matches nothing.
@@ -692,6 +694,7 @@ class PrefilteredCapture:
     def __init__(self, path: str, user_filter: str | None = None):
         self.path = path
         self.user_filter = user_filter
+        self._tunnels = False
         self.truncated: str | None = None
         self.skipped = 0
         self._fd = -1
@@ -722,6 +725,7 @@ class PrefilteredCapture:
                 raise CaptureError(f"{path}: {err}") from None
             if self._feed is not None:
                 self._feed.opened()
+            self._tunnels = known.tunnels
             try:
                 handle.setfilter(build_filter(user_filter, dlt_for(linktype), tunnels=known.tunnels))
             except pcapy.PcapError:
@@ -921,7 +925,7 @@ class PrefilteredCapture:
 
     def _python_records(self):
         capture = self._capture
-        admits = LinktypeFilters(self.user_filter).admits
+        admits = LinktypeFilters(self.user_filter, self._tunnels).admits
         for record in capture:
             if admits(record[1], record[2]):
                 yield record

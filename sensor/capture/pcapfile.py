@@ -119,7 +119,8 @@ def _interface(buf: bytes, pos: int, block_end: int,
 def _leading_blocks(head: bytes) -> tuple[_PcapngLayout, list[tuple[int, int]], int] | None:
     """(byte order's layout, (position, length) of each IDB, position of the first packet
     block) of a pcapng file's first bytes ``head``.  None when ``head`` is not pcapng, is
-    malformed, starts a second section or ends before a packet block."""
+    malformed (a block's trailing length too: a view rewritten from it would repair what
+    the full reader stops at), starts a second section or ends before a packet block."""
     if len(head) < 28 or _LE_U32.unpack_from(head)[0] != _SHB:
         return None
     order = _section_byte_order(head, 0)
@@ -132,7 +133,8 @@ def _leading_blocks(head: bytes) -> tuple[_PcapngLayout, list[tuple[int, int]], 
         block_type, block_len = layout.head.unpack_from(head, pos)
         if block_type in (_EPB, _OBSOLETE_PB, _SPB):
             return layout, idbs, pos
-        if block_len & 3 or block_len < 12 or pos + block_len > len(head):
+        if block_len & 3 or block_len < 12 or pos + block_len > len(head) \
+                or layout.u32.unpack_from(head, pos + block_len - 4)[0] != block_len:
             return None
         if block_type == _SHB and pos:
             return None
