@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Wrap a classic Ethernet pcap's frames in a tunnel, as a span port arrives from afar:
 VXLAN as cloud traffic mirroring (AWS VPC Traffic Mirroring, Azure vTAP) sends it (UDP to
-port 4789, VNI 100), or ERSPAN type II as a remote span session does (GRE with a sequence
-number, session 100); outer untagged IPv4 from a mirror source to a collector.
+port 4789, VNI 100), or ERSPAN type II or III as a remote span session does (GRE with a
+sequence number, session 100; type III with its timestamp and no platform subheader);
+outer untagged IPv4 from a mirror source to a collector.
 
     python3 bench/wrap_tunnel.py bench/out/mix.pcap /tmp/vxlan.pcap --share 1.0 --packets 300000
     python3 bench/run.py --no-tshark --no-plain --mix /tmp/vxlan.pcap
@@ -36,7 +37,12 @@ def erspan2(frame: bytes, number: int) -> bytes:
     return _outer(47, gre + struct.pack("!HHI", 0x1000, 100, 0) + frame)
 
 
-TUNNELS = {"vxlan": vxlan, "erspan2": erspan2}
+def erspan3(frame: bytes, number: int) -> bytes:
+    gre = struct.pack("!HHI", 0x1000, 0x22EB, number & 0xFFFFFFFF)
+    return _outer(47, gre + struct.pack("!HHIHBB", 0x2000, 100, number & 0xFFFFFFFF, 0, 0, 0) + frame)
+
+
+TUNNELS = {"vxlan": vxlan, "erspan2": erspan2, "erspan3": erspan3}
 
 
 def main(argv: list[str] | None = None) -> int:

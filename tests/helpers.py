@@ -62,6 +62,19 @@ def in_vxlan(data: bytes, n: int = 0) -> bytes:
     return macs + tag + b"\x08\x00" + ip + udp
 
 
+def in_erspan3(data: bytes, n: int = 0, subheader: bool = False, frame_type: int = 0) -> bytes:
+    """``data`` as ERSPAN type III's inner frame: untagged IPv4, GRE with a sequence number,
+    the 12-byte type III header (session ``n``, a timestamp, the frame type and the O flag)
+    and, with ``subheader``, the 8-byte platform subheader the O flag announces."""
+    gre = struct.pack("!HHI", 0x1000, 0x22EB, n)
+    erspan = struct.pack("!HHIHBB", 0x2000, n & 0x3FF, 0x12345678, 0, (frame_type & 0x1F) << 2,
+                         0x01 if subheader else 0x00) + (bytes(8) if subheader else b"")
+    payload = gre + erspan + data
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), n & 0xFFFF, 0, 64, 47, 0,
+                     bytes([192, 0, 2, 1]), bytes([192, 0, 2, 2]))
+    return bytes.fromhex("020000000001020000000002") + b"\x08\x00" + ip + payload
+
+
 def in_erspan2(data: bytes, n: int = 0) -> bytes:
     """``data`` as ERSPAN type II's inner frame (Cisco's remote span): untagged IPv4, GRE
     with a sequence number, ERSPAN II's 8-byte header; session ``n``."""

@@ -26,7 +26,7 @@ from sensor.records import ClientHello, HttpRequest
 from sensor.detect.signatures import default_signature_paths, load_signatures
 from sensor.pipeline import decoder_interest
 from sensor.stats import Stats
-from tests.helpers import in_erspan2, in_vxlan
+from tests.helpers import in_erspan2, in_erspan3, in_vxlan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from field_variants import as_link  # noqa: E402
@@ -47,8 +47,10 @@ def _ethernet_frames() -> list[tuple[float, bytes]]:
 FRAMES = _ethernet_frames()
 
 
-# Every fourth frame in ERSPAN II, the rest in VXLAN's variations.
-WRAPPED = [(ts, in_erspan2(data, n) if n % 4 == 3 else in_vxlan(data, n))
+# Every fourth frame in ERSPAN II or III (with and without a platform subheader), the rest
+# in VXLAN's variations.
+WRAPPED = [(ts, in_erspan2(data, n) if n % 8 == 3 else in_erspan3(data, n, subheader=n % 16 == 15)
+            if n % 8 == 7 else in_vxlan(data, n))
            for n, (ts, data) in enumerate(FRAMES)]
 
 
@@ -415,8 +417,9 @@ def test_a_connection_inside_vxlan_stays_on_the_buffer(lead):
                                  / UDP(sport=16384, dport=16386) / bytes(40)), **wrapped}
     decoder, yielded, _ = _through_the_fast_path(wrapped)
     assert yielded == []
-    if not lead:  # remote span's ERSPAN II, read at its inner frames as a batch
+    if not lead:  # remote span's ERSPAN II and III, read at their inner frames as a batch
         assert _through_the_fast_path({name: in_erspan2(frame) for name, frame in frames.items()})[1] == []
+        assert _through_the_fast_path({name: in_erspan3(frame) for name, frame in frames.items()})[1] == []
     stamped = _one_ms_apart(wrapped)
     outcome = _batched(stamped)
     assert outcome == _one_by_one(stamped)
@@ -618,12 +621,13 @@ def test_screened_dns_within_the_report_interval_stays_on_the_buffer():
         assert [round(ts - 1_700_000_000) for ts in reports] == [0, 0, 60, 60]
 
 
-@pytest.mark.parametrize("n", range(4))
+@pytest.mark.parametrize("n", range(5))
 def test_a_tunnel_frame_cut_anywhere_at_the_end_of_a_batch(n):
     """The tunnel test reads a frame's headers up to VXLAN's flags (_tunnel_inner): a frame
     cut short, last in its batch, has nothing after it to read.  Found by the batch fuzz
     target (an IPv6 frame 62 bytes from its tag)."""
-    whole = in_erspan2(FRAMES[0][1], n) if n == 3 else in_vxlan(FRAMES[0][1], n)
+    whole = in_erspan2(FRAMES[0][1], n) if n == 3 else in_erspan3(FRAMES[0][1], n) if n == 4 \
+        else in_vxlan(FRAMES[0][1], n)
     assert _tunnel_inner(whole, 0, len(whole)) is not None
     for cut in range(len(whole)):
         assert _tunnel_inner(whole[:cut], 0, cut) is None

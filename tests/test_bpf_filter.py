@@ -9,6 +9,7 @@ every capture in pcaps/ (and a slice of the benchmark mix) and compares the aler
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import socket
@@ -120,17 +121,24 @@ def test_filter_keeps_every_detection_in_cooked_captures_with_tags(tmp_path, cap
     assert plain[0] == original[0] and sum(plain[0].values()) > 100
 
 
+# The Ethernet filters a capture file that opens with tunnels gets, one per set of kinds.
+TUNNEL_FILTERS = {bpf.build_filter(tunnels=frozenset(kinds))
+                  for n in range(1, len(bpf.TUNNEL_KINDS) + 1)
+                  for kinds in itertools.combinations(sorted(bpf.TUNNEL_KINDS), n)}
+
+
 def test_prefiltered_reader_matches_python_reader_with_the_same_filter():
     """libpcap path (classic pcap) and per-packet path (pcapng) yield what the compiled
     filter admits, with identical timestamps; a capture that opens with VXLAN gets the
     VXLAN filter."""
-    vxlan_program = _tunnel_program()
     for capture in PCAPS:
         if capture.name == "bsd_loopback.pcap":
             continue  # libpcap byte-swaps the family first; the per-packet path passes it whole
         admits = bpf.LinktypeFilters(None).admits
-        if bpf.file_filter(str(capture)) == bpf.build_filter(tunnels=True):
-            admits = lambda linktype, data: bool(vxlan_program.filter(data))  # noqa: E731
+        expression = bpf.file_filter(str(capture))
+        if expression in TUNNEL_FILTERS:
+            program = pcapy.compile(bpf.DLT_EN10MB, 262144, expression, 1, 0)
+            admits = lambda linktype, data, program=program: bool(program.filter(data))  # noqa: E731
         with open_capture(str(capture)) as cap:
             expected = [r for r in cap if admits(r[1], r[2])]
         with bpf.open_prefiltered(str(capture)) as cap:
@@ -668,12 +676,12 @@ def wrpcap_frames(path: Path, records) -> None:
 
 
 def _wrappers():
-    from tests.helpers import in_erspan2, in_vxlan
+    from tests.helpers import in_erspan2, in_erspan3, in_vxlan
 
-    return {"vxlan": in_vxlan, "erspan2": in_erspan2}
+    return {"vxlan": in_vxlan, "erspan2": in_erspan2, "erspan3": in_erspan3}
 
 
-TUNNELS = pytest.mark.parametrize("tunnel", ["vxlan", "erspan2"])
+TUNNELS = pytest.mark.parametrize("tunnel", ["vxlan", "erspan2", "erspan3"])
 
 
 @TUNNELS
@@ -692,10 +700,11 @@ def test_tunnel_filter_judges_the_inner_frame_as_the_frame_alone(case, v6, vlan,
 
 def test_tunnels_the_filter_cannot_judge_pass_whole():
     """An inner frame behind two VLAN tags, VXLAN without the I flag (the decoder counts it
-    malformed), behind an outer tag or over IPv6, and GRE with other flags than ERSPAN II's
-    pass; so does UDP from port 53 to VXLAN's only when its inner frame does, since the
-    decoder reads a tunnel there."""
-    from tests.helpers import in_erspan2, in_vxlan
+    malformed), behind an outer tag or over IPv6, GRE with other flags than ERSPAN II's, and
+    ERSPAN III with a platform subheader or an IP packet inside pass; so does UDP from port
+    53 to VXLAN's only when its inner frame does, since the decoder reads a tunnel there.
+    A filter built for some kinds of tunnel passes the others whole."""
+    from tests.helpers import in_erspan2, in_erspan3, in_vxlan
 
     program = _tunnel_program()
     bulk = _frame(CASES["server_bulk"][0](False), 0)
@@ -709,19 +718,25 @@ def test_tunnels_the_filter_cannot_judge_pass_whole():
     keyed = bytearray(in_erspan2(bulk))
     keyed[34] = 0x30  # GRE key and sequence: the inner frame is 4 bytes further on
     assert program.filter(bytes(keyed))
+    assert not program.filter(in_erspan3(bulk))
+    assert program.filter(in_erspan3(bulk, subheader=True))  # the inner frame 8 bytes further on
+    assert program.filter(in_erspan3(bulk[14:], frame_type=2))  # an IP packet, not a frame
+    assert not bpf.compile_filter(None, tunnels=frozenset({"erspan3"})).filter(in_erspan3(bulk))
+    assert bpf.compile_filter(None, tunnels=frozenset({"erspan3"})).filter(in_erspan2(bulk))
+    assert bpf.compile_filter(None, tunnels=frozenset({"vxlan"})).filter(in_erspan3(bulk))
 
 
 @TUNNELS
 def test_a_capture_that_opens_with_a_tunnel_gets_the_tunnel_filter(tmp_path, capsys, tunnel):
-    """The demo capture inside VXLAN or ERSPAN II: detected by its first records, read with
-    the tunnel filter (fewer frames reach Python than with the plain one), and the
-    detections equal --no-bpf-prefilter's."""
+    """The demo capture inside VXLAN or ERSPAN II or III: detected by its first records, read
+    with the filter for that tunnel (fewer frames reach Python than with the plain one), and
+    the detections equal --no-bpf-prefilter's."""
     wrap = _wrappers()[tunnel]
     with open_capture(str(ROOT / "pcaps" / "demo.pcap")) as cap:
         records = [(ts, wrap(data, 0)) for ts, linktype, data, _, _ in cap if linktype == 1]
     capture = tmp_path / f"{tunnel}-demo.pcap"
     wrpcap_frames(capture, records)
-    assert bpf.file_filter(str(capture)) == bpf.build_filter(tunnels=True)
+    assert bpf.file_filter(str(capture)) == bpf.build_filter(tunnels=frozenset({tunnel}))
     assert bpf.file_filter(str(ROOT / "pcaps" / "demo.pcap")) == bpf.build_filter()
     plain_program = bpf.compile_filter(None)
     tunnel_program = _tunnel_program()

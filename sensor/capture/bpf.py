@@ -22,8 +22,8 @@ packets it rejects never become Python objects.  What must pass:
   after its first.
 
 With ``tunnels`` (live capture, and capture files that open with a tunnel:
-opens_with_tunnel) VXLAN and ERSPAN type II over untagged IPv4 are judged by their inner
-frame, untagged or behind one tag, by the same tests (_inner_frame): cloud traffic
+opens_with_tunnel) VXLAN and ERSPAN types II and III over untagged IPv4 are judged by their
+inner frame, untagged or behind one tag, by the same tests (_inner_frame): cloud traffic
 mirroring delivers a whole span port in VXLAN, a remote span session in ERSPAN.
 
 What it drops: pure ACKs, SYN-ACKs, server-to-client data (the server's TLS flight too:
@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import array
 import fcntl
+import functools
 import os
 import queue
 import select
@@ -77,7 +78,8 @@ import threading
 import time
 from typing import NamedTuple
 
-from ..decode.tunnels import ERSPAN_II_GRE, GENEVE_PORT, VXLAN_PORT, VXLAN_PORT_BYTES
+from ..decode.tunnels import (ERSPAN_II_GRE, ERSPAN_III_FRAME_TYPE_BITS, ERSPAN_III_GRE, ERSPAN_III_HEADER,
+                              ERSPAN_III_SUBHEADER_BIT, GENEVE_PORT, VXLAN_PORT, VXLAN_PORT_BYTES)
 from ..records import BATCH_RECORD
 from .pcapfile import (CaptureError, open_capture, pcapng_interface_view, pcapng_leading_interfaces,
                        pcapng_microsecond_view)
@@ -179,7 +181,7 @@ MAX_VLAN_TAGS = 3
 
 
 def _ip_layers(v4: str, v6: str, ip: int, ipv4_type: str, ipv6_type: str,
-               tunnels: bool = False) -> str:
+               tunnels: frozenset = frozenset()) -> str:
     """IPv4 and IPv6 whose header starts at ``v4[ip]`` and ``v6[ip]`` (``ip``/``ip6`` from
     0, or ``ether`` from the header's offset); ``ipv4_type``/``ipv6_type`` test that the
     frame carries them.  IPv4 with options (rare: router alerts, the odd probe) or
@@ -188,8 +190,10 @@ def _ip_layers(v4: str, v6: str, ip: int, ipv4_type: str, ipv6_type: str,
     without it malformed) and ERSPAN type II over IPv4 are judged by their inner frame
     (_inner_frame), 16 bytes past the IPv4 header for both: UDP and VXLAN's headers, or
     GRE with a sequence number (flags word 0x1000, nothing else, which fixes the offset)
-    and ERSPAN II's header.  The decoder reads UDP to VXLAN's port as VXLAN whatever the
-    other port says."""
+    and ERSPAN II's header; ERSPAN type III 20 bytes past it, when its header announces
+    an Ethernet frame and no platform subheader.  The decoder reads UDP to VXLAN's port as
+    VXLAN whatever the other port says.  ``tunnels`` names the kinds (TUNNEL_KINDS) to
+    judge so; VXLAN and ERSPAN II share their inner frame's tests, type III has its own."""
     tests = (f"({v4}[{ip}] != 0x45 or {v4}[{ip + 6}:2] & 0x3fff != 0"
              f" or ({v4}[{ip + 9}] == 6 and "
              + _fixed_tcp(v4, ip + 20, f"{v4}[{ip + 2}:2] - 20") + ")"
@@ -198,11 +202,23 @@ def _ip_layers(v4: str, v6: str, ip: int, ipv4_type: str, ipv6_type: str,
     if tunnels:
         # pcap-filter gives ``and`` and ``or`` one precedence, left to right: every
         # grouping here is spelled out.
+        judged, whole = [], []
         tunnel = (f"({v4}[{ip}] == 0x45 and {v4}[{ip + 6}:2] & 0x3fff == 0"
                   f" and (({v4}[{ip + 9}] == 17 and {v4}[{ip + 22}:2] == {VXLAN_PORT}"
                   f" and {v4}[{ip + 28}] & 0x08 != 0)"
                   f" or ({v4}[{ip + 9}] == 47 and {v4}[{ip + 20}:4] == 0x{ERSPAN_II_GRE.hex()})))")
-        tests = f"(({tunnel} and {_inner_frame(ip + 36)}) or (not {tunnel} and {tests}))"
+        erspan3_header = ip + 28
+        erspan3 = (f"({v4}[{ip}] == 0x45 and {v4}[{ip + 6}:2] & 0x3fff == 0 and {v4}[{ip + 9}] == 47"
+                   f" and {v4}[{ip + 20}:4] == 0x{ERSPAN_III_GRE.hex()}"
+                   f" and {v4}[{erspan3_header + 10}] & 0x{ERSPAN_III_FRAME_TYPE_BITS:02x} == 0"
+                   f" and {v4}[{erspan3_header + 11}] & 0x{ERSPAN_III_SUBHEADER_BIT:02x} == 0)")
+        if tunnels & {"vxlan", "erspan2"}:
+            judged.append(f"({tunnel} and {_inner_frame(ip + 36)})")
+            whole.append(f"not {tunnel}")
+        if "erspan3" in tunnels:
+            judged.append(f"({erspan3} and {_inner_frame(erspan3_header + ERSPAN_III_HEADER)})")
+            whole.append(f"not {erspan3}")
+        tests = f"({' or '.join(judged)} or ({' and '.join(whole)} and {tests}))"
     ipv4 = f"({ipv4_type} and {tests})"
     ipv6 = (f"({ipv6_type} and (({v6}[{ip + 6}] == 6 and "
             + _fixed_tcp(v6, ip + 40, f"{v6}[{ip + 4}:2]") + ")"
@@ -232,34 +248,38 @@ def _inner_frame(inner: int) -> str:
 _CORE = _ip_layers("ip", "ip6", 0, "ip", "ip6")
 
 
-def _tagged_at(tags: int, first_type: int, network: int, tunnels: bool = False) -> str:
+def _tagged_at(tags: int, first_type: int, network: int, tunnels: frozenset = frozenset()) -> str:
     """Frames behind ``tags`` VLAN tags, tested at fixed ``ether[]`` (link header) offsets
     rather than with ``vlan`` (see the module's docstring): the link header's type field at
     ``first_type``, what it announces (the network header, or a tag's TCI) at ``network``,
     and each tag's TCI followed by the next type field, as in Ethernet.  With
-    ``tunnels``, untagged VXLAN and ERSPAN II over IPv4 by their inner frame."""
+    ``tunnels``, those kinds over untagged IPv4 by their inner frame."""
     types = [first_type] + [network + 4 * n + 2 for n in range(tags)]
     type_at = types[-1]
     tpids = [" or ".join(f"ether[{at}:2] == 0x{tpid:04x}" for tpid in _VLAN_TPIDS) for at in types[:-1]]
     whole = " or ".join(f"ether[{type_at}:2] == 0x{etype:04x}" for etype in _WHOLE_ETHERTYPES)
     layers = _ip_layers("ether", "ether", network + 4 * tags, f"ether[{type_at}:2] == 0x0800",
-                        f"ether[{type_at}:2] == 0x86dd", tunnels=tunnels and tags == 0)
+                        f"ether[{type_at}:2] == 0x86dd", tunnels=tunnels if tags == 0 else frozenset())
     return " and ".join([f"({t})" for t in tpids] + [f"({whole} or {layers})"])
 
 
-def _tagged_link(first_type: int, network: int, tunnels: bool = False) -> str:
+@functools.lru_cache(maxsize=32)
+def _tagged_link(first_type: int, network: int, tunnels: frozenset = frozenset()) -> str:
     return " or ".join(f"({_tagged_at(tags, first_type, network, tunnels)})"
                        for tags in range(MAX_VLAN_TAGS + 1))
+
+
+# The tunnels the filter can judge by their inner frame; live capture judges them all, a
+# capture file those it opens with (opens_with_tunnel): each costs program and libpcap's
+# optimizer time (the three together 2,003 instructions against 941, and 25 ms more than
+# VXLAN and ERSPAN II alone, which share their inner frame's tests).
+TUNNEL_KINDS = frozenset({"vxlan", "erspan2", "erspan3"})
 
 
 # MPLS (unicast, multicast) and PPPoE sessions pass whole, tagged or not: libpcap's
 # ``mpls``/``pppoes`` keywords shift the offsets for the rest of the expression.
 _WHOLE_ETHERTYPES = (0x8847, 0x8848, 0x8864)
 _ETHERNET = _tagged_link(12, 14)
-# Half as much program again (1,474 instructions against 941), about 11 ms more of
-# libpcap's optimizer: only for live capture and captures that carry a tunnel
-# (opens_with_tunnel).
-_ETHERNET_TUNNELS = _tagged_link(12, 14, tunnels=True)
 # Linux cooked captures carry VLAN tags too, after the type field: libpcap puts back the
 # tag the kernel took off (SLL, which ``tcpdump -i any`` and live ``-i any`` give), and a
 # tag the kernel left in the frame stays (SLL2, today's ``tcpdump -i any``).  Their types
@@ -275,18 +295,19 @@ TUNNEL_LOOKAHEAD = 64  # leading records of a capture looked at for a tunnel
 
 
 def build_filter(user_filter: str | None = None, linktype: int = DLT_EN10MB,
-                 tunnels: bool = False) -> str:
+                 tunnels: bool | frozenset = False) -> str:
     """The sensor's filter for this link type, narrowed by the operator's own (tcpdump syntax);
-    ``tunnels`` judges VXLAN and ERSPAN II by their inner frame (_inner_frame) instead of
-    passing them whole.
+    ``tunnels`` (True: all TUNNEL_KINDS, or a set of them) judges those tunnels by their
+    inner frame (_inner_frame) instead of passing them whole.
 
     The operator's part comes first: a ``vlan`` or ``mpls`` in it shifts libpcap's
     ``ip[]`` offsets for everything after it, which the sensor's ``ether[]`` tests for
     Ethernet ignore."""
+    kinds = TUNNEL_KINDS if tunnels is True else frozenset(tunnels or ())
     if linktype == DLT_EN10MB:
-        base = _ETHERNET_TUNNELS if tunnels else _ETHERNET
+        base = _tagged_link(12, 14, kinds)
     elif linktype in _COOKED:
-        base = _tagged_link(*_COOKED[linktype], tunnels=tunnels)
+        base = _tagged_link(*_COOKED[linktype], kinds)
     else:
         base = _CORE
     if user_filter:
@@ -294,12 +315,13 @@ def build_filter(user_filter: str | None = None, linktype: int = DLT_EN10MB,
     return base
 
 
-def opens_with_tunnel(head: bytes, order: str) -> bool:
-    """Whether one of the first TUNNEL_LOOKAHEAD records whole in ``head``, a classic pcap's
-    first bytes in byte order ``order``, is an Ethernet frame carrying VXLAN or ERSPAN II
-    over untagged IPv4: the capture then gets ``build_filter(tunnels=True)``."""
+def opens_with_tunnel(head: bytes, order: str) -> frozenset:
+    """The tunnels (TUNNEL_KINDS) that Ethernet frames among the first TUNNEL_LOOKAHEAD
+    records whole in ``head``, a classic pcap's first bytes in byte order ``order``, carry
+    over untagged IPv4: the capture then gets ``build_filter(tunnels=...)`` with them."""
+    kinds: set = set()
     if len(head) < PCAP_HEADER or struct.unpack_from(order + "I", head, 20)[0] & 0xFFFF != DLT_EN10MB:
-        return False
+        return frozenset()
     record = struct.Struct(order + "8xI4x")
     pos = PCAP_HEADER
     for _ in range(TUNNEL_LOOKAHEAD):
@@ -307,12 +329,15 @@ def opens_with_tunnel(head: bytes, order: str) -> bool:
             break
         caplen = record.unpack_from(head, pos)[0]
         frame = head[pos + 16:pos + 16 + min(caplen, 51)]
-        if len(frame) == 51 and frame[12:15] == b"\x08\x00\x45" and (
-                frame[23] == 17 and frame[36:38] == VXLAN_PORT_BYTES and frame[42] & 0x08
-                or frame[23] == 47 and frame[34:38] == ERSPAN_II_GRE):
-            return True
+        if len(frame) == 51 and frame[12:15] == b"\x08\x00\x45":
+            if frame[23] == 17 and frame[36:38] == VXLAN_PORT_BYTES and frame[42] & 0x08:
+                kinds.add("vxlan")
+            elif frame[23] == 47 and frame[34:38] == ERSPAN_II_GRE:
+                kinds.add("erspan2")
+            elif frame[23] == 47 and frame[34:38] == ERSPAN_III_GRE:
+                kinds.add("erspan3")
         pos += 16 + caplen
-    return False
+    return frozenset(kinds)
 
 
 def file_filter(path: str, user_filter: str | None = None) -> str:
@@ -333,7 +358,7 @@ class LibpcapFile(NamedTuple):
     units: int  # timestamp fractions a second in next_batch's records
     prologue: bytes | None = None  # PrologueFeed's, for a nanosecond file or several interfaces
     first_ns: int | None = None  # MillisecondClock's start, for a nanosecond pcapng
-    tunnels: bool = False  # opens with a tunnel: build_filter(tunnels=True)
+    tunnels: frozenset = frozenset()  # those it opens with (opens_with_tunnel), for build_filter
     resume: int | None = None  # where the file goes on after the prologue, if not at its length
     first_us: int | None = None  # InterfaceClock's start, for a pcapng with several interfaces
     interfaces: int = 1
@@ -344,7 +369,7 @@ class FilterError(ValueError):
 
 
 def compile_filter(user_filter: str | None, linktype: int = DLT_EN10MB, snaplen: int = 262144,
-                   tunnels: bool = False):
+                   tunnels: bool | frozenset = False):
     """A compiled ``pcapy.BPFProgram`` for ``build_filter``; raises FilterError with libpcap's reason."""
     import pcapy
 
@@ -516,7 +541,7 @@ class LinktypeFilters:
     """Compiled programs per link type for captures libpcap cannot read itself (pcapng with
     several interfaces, nanosecond clocks, stdin); capped, since pcapng names link types freely."""
 
-    def __init__(self, user_filter: str | None, tunnels: bool = False):
+    def __init__(self, user_filter: str | None, tunnels: frozenset = frozenset()):
         self.user_filter = user_filter
         self.tunnels = tunnels  # as build_filter's: what libpcap ran on the same capture
         self.programs: dict = {}
@@ -694,7 +719,7 @@ class PrefilteredCapture:
     def __init__(self, path: str, user_filter: str | None = None):
         self.path = path
         self.user_filter = user_filter
-        self._tunnels = False
+        self._tunnels: frozenset = frozenset()
         self.truncated: str | None = None
         self.skipped = 0
         self._fd = -1

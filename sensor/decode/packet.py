@@ -24,7 +24,9 @@ from .link import (ETH_IPV4, ETH_IPV6, ETH_TEB, LINK_DECODERS, LINKTYPE_ETHERNET
 from .quic import SERVER_PORT_LIMIT as QUIC_SERVER_PORT_LIMIT
 from .quic import QuicInitialTable, looks_like_quic_initial
 from .tcp_stream import HTTP_FIRST_BYTES, KIND_HTTP, KIND_TLS, SEQ_MOD, SEQ_WINDOW, StreamTable
-from .tunnels import ERSPAN_II_GRE, GENEVE_PORT, VXLAN_PORT, VXLAN_PORT_BYTES, geneve, gre, vxlan
+from .tunnels import (ERSPAN_II_GRE, ERSPAN_III_FRAME_TYPE_BITS, ERSPAN_III_GRE, ERSPAN_III_HEADER,
+                      ERSPAN_III_SUBHEADER_BIT, GENEVE_PORT, VXLAN_PORT, VXLAN_PORT_BYTES, geneve, gre,
+                      vxlan)
 
 _u16 = struct.Struct("!H").unpack_from
 _HH = struct.Struct("!HH").unpack_from
@@ -53,8 +55,10 @@ _BATCH_TCP = struct.Struct("!4xI4xBB")
 _BATCH_UDP_DNS = struct.Struct("!HH6xB")
 _DNS_PORT_BYTES = b"\x00\x35"  # 53 as a header carries it
 # From the IPv4 payload to the inner Ethernet frame, for VXLAN (UDP and VXLAN's headers) and
-# for ERSPAN type II (GRE with a sequence number, ERSPAN II's header) alike.
+# for ERSPAN type II (GRE with a sequence number, ERSPAN II's header) alike; for type III
+# without a platform subheader, GRE's 8 bytes and its header.
 _TUNNEL_INNER = 16
+_ERSPAN_III_INNER = 8 + ERSPAN_III_HEADER
 # A Linux cooked (SLL) header is 16 bytes with its protocol field last: read two bytes in,
 # it stands where an Ethernet header's 14 do.
 SLL_SHIFT = 2
@@ -73,9 +77,10 @@ def _tunnel_inner(buf: bytes, off: int, end: int) -> tuple[int, int] | None:
     """(start, end) of the inner Ethernet frame of the frame ``buf[off:end]`` when it is a
     tunnel that ethernet_batch reads at its inner frame: untagged or single-tagged IPv4
     without options or fragments, or IPv6 without extension headers, carrying VXLAN with
-    the I flag (without it ``vxlan`` rejects the frame) or ERSPAN type II (``gre``: a
-    sequence number and no other flag), the inner frame 54 bytes or more; it ends where
-    the IP packet does."""
+    the I flag (without it ``vxlan`` rejects the frame) or ERSPAN type II or III (``gre``:
+    a sequence number and no other flag; type III without a platform subheader and with
+    an Ethernet frame inside), the inner frame 54 bytes or more; it ends where the IP
+    packet does."""
     if end - off < 54:
         return None
     tag = off + 4 if buf[off + 12] == 0x81 and buf[off + 13] == 0 else off
@@ -97,13 +102,19 @@ def _tunnel_inner(buf: bytes, off: int, end: int) -> tuple[int, int] | None:
         words, flags = buf[l4:l4 + 4], buf[l4 + 8]
     else:
         return None
-    inner = l4 + _TUNNEL_INNER
-    if not (ip_end - inner >= 54 and ip_end <= end):
-        return None
     if proto == 17 and words.endswith(VXLAN_PORT_BYTES) and flags & 0x08 \
             or proto == 47 and words == ERSPAN_II_GRE:
-        return inner, ip_end
-    return None
+        inner = l4 + _TUNNEL_INNER
+    elif proto == 47 and words == ERSPAN_III_GRE:
+        inner = l4 + _ERSPAN_III_INNER
+    else:
+        return None
+    if not (ip_end - inner >= 54 and ip_end <= end):
+        return None
+    if inner - l4 == _ERSPAN_III_INNER and (buf[l4 + 18] & ERSPAN_III_FRAME_TYPE_BITS
+                                            or buf[l4 + 19] & ERSPAN_III_SUBHEADER_BIT):
+        return None
+    return inner, ip_end
 
 
 def batch_frames(buf: bytes, meta: bytes, units: int = 1_000_000, offsets: bool = False):

@@ -24,8 +24,15 @@ _ERSPAN_II = 0x88BE
 _ERSPAN_III = 0x22EB
 VXLAN_PORT_BYTES = VXLAN_PORT.to_bytes(2, "big")  # as a UDP header carries it
 # GRE's first word as ERSPAN type II sends it: a sequence number, no other flag (which
-# fixes where the inner frame starts), and the protocol.
+# fixes where the inner frame starts), and the protocol.  Type III's likewise; its 12-byte
+# header then says whether a platform subheader follows (the O flag, last bit of its
+# twelfth byte) and what the inner frame is (frame type, five bits of its eleventh byte
+# after the P flag: 0 for Ethernet).
 ERSPAN_II_GRE = struct.pack("!HH", _GRE_SEQ, _ERSPAN_II)
+ERSPAN_III_GRE = struct.pack("!HH", _GRE_SEQ, _ERSPAN_III)
+ERSPAN_III_HEADER = 12
+ERSPAN_III_FRAME_TYPE_BITS = 0x7C  # of the header's byte 10
+ERSPAN_III_SUBHEADER_BIT = 0x01  # of the header's byte 11
 
 
 def gre(data: bytes, off: int, end: int):
