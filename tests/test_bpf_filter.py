@@ -190,16 +190,19 @@ def test_which_pcapng_files_libpcap_reads(tmp_path, interfaces, by_libpcap):
         assert len(list(cap)) > 0
 
 
-def _interleaved_pcapng(out: Path, interfaces: int = 2, clock_errors=None, tail: bytes = b"") -> Path:
+def _interleaved_pcapng(out: Path, interfaces: int = 2, clock_errors=None, tail: bytes = b"",
+                        epoch: bool = False) -> Path:
     """demo.pcap's Ethernet frames as a pcapng with ``interfaces`` Ethernet interfaces on
     microsecond clocks, frame i on interface i % interfaces (a TAP's two directions on two
     NICs interleave so), then ``tail``.  ``clock_errors`` maps an interface to seconds
-    added to its timestamps."""
+    added to its timestamps; ``epoch`` starts the capture ten seconds after 1970's."""
     from tests.helpers import load_make_samples
 
     clock_errors = clock_errors or {}
     with open_capture(str(ROOT / "pcaps" / "demo.pcap")) as cap:
         frames = [(ts, data) for ts, linktype, data, _, _ in cap if linktype == 1]
+    if epoch:
+        frames = [(ts - frames[0][0] + 10, data) for ts, data in frames]
     records = [(round((ts + clock_errors.get(i % interfaces, 0)) * 1e6) * 1000, data, i % interfaces)
                for i, (ts, data) in enumerate(frames)]
     names = [(1, 6, f"eth{n}".encode()) for n in range(interfaces)]
@@ -259,12 +262,12 @@ def test_a_pcapng_with_several_interfaces_is_read_by_libpcap_frame_by_frame_as_i
     assert len({ingress for *_, ingress in alerts["filtered"]}) > 2  # interfaces, and none for host events
 
 
-@pytest.mark.parametrize("case", ["second-section", "late-interface", "clock-years-off"])
+@pytest.mark.parametrize("case", ["second-section", "late-interface", "clock-years-off", "clock-off-near-1970"])
 def test_what_the_interface_bands_cannot_tell_goes_to_the_python_reader(tmp_path, case):
     """A later section (a cat of two pcapng files) or an interface described after the
     first packet is read by libpcap without the sensor's offsets, so its packets land in no
     interface's band; an interface whose clock is years off lands in another's, and the
-    jump gives it away.  Each makes the rest of the file go to the Python reader
+    jump gives it away (near 1970 that band would put it before 1970).  Each makes the rest of the file go to the Python reader
     (ClockLost), which gives every frame its true time and interface."""
     from tests.helpers import load_make_samples
 
@@ -280,8 +283,12 @@ def test_what_the_interface_bands_cannot_tell_goes_to_the_python_reader(tmp_path
                                                        len(frame), len(frame))
                                         + frame + bytes(-len(frame) % 4)))
         capture = _interleaved_pcapng(tmp_path / "x.pcapng", 2, tail=late)
-    else:
+    elif case == "clock-years-off":
         capture = _interleaved_pcapng(tmp_path / "x.pcapng", 2, clock_errors={0: 5 * 365 * 86400})
+    else:
+        # Interface 1's packets land in interface 2's band, which would put them before 1970.
+        capture = _interleaved_pcapng(tmp_path / "x.pcapng", 3, clock_errors={1: 0.6 * bpf.INTERFACE_STRIDE},
+                                      epoch=True)
     expected = _python_reads(capture)
     with bpf.open_prefiltered(str(capture)) as cap:
         got = [(r[0], r[1], r[2], r[4]) for r in cap]

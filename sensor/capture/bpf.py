@@ -504,18 +504,21 @@ class InterfaceClock:
         if low_band < 1 or high_band > self.interfaces:
             raise ClockLost
         others = None
-        if low_band == high_band:
-            band = low_band
-            shift = band * stride
-            words[0::4] = array.array("I", [sec - shift for sec in seconds])
-            low, high = low - shift, high - shift
-        else:
-            bands = [(sec - start) // stride for sec in seconds]
-            true = array.array("I", [sec - b * stride for sec, b in zip(seconds, bands)])
-            words[0::4] = true
-            low, high = min(true), max(true)
-            band = max(set(bands), key=bands.count)
-            others = {offset: b - 1 for offset, b in zip(words[2::4], bands) if b != band}
+        try:
+            if low_band == high_band:
+                band = low_band
+                shift = band * stride
+                words[0::4] = array.array("I", [sec - shift for sec in seconds])
+                low, high = low - shift, high - shift
+            else:
+                bands = [(sec - start) // stride for sec in seconds]
+                true = array.array("I", [sec - b * stride for sec, b in zip(seconds, bands)])
+                words[0::4] = true
+                low, high = min(true), max(true)
+                band = max(set(bands), key=bands.count)
+                others = {offset: b - 1 for offset, b in zip(words[2::4], bands) if b != band}
+        except OverflowError:
+            raise ClockLost from None  # a band that puts a packet before 1970
         if low < self.last - MAX_INTERFACE_STEP or high > self.last + MAX_INTERFACE_STEP:
             raise ClockLost
         self.last = high
@@ -901,7 +904,7 @@ class PrefilteredCapture:
                     interface, others = 0, None
                     if clock is not None and meta:
                         meta, interface, others = clock.convert(meta)
-                except (pcapy.PcapError, ClockLost) as err:
+                except Exception as err:  # noqa: BLE001 - the consumer must not wait for a batch that never comes
                     batches.put(err)
                     return
                 room.add(len(buf))
@@ -930,6 +933,8 @@ class PrefilteredCapture:
                 if isinstance(item, pcapy.PcapError):
                     self.truncated = str(item)
                     break
+                if isinstance(item, Exception):
+                    raise item
                 room.take(len(item.buf))
                 if not item.meta:
                     if not self._feed_failed():
