@@ -116,6 +116,34 @@ def test_pcap_linktype_ignores_fcs_bits():
     assert got[0][1] == 113
 
 
+@pytest.mark.parametrize("minor, swap", [(2, "always"), (3, "when caplen > len"), (4, "never")])
+def test_pcap_versions_before_2_4_have_their_lengths_swapped_as_libpcap_does(tmp_path, minor, swap):
+    """Format 2.0-2.2 files hold (len, caplen) where 2.4 holds (caplen, len), and 2.3 files
+    either; libpcap swaps them back (always, or when the first exceeds the second).  Found
+    by the prefiltered fuzz target: the Python reader cut a frame libpcap read whole."""
+    import pcapy
+
+    frames = [bytes(range(60)), bytes(range(100))]
+    # (first, second) length fields and the bytes stored: a 60-byte frame cut to 40 in the
+    # first record, whole in the second.
+    fields = [(60, 40), (100, 100)] if swap != "never" else [(40, 60), (100, 100)]
+    stored = [frames[0][:40], frames[1]]
+    if swap == "when caplen > len":
+        fields[0] = (60, 40)
+    data = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, minor, 0, 0, 262144, 1)
+    for (first, second), frame in zip(fields, stored):
+        data += struct.pack("<IIII", 1_700_000_000, 0, first, second) + frame
+    path = tmp_path / "old.pcap"
+    path.write_bytes(data)
+    with open_capture(str(path)) as cap:
+        python = [(frame, wire_len) for _, _, frame, wire_len, _ in cap]
+    assert python == [(frames[0][:40], 60), (frames[1], 100)]
+    handle = pcapy.open_offline(str(path))
+    buf, meta = handle.next_batch(10)
+    assert [buf[off:off + caplen] for _, _, off, caplen in struct.iter_unpack("=IIII", meta)] == \
+        [frame for frame, _ in python]
+
+
 def test_pcap_kuznetzov_records_have_longer_headers():
     data = pcap_file([(5, 6, FRAMES[0], 60), (7, 8, FRAMES[2], 3)], magic=0xA1B2CD34,
                      extra=b"\x01\x02\x03\x04\x00\x08\x00\x00")

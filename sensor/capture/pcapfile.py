@@ -46,6 +46,7 @@ _SPB = 3
 _EPB = 6
 _BYTE_ORDER_MAGIC = 0x1A2B3C4D
 _BYTE_ORDER_MAGIC_SWAPPED = 0x4D3C2B1A
+_LENGTHS_SWAPPED, _LENGTHS_MAYBE_SWAPPED = "swapped", "maybe swapped"
 _OPT_ENDOFOPT = 0
 _OPT_IF_TSRESOL = 9
 _OPT_IF_TSOFFSET = 14
@@ -287,7 +288,11 @@ class CaptureFile:
         # The upper bits of the link-type field carry FCS information, not the link type.
         linktype = network & 0xFFFF
         self._consumed = 24
-        return self._pcap_records(head, struct.Struct(order + record_fields), linktype, units)
+        # Files of format 2.0-2.2 store the two lengths the other way round, and 2.3 files
+        # either way; libpcap swaps them back so (captured length first once they are), as
+        # this reader must for the two to agree.
+        swapped = _LENGTHS_SWAPPED if minor < 3 else _LENGTHS_MAYBE_SWAPPED if minor == 3 else None
+        return self._pcap_records(head, struct.Struct(order + record_fields), linktype, units, swapped)
 
     def _start_pcapng(self, head: bytes):
         if len(head) < 28:
@@ -323,7 +328,8 @@ class CaptureFile:
             have += len(chunk)
         return b"".join(parts)
 
-    def _pcap_records(self, buf: bytes, record: struct.Struct, linktype: int, units: int):
+    def _pcap_records(self, buf: bytes, record: struct.Struct, linktype: int, units: int,
+                      swapped: str | None = None):
         header_len = record.size
         unpack_from = record.unpack_from
         fill = self._fill
@@ -341,6 +347,8 @@ class CaptureFile:
                                               f"need {header_len} bytes, have {buflen}")
                         break
                 sec, frac, caplen, wire_len = unpack_from(buf, pos)
+                if swapped is not None and (swapped is _LENGTHS_SWAPPED or caplen > wire_len):
+                    caplen, wire_len = wire_len, caplen
                 if caplen > MAX_CAPLEN:
                     self.truncated = self._garbled(
                         "record", pos, f"captured length {caplen} exceeds {MAX_CAPLEN}")
