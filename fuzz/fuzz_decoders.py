@@ -19,7 +19,6 @@ or a state table above its cap.
 from __future__ import annotations
 
 import io
-import itertools
 import os
 import struct
 import tempfile
@@ -133,11 +132,6 @@ def one_capture(data: bytes) -> None:
 _SCRATCH = Path(tempfile.mkdtemp(prefix="fuzz-prefiltered-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
 
 
-_TUNNEL_FILTERS = {bpf.build_filter(tunnels=frozenset(kinds))
-                   for n in range(1, len(bpf.TUNNEL_KINDS) + 1)
-                   for kinds in itertools.combinations(sorted(bpf.TUNNEL_KINDS), n)}
-
-
 def one_prefiltered(data: bytes) -> None:
     """What libpcap gives through PrefilteredCapture (PrologueFeed, MillisecondClock,
     InterfaceClock and the hand-over to Python included) against the Python reader with
@@ -153,13 +147,7 @@ def one_prefiltered(data: bytes) -> None:
         return  # BSD loopback: libpcap swaps the family before filtering, the Python path passes it whole
     if capture.skipped or any(not 0 <= ts < 2 ** 32 for ts, _, _, _, _ in frames):
         return  # a pcapng time past 2106 (or 9999) reaches next_batch's 32-bit seconds wrapped
-    expression = bpf.file_filter(str(path))
-    admits = bpf.LinktypeFilters(None).admits
-    if expression in _TUNNEL_FILTERS:  # a classic Ethernet pcap that opens with tunnels
-        import pcapy
-
-        program = pcapy.compile(1, 262144, expression, 1, 0)
-        admits = lambda linktype, frame: bool(program.filter(frame))  # noqa: E731
+    admits = bpf.LinktypeFilters(None, bpf.file_tunnels(str(path))).admits
     expected = [(ts, linktype, frame, interface) for ts, linktype, frame, _, interface in frames
                 if admits(linktype, frame)]
     try:

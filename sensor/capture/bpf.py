@@ -350,6 +350,13 @@ def file_filter(path: str, user_filter: str | None = None) -> str:
     return build_filter(user_filter, dlt_for(known.linktype), tunnels=known.tunnels)
 
 
+def file_tunnels(path: str) -> frozenset:
+    """The tunnels (TUNNEL_KINDS) ``file_filter`` judges inside for this capture file: as
+    ``LinktypeFilters(user_filter, file_tunnels(path))`` filters its frames one by one."""
+    known = PrefilteredCapture._libpcap_format(path)
+    return known.tunnels if known is not None else frozenset()
+
+
 class LibpcapFile(NamedTuple):
     """How libpcap reads a capture file (PrefilteredCapture._libpcap_format)."""
 
@@ -465,6 +472,11 @@ class MillisecondClock:
 
     def convert(self, meta: bytes) -> tuple[bytes, int, None]:
         return self.rebase(meta), 0, None
+
+
+def _unconverted(meta: bytes) -> tuple[bytes, int, None]:
+    """The ``convert`` of a capture libpcap reports as it is: one interface, true times."""
+    return meta, 0, None
 
 
 # A pcapng with several interfaces is shown to libpcap with interface i's clock moved
@@ -596,7 +608,10 @@ class ReadAhead:
 
 
 class PrologueFeed:
-    """A nanosecond capture shown to libpcap as a microsecond one, through a pipe.
+    """A capture shown to libpcap through a pipe, with what precedes its packets rewritten:
+    a nanosecond capture as a microsecond one, a pcapng with several interfaces with their
+    clocks moved apart (pcapfile.pcapng_interface_view, InterfaceClock; ``resume`` is where
+    the file goes on after that rewritten prologue).
 
     libpcap opened for microseconds (all pcapy offers) divides a nanosecond file's
     fractions by 1,000.  A classic pcap's ``prologue`` is its header under the
@@ -732,7 +747,8 @@ class PrefilteredCapture:
         self.read_ahead: ReadAhead | None = None
         self._capture = None
         self._feed: PrologueFeed | None = None
-        self._clock: MillisecondClock | InterfaceClock | None = None
+        # MillisecondClock's or InterfaceClock's convert, for the captures that need one.
+        self._convert = _unconverted
         self.units = MICRO
         known = self._libpcap_format(path)
         linktype = known.linktype if known is not None else None
@@ -771,9 +787,9 @@ class PrefilteredCapture:
                 self.format = known.format
                 self._linktype = linktype
                 if known.first_ns is not None:
-                    self._clock = MillisecondClock(known.first_ns)
+                    self._convert = MillisecondClock(known.first_ns).convert
                 elif known.interfaces > 1:
-                    self._clock = InterfaceClock(known.first_us, known.interfaces)
+                    self._convert = InterfaceClock(known.first_us, known.interfaces).convert
                 self._records = self._libpcap_records(linktype)
         if linktype is None:
             self._capture = open_capture(path)
@@ -827,7 +843,7 @@ class PrefilteredCapture:
         next_batch = self._handle.next_batch
         unpack_from = BATCH_RECORD.unpack_from
         units = self.units
-        clock = self._clock
+        convert = self._convert
         yielded = 0
         try:
             while True:
@@ -836,9 +852,7 @@ class PrefilteredCapture:
                     if not self._feed_failed():
                         return
                     break
-                interface, others = 0, None
-                if clock is not None:
-                    meta, interface, others = clock.convert(meta)
+                meta, interface, others = convert(meta)
                 for pos in range(0, len(meta), 16):
                     sec, fraction, off, caplen = unpack_from(meta, pos)
                     yield ((sec * units + fraction) / units, linktype, buf[off:off + caplen], caplen,
@@ -894,21 +908,19 @@ class PrefilteredCapture:
         room = self.read_ahead = ReadAhead()
         stop = threading.Event()
         next_batch = self._handle.next_batch
-        clock = self._clock
+        convert = self._convert
         linktype = self._linktype
 
         def read() -> None:
             while room.wait(stop):
                 try:
                     buf, meta = next_batch(BATCH)
-                    interface, others = 0, None
-                    if clock is not None and meta:
-                        meta, interface, others = clock.convert(meta)
+                    batch = Batch(linktype, buf, *convert(meta)) if meta else Batch(linktype, buf, meta)
                 except Exception as err:  # noqa: BLE001 - the consumer must not wait for a batch that never comes
                     batches.put(err)
                     return
                 room.add(len(buf))
-                batches.put(Batch(linktype, buf, meta, interface, others))
+                batches.put(batch)
                 if not meta:
                     return
 

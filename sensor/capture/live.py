@@ -160,9 +160,17 @@ def kernel_filter_length(fd: int) -> int | None:
     return count.value
 
 
-def warn_user_space_filters(sensor) -> None:
-    """A filter the kernel refused costs the sensor its speed, not its results: say so once,
-    by interface, with what to look at."""
+def report_kernel_filters(sensor, sockets) -> None:
+    """Record whether the kernel runs each interface's filter, from ``sockets``' reports
+    (``{interface: LiveSource.filter_in_kernel}``: one per process capturing), and warn of
+    every interface where it does not.  An interface's filter runs in the kernel when it
+    does on every socket.  A filter the kernel refused costs the sensor its speed, not its
+    results: said once, by interface, with what to look at."""
+    known = sensor.capture_filter_in_kernel
+    for report in sockets:
+        for iface, in_kernel in report.items():
+            if in_kernel is not None:
+                known[iface] = known.get(iface, True) and in_kernel
     for interface in user_space_filters(sensor):
         print(f"purge-sensor: warning: the kernel refused the capture filter on {interface}; "
               "libpcap filters in user space, so every packet is copied out of the kernel and "
@@ -252,10 +260,7 @@ def _run_single(args) -> int:
     signal.signal(signal.SIGHUP, lambda *_: flags.__setitem__("reload", True))
     print(f"purge-sensor: capturing on {', '.join(args.interface)}; metrics on {settings.metrics}",
           file=sys.stderr, flush=True)
-    for source in sources:
-        if source.filter_in_kernel is not None:
-            sensor.capture_filter_in_kernel[source.interface] = source.filter_in_kernel
-    warn_user_space_filters(sensor)
+    report_kernel_filters(sensor, [{source.interface: source.filter_in_kernel for source in sources}])
     handle_batch = sensor.handle_batch
     status = _StatusLine(args.status_interval)
     fds = [s.fd for s in sources]
@@ -523,14 +528,6 @@ class WorkerPool:
                 worker.ready = True
         return None
 
-    def record_filters(self, sensor) -> None:
-        """An interface's filter runs in the kernel when it does on every worker's socket."""
-        for worker in self.workers:
-            for iface, in_kernel in worker.filters_in_kernel.items():
-                if in_kernel is not None:
-                    sensor.capture_filter_in_kernel[iface] = \
-                        sensor.capture_filter_in_kernel.get(iface, True) and in_kernel
-
     def poll(self, sensor, timeout: float) -> None:
         from multiprocessing.connection import wait
 
@@ -691,8 +688,7 @@ def _serve_workers(args, pool: WorkerPool, sensor) -> int:
     pids = ", ".join(str(w.pid) for w in pool.workers)
     print(f"purge-sensor: capturing on {', '.join(args.interface)} with {len(pool.workers)} workers "
           f"(pids {pids}); metrics on {sensor.settings.metrics}", file=sys.stderr, flush=True)
-    pool.record_filters(sensor)
-    warn_user_space_filters(sensor)
+    report_kernel_filters(sensor, [worker.filters_in_kernel for worker in pool.workers])
     status = _StatusLine(args.status_interval)
     while not flags["stop"] and pool.failure is None and not pool.stopped_by_signal:
         if flags["reload"]:

@@ -175,13 +175,21 @@ def pcapng_microsecond_view(head: bytes) -> tuple[bytes, int] | None:
         return None
     layout, ((pos, length),), packet_at = leading
     _linktype, _snaplen, units, offset, resolution_at = _interface(head, pos, pos + length, layout)
-    if units != 1_000_000_000 or offset or resolution_at < 0 or head[resolution_at] != 9 \
-            or layout.head.unpack_from(head, packet_at)[0] != _EPB or packet_at + 28 > len(head):
+    first = _first_packet_time(head, layout, packet_at)
+    if units != 1_000_000_000 or offset or resolution_at < 0 or head[resolution_at] != 9 or first is None:
         return None
-    high, low = layout.epb.unpack_from(head, packet_at + 8)[1:3]
     view = bytearray(head[:packet_at])
     view[resolution_at] = 6
-    return bytes(view), high << 32 | low
+    return bytes(view), first
+
+
+def _first_packet_time(head: bytes, layout: _PcapngLayout, packet_at: int) -> int | None:
+    """The timestamp (in its interface's units) of the packet block at ``packet_at``, when
+    it is an EPB whose header lies within ``head``."""
+    if layout.head.unpack_from(head, packet_at)[0] != _EPB or packet_at + 28 > len(head):
+        return None
+    high, low = layout.epb.unpack_from(head, packet_at + 8)[1:3]
+    return high << 32 | low
 
 
 def pcapng_interface_view(head: bytes, stride: int, most: int) -> tuple[bytes, int, int, int, int] | None:
@@ -196,7 +204,8 @@ def pcapng_interface_view(head: bytes, stride: int, most: int) -> tuple[bytes, i
     if leading is None or not 2 <= len(leading[1]) <= most:
         return None
     layout, idbs, packet_at = leading
-    if layout.head.unpack_from(head, packet_at)[0] != _EPB or packet_at + 28 > len(head):
+    first = _first_packet_time(head, layout, packet_at)
+    if first is None:
         return None
     described = [_interface(head, pos, pos + length, layout) for pos, length in idbs]
     if any(units != _DEFAULT_TS_UNITS or offset or linktype != described[0][0]
@@ -208,8 +217,7 @@ def pcapng_interface_view(head: bytes, stride: int, most: int) -> tuple[bytes, i
         view += head[last:pos] + _with_offset(head[pos:pos + length], (index + 1) * stride, layout)
         last = pos + length
     view += head[last:packet_at]
-    high, low = layout.epb.unpack_from(head, packet_at + 8)[1:3]
-    return bytes(view), packet_at, described[0][0], len(idbs), high << 32 | low
+    return bytes(view), packet_at, described[0][0], len(idbs), first
 
 
 def _with_offset(idb: bytes, seconds: int, layout: _PcapngLayout) -> bytes:

@@ -111,9 +111,9 @@ def _tunnel_inner(buf: bytes, off: int, end: int) -> tuple[int, int] | None:
         return None
     if not (ip_end - inner >= 54 and ip_end <= end):
         return None
-    if inner - l4 == _ERSPAN_III_INNER and (buf[l4 + 18] & ERSPAN_III_FRAME_TYPE_BITS
-                                            or buf[l4 + 19] & ERSPAN_III_SUBHEADER_BIT):
-        return None
+    if words == ERSPAN_III_GRE and (buf[l4 + 8 + 10] & ERSPAN_III_FRAME_TYPE_BITS
+                                    or buf[l4 + 8 + 11] & ERSPAN_III_SUBHEADER_BIT):
+        return None  # another inner frame than Ethernet, or a platform subheader before it
     return inner, ip_end
 
 

@@ -33,6 +33,7 @@ ERSPAN_III_GRE = struct.pack("!HH", _GRE_SEQ, _ERSPAN_III)
 ERSPAN_III_HEADER = 12
 ERSPAN_III_FRAME_TYPE_BITS = 0x7C  # of the header's byte 10
 ERSPAN_III_SUBHEADER_BIT = 0x01  # of the header's byte 11
+_ERSPAN_III_SUBHEADER = 8
 
 
 def gre(data: bytes, off: int, end: int):
@@ -63,11 +64,11 @@ def gre(data: bytes, off: int, end: int):
         session = _u16(data, pos + 2)[0] & 0x03FF
         return ETH_TEB, pos + 8, f"erspan2 session={session}"
     if proto == _ERSPAN_III:
-        if end < pos + 12:
+        if end < pos + ERSPAN_III_HEADER:
             raise DecodeError("erspan_truncated")
         session = _u16(data, pos + 2)[0] & 0x03FF
-        frame_type = (data[pos + 10] >> 2) & 0x1F
-        hdr = 12 + (8 if data[pos + 11] & 0x01 else 0)
+        frame_type = (data[pos + 10] & ERSPAN_III_FRAME_TYPE_BITS) >> 2
+        hdr = ERSPAN_III_HEADER + (_ERSPAN_III_SUBHEADER if data[pos + 11] & ERSPAN_III_SUBHEADER_BIT else 0)
         if frame_type not in (0, 2):
             raise DecodeError("erspan_unknown_frame_type")
         inner = ETH_TEB if frame_type == 0 else _ip_by_version(data, pos + hdr, end)
