@@ -83,6 +83,7 @@ from ..decode.tunnels import (ERSPAN_II_GRE, ERSPAN_III_FRAME_TYPE_BITS, ERSPAN_
 from ..records import BATCH_RECORD
 from .pcapfile import (CaptureError, open_capture, pcapng_interface_view, pcapng_leading_interfaces,
                        pcapng_microsecond_view)
+from .read_buffer import MIN_CAPTURE_SIZE, widen_read_buffer
 
 DLT_EN10MB = 1
 
@@ -742,6 +743,8 @@ class PrefilteredCapture:
         self.skipped = 0
         self._fd = -1
         self._handle = None
+        # widen_read_buffer's buffer: libpcap's stream reads into it until the handle closes.
+        self._read_buffer = None
         self._reader: threading.Thread | None = None
         self._stop_reader = threading.Event()
         self.read_ahead: ReadAhead | None = None
@@ -784,6 +787,8 @@ class PrefilteredCapture:
                 else:
                     self._fd = handle.getfd()
                     self.size = os.fstat(self._fd).st_size if self._fd >= 0 else None
+                    if self.size is not None and self.size >= MIN_CAPTURE_SIZE:
+                        self._read_buffer = widen_read_buffer(handle)
                 self.format = known.format
                 self._linktype = linktype
                 if known.first_ns is not None:
@@ -872,8 +877,7 @@ class PrefilteredCapture:
     def _python_rest(self, done: int):
         """next_batch drops the packets of the batch it failed in: re-read them in Python.
         libpcap's handle and the feed it drained are no longer needed: they go first."""
-        self._handle.close()
-        self._handle = None
+        self._close_handle()
         self._close_feed()
         self._capture = open_capture(self.path)
         self.size = self._capture.size
@@ -990,12 +994,17 @@ class PrefilteredCapture:
     def close(self) -> None:
         self._records.close()
         self._join_reader()
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        self._close_handle()
         self._close_feed()
         if self._capture is not None:
             self._capture.close()
+
+    def _close_handle(self) -> None:
+        """libpcap's handle, then the buffer its stream read into."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        self._read_buffer = None
 
     def _close_feed(self) -> None:
         """After libpcap's handle: the feed's child ends on the pipe libpcap closed."""
