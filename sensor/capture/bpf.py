@@ -83,7 +83,7 @@ from ..decode.tunnels import (ERSPAN_II_GRE, ERSPAN_III_FRAME_TYPE_BITS, ERSPAN_
 from ..records import BATCH_RECORD
 from .pcapfile import (CaptureError, open_capture, pcapng_interface_view, pcapng_leading_interfaces,
                        pcapng_microsecond_view)
-from .read_buffer import MIN_CAPTURE_SIZE, widen_read_buffer
+from .libpcap import MIN_CAPTURE_SIZE, set_filter, widen_read_buffer
 
 DLT_EN10MB = 1
 
@@ -774,7 +774,7 @@ class PrefilteredCapture:
                 self._feed.opened()
             self._tunnels = known.tunnels
             try:
-                handle.setfilter(build_filter(user_filter, dlt_for(linktype), tunnels=known.tunnels))
+                set_filter(handle, build_filter(user_filter, dlt_for(linktype), tunnels=known.tunnels))
             except pcapy.PcapError:
                 handle.close()
                 self._close_feed()
