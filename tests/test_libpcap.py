@@ -168,3 +168,25 @@ def test_a_filter_that_does_not_compile_raises_libpcaps_message(tmp_path, capsys
     handle.close()
     assert main(["read", "-q", "--no-state", "--bpf", "tcp port", str(ROOT / "pcaps" / "demo.pcap")]) == 2
     assert "syntax error" in capsys.readouterr().err
+
+
+def test_compiled_filters_are_shared_by_link_type_and_bounded(tmp_path, monkeypatch):
+    """One program serves every capture of its link type, whatever each file's snap length;
+    more distinct filters than the table holds are compiled again, the oldest freed."""
+    demo = (ROOT / "pcaps" / "demo.pcap").read_bytes()
+    short = tmp_path / "short_snap.pcap"
+    short.write_bytes(demo[:16] + struct.pack("<I", 128) + demo[20:])
+    captures = [str(ROOT / "pcaps" / "demo.pcap"), str(short), str(ROOT / "pcaps" / "dns_tcp.pcap")]
+    filters = [f"len >= {size}" for size in range(60, 60 + 12 * 40, 40)]
+
+    def frames(capture: str, user_filter: str) -> list:
+        with bpf.open_prefiltered(capture, user_filter) as opened:
+            assert opened.by_libpcap
+            return [(ts, frame) for ts, _, frame, *_ in opened]
+
+    ours = {(c, f): frames(c, f) for f in filters for c in captures}
+    assert len(libpcap._COMPILED.programs) <= libpcap.MAX_COMPILED
+    monkeypatch.setattr(bpf, "set_filter", lambda handle, expression: handle.setfilter(expression))
+    theirs = {(c, f): frames(c, f) for f in filters for c in captures}
+    assert ours == theirs
+    assert any(ours.values()) and len({len(v) for v in ours.values()}) > 2
