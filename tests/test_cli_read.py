@@ -1,6 +1,7 @@
 """`purge-sensor read` end to end, as a user runs it: alerts, summary, exit codes."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,25 @@ def test_stdin_capture():
     data = (PCAPS / "vlan_qinq.pcap").read_bytes()
     proc = sensor("read", "--no-state", "-q", "-", stdin=data, check=0)
     assert any(d["event"]["action"] == "tls_sni" for d in alerts(proc))
+
+
+@pytest.mark.parametrize("name", ["demo.pcap", "vxlan.pcap", "nanosecond_be.pcap"])
+def test_a_named_pipe_is_read_once_like_the_file(tmp_path, name):
+    """``read <(zcat x.pcap.gz)`` and ``mkfifo`` hand the sensor a pipe, which can be read
+    only once: its alerts must be the file's (its head used to be read for the format,
+    and the capture then found the pipe emptied of it)."""
+    fifo = tmp_path / "capture.fifo"
+    os.mkfifo(fifo)
+    data = (PCAPS / name).read_bytes()
+    writer = subprocess.Popen(["sh", "-c", f'cat "{PCAPS / name}" > "{fifo}"'])
+    try:
+        piped = sensor("read", "--no-state", "-q", str(fifo), check=0)
+    finally:
+        writer.wait(timeout=30)
+    direct = sensor("read", "--no-state", "-q", str(PCAPS / name), check=0)
+    key = lambda doc: json.dumps({k: v for k, v in doc.items() if k != "event"}, sort_keys=True)  # noqa: E731
+    assert data and sorted(map(key, alerts(piped))) == sorted(map(key, alerts(direct)))
+    assert alerts(direct)
 
 
 def test_unreadable_capture_exits_1_but_reads_the_others(tmp_path):

@@ -71,6 +71,7 @@ import os
 import queue
 import select
 import signal
+import stat
 import struct
 import sys
 import termios
@@ -816,6 +817,10 @@ class PrefilteredCapture:
         if path == "-":
             return None
         try:
+            # A pipe or a FIFO (``read <(zcat x.pcap.gz)``) can be read once only: by the
+            # Python reader, as stdin is, not here and then again by libpcap.
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                return None
             with open(path, "rb") as fh:
                 head = fh.read(PCAPNG_HEAD)
         except OSError:
