@@ -16,8 +16,8 @@ pcapy does not offer.
 pcapy hands out no ``pcap_t``: it is the first field of pcapy-ng's reader object, and is
 used only where every assumption is checked first (_savefile_pcap): glibc on Linux, a
 reader object of the known size, one libpcap mapped into the process, and a pointer
-whose ``pcap_file`` stream has the handle's own descriptor (a live capture has none).  Anywhere else pcapy's own
-calls do the work, as before.
+whose ``pcap_file`` stream has the handle's own descriptor (a live capture has none).
+Anywhere else pcapy's own calls do the work, as before.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import sys
 from collections import OrderedDict
 
 READ_BUFFER = 256 * 1024
-# Below this size the buffer saves fewer calls than it costs to set up.
+# Below this size the buffer would save a thousand read calls at most: not worth 256 KiB.
 MIN_CAPTURE_SIZE = 16 * READ_BUFFER
 # pcapy-ng 2's reader object (tp_basicsize): its pcap_t pointer follows the object header.
 _KNOWN_READER_SIZES = frozenset({104})
