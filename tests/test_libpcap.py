@@ -166,6 +166,14 @@ def test_the_filter_program_is_freed(tmp_path):
     assert _resident_mb() - before < 1.5  # pcapy's own setfilter: about 5 MB
 
 
+def _by_iteration(opened: bpf.PrefilteredCapture) -> list:
+    return [(ts, frame) for ts, _, frame, *_ in opened]
+
+
+def _pcapys_setfilter(handle, expression: str) -> None:
+    handle.setfilter(expression)
+
+
 @pytest.mark.parametrize("name", ["demo.pcap", "vxlan.pcap", "nanosecond_be.pcap", "vlan_qinq.pcap"])
 def test_the_filter_passes_what_pcapys_passes(name, monkeypatch):
     """By iteration, libpcap's calls and pcapy's give the same frames (a nanosecond capture
@@ -173,10 +181,10 @@ def test_the_filter_passes_what_pcapys_passes(name, monkeypatch):
     capture = str(ROOT / "pcaps" / name)
     with bpf.open_prefiltered(capture) as opened:
         assert opened.by_libpcap
-        ours = [(ts, frame) for ts, _, frame, *_ in opened]
-    monkeypatch.setattr(bpf, "set_filter", lambda handle, expression: handle.setfilter(expression))
+        ours = _by_iteration(opened)
+    monkeypatch.setattr(bpf, "set_filter", _pcapys_setfilter)
     with bpf.open_prefiltered(capture) as opened:
-        theirs = [(ts, frame) for ts, _, frame, *_ in opened]
+        theirs = _by_iteration(opened)
     assert ours == theirs and ours
 
 
@@ -201,11 +209,11 @@ def test_compiled_filters_are_shared_by_link_type_and_bounded(tmp_path, monkeypa
     def frames(capture: str, user_filter: str) -> list:
         with bpf.open_prefiltered(capture, user_filter) as opened:
             assert opened.by_libpcap
-            return [(ts, frame) for ts, _, frame, *_ in opened]
+            return _by_iteration(opened)
 
     ours = {(c, f): frames(c, f) for f in filters for c in captures}
-    assert len(libpcap._COMPILED.programs) <= libpcap.MAX_COMPILED
-    monkeypatch.setattr(bpf, "set_filter", lambda handle, expression: handle.setfilter(expression))
+    assert len(libpcap._COMPILED) <= libpcap.MAX_COMPILED
+    monkeypatch.setattr(bpf, "set_filter", _pcapys_setfilter)
     theirs = {(c, f): frames(c, f) for f in filters for c in captures}
     assert ours == theirs
     assert any(ours.values()) and len({len(v) for v in ours.values()}) > 2

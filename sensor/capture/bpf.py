@@ -82,9 +82,9 @@ from typing import NamedTuple
 from ..decode.tunnels import (ERSPAN_II_GRE, ERSPAN_III_FRAME_TYPE_BITS, ERSPAN_III_GRE, ERSPAN_III_HEADER,
                               ERSPAN_III_SUBHEADER_BIT, GENEVE_PORT, VXLAN_PORT, VXLAN_PORT_BYTES)
 from ..records import BATCH_RECORD
+from .libpcap import set_filter, widen_read_buffer
 from .pcapfile import (CaptureError, open_capture, pcapng_interface_view, pcapng_leading_interfaces,
                        pcapng_microsecond_view)
-from .libpcap import MIN_CAPTURE_SIZE, set_filter, widen_read_buffer
 
 DLT_EN10MB = 1
 
@@ -788,8 +788,7 @@ class PrefilteredCapture:
                 else:
                     self._fd = handle.getfd()
                     self.size = os.fstat(self._fd).st_size if self._fd >= 0 else None
-                    if self.size is not None and self.size >= MIN_CAPTURE_SIZE:
-                        self._read_buffer = widen_read_buffer(handle)
+                    self._read_buffer = widen_read_buffer(handle)
                 self.format = known.format
                 self._linktype = linktype
                 if known.first_ns is not None:

@@ -27,6 +27,7 @@ import os
 import stat
 import sys
 from collections import OrderedDict
+from typing import NamedTuple
 
 READ_BUFFER = 256 * 1024
 # Below this size the buffer would save a thousand read calls at most: not worth 256 KiB.
@@ -53,10 +54,18 @@ def _loaded_libpcap() -> str | None:
     return paths.pop() if len(paths) == 1 else None
 
 
+class _Libraries(NamedTuple):
+    """ctypes, and the two libraries with the calls' signatures declared."""
+
+    ctypes: object
+    libpcap: object
+    libc: object
+    program: type  # struct bpf_program
+
+
 @functools.cache
-def _libraries():
-    """(ctypes, libpcap, libc, the bpf_program structure) with the calls' signatures
-    declared, or None where they are not to be used."""
+def _libraries() -> _Libraries | None:
+    """The libraries, or None where they are not to be used."""
     if sys.platform != "linux":
         return None
     try:
@@ -89,96 +98,89 @@ def _libraries():
     libpcap.pcap_geterr.argtypes = [ctypes.c_void_p]
     libc.fileno.argtypes = [ctypes.c_void_p]
     libc.setvbuf.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
-    return ctypes, libpcap, libc, BpfProgram
+    return _Libraries(ctypes, libpcap, libc, BpfProgram)
 
 
-def _savefile_pcap(handle, regular_file: bool):
-    """(libraries, pcap_t, FILE *) of a pcapy-ng reader of a savefile (with
-    ``regular_file``, of a regular file: not a pipe), or None."""
+class _Savefile(NamedTuple):
+    libraries: _Libraries
+    pcap: int  # the pcap_t
+    stream: int  # its FILE *
+    info: os.stat_result  # of the file libpcap reads
+
+
+def _savefile_pcap(handle) -> _Savefile | None:
+    """The pcap_t of a pcapy-ng reader of a savefile (a file or a pipe), or None."""
     if type(handle).__basicsize__ not in _KNOWN_READER_SIZES:
         return None
     libraries = _libraries()
     if libraries is None:
         return None
-    ctypes, libpcap, libc, _ = libraries
     try:
         fd = handle.getfd()
-        if fd < 0 or regular_file and not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
+        info = os.fstat(fd)
     except (OSError, ValueError, AttributeError):
         return None
-    pcap = ctypes.c_void_p.from_address(id(handle) + _POINTER_OFFSET).value
+    pcap = libraries.ctypes.c_void_p.from_address(id(handle) + _POINTER_OFFSET).value
     if not pcap:
         return None
-    stream = libpcap.pcap_file(pcap)
-    if not stream or libc.fileno(stream) != fd:
+    stream = libraries.libpcap.pcap_file(pcap)
+    if not stream or libraries.libc.fileno(stream) != fd:
         return None
-    return libraries, pcap, stream
+    return _Savefile(libraries, pcap, stream, info)
 
 
 def widen_read_buffer(handle, size: int = READ_BUFFER):
     """Give the stream libpcap reads ``handle``'s savefile through a buffer of ``size``
     bytes; returns the buffer, which must outlive the handle, or None where this is not
-    done.  glibc's ``setvbuf`` after reading first moves the file back to where the
-    stream stands (elsewhere the bytes already buffered could be lost), which a pipe
-    cannot do."""
-    found = _savefile_pcap(handle, regular_file=True)
-    if found is None:
+    done: a capture under MIN_CAPTURE_SIZE, or not a regular file.  glibc's ``setvbuf``
+    after reading first moves the file back to where the stream stands (elsewhere the
+    bytes already buffered could be lost), which a pipe cannot do."""
+    found = _savefile_pcap(handle)
+    if found is None or not stat.S_ISREG(found.info.st_mode) \
+            or found.info.st_size < MIN_CAPTURE_SIZE:
         return None
-    (ctypes, _, libc, _), _, stream = found
-    buffer = ctypes.create_string_buffer(size)
-    if libc.setvbuf(stream, buffer, _IOFBF, size) != 0:
+    buffer = found.libraries.ctypes.create_string_buffer(size)
+    if found.libraries.libc.setvbuf(found.stream, buffer, _IOFBF, size) != 0:
         return None
     return buffer
 
 
-class _CompiledFilters:
-    """The last MAX_COMPILED programs compiled, by expression and link type: a ``read`` of
-    a directory of rotated captures compiles its filter once instead of once a file (9-25
-    ms each).  libpcap copies a program into the handle it is set on, and judges a
-    savefile's packet by whether the program accepts it, not by the length it returns
-    (which holds the first file's snap length), so one program serves every file of that
-    link type.  A program dropped from the table is freed."""
-
-    def __init__(self):
-        self.programs: OrderedDict[tuple[str, int], object] = OrderedDict()
-
-    def get(self, libraries, pcap, expression: str, linktype: int):
-        ctypes, libpcap, _, program_type = libraries
-        key = (expression, linktype)
-        program = self.programs.get(key)
-        if program is not None:
-            self.programs.move_to_end(key)
-            return program
-        program = program_type()
-        # With the netmask pcapy gives a savefile's reader (0.0.0.0), as its setfilter does.
-        if libpcap.pcap_compile(pcap, ctypes.byref(program), expression.encode(), 1, 0) != 0:
-            import pcapy
-
-            raise pcapy.PcapError(libpcap.pcap_geterr(pcap).decode("utf-8", "replace"))
-        self.programs[key] = program
-        if len(self.programs) > MAX_COMPILED:
-            libpcap.pcap_freecode(ctypes.byref(self.programs.popitem(last=False)[1]))
-        return program
+# The last MAX_COMPILED programs compiled, by expression and link type: a ``read`` of a
+# directory of rotated captures compiles its filter once instead of once a file (9-25 ms
+# each).  libpcap copies a program into the handle it is set on, and judges a savefile's
+# packet by whether the program accepts it, not by the length it returns (which holds the
+# first file's snap length), so one program serves every file of that link type.  A
+# program dropped from the table is freed.
+_COMPILED: OrderedDict[tuple[str, int], object] = OrderedDict()
 
 
-_COMPILED = _CompiledFilters()
+def _libpcap_error(found: _Savefile):
+    import pcapy
+
+    return pcapy.PcapError(found.libraries.libpcap.pcap_geterr(found.pcap).decode("utf-8", "replace"))
 
 
 def set_filter(handle, expression: str) -> None:
     """``handle.setfilter(expression)``, by libpcap's own calls where _savefile_pcap allows,
-    with the program compiled once for every capture of the link type (_CompiledFilters),
-    else by pcapy's.  Raises pcapy.PcapError with libpcap's message, as pcapy does, when
-    the expression does not compile.  Capture files are opened one at a time, on one
-    thread."""
-    found = _savefile_pcap(handle, regular_file=False)
+    with the program compiled once for every capture of the link type (_COMPILED), else by
+    pcapy's.  Raises pcapy.PcapError with libpcap's message, as pcapy does, when the
+    expression does not compile.  Capture files are opened one at a time, on one thread."""
+    found = _savefile_pcap(handle)
     if found is None:
         handle.setfilter(expression)
         return
-    libraries, pcap, _ = found
-    ctypes, libpcap = libraries[:2]
-    program = _COMPILED.get(libraries, pcap, expression, handle.datalink())
-    if libpcap.pcap_setfilter(pcap, ctypes.byref(program)) != 0:
-        import pcapy
-
-        raise pcapy.PcapError(libpcap.pcap_geterr(pcap).decode("utf-8", "replace"))
+    ctypes, libpcap = found.libraries.ctypes, found.libraries.libpcap
+    key = (expression, handle.datalink())
+    program = _COMPILED.get(key)
+    if program is None:
+        program = found.libraries.program()
+        # With the netmask pcapy gives a savefile's reader (0.0.0.0), as its setfilter does.
+        if libpcap.pcap_compile(found.pcap, ctypes.byref(program), expression.encode(), 1, 0) != 0:
+            raise _libpcap_error(found)
+        _COMPILED[key] = program
+        if len(_COMPILED) > MAX_COMPILED:
+            libpcap.pcap_freecode(ctypes.byref(_COMPILED.popitem(last=False)[1]))
+    else:
+        _COMPILED.move_to_end(key)
+    if libpcap.pcap_setfilter(found.pcap, ctypes.byref(program)) != 0:
+        raise _libpcap_error(found)
