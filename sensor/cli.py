@@ -171,6 +171,8 @@ def _read_captures(args, settings, captures, prefilter: bool, failed: list) -> i
 
                 handle_batch = sensor.handle_batch
                 units = cap.units
+                # The flows the decoder is done with are left to libpcap's filter.
+                sensor.decoder.shunts = cap.shunts
                 count = 0
                 for item in batches():
                     if type(item) is Batch:
@@ -187,6 +189,7 @@ def _read_captures(args, settings, captures, prefilter: bool, failed: list) -> i
                     count += 1
                     if not count & 0x3FFF:
                         progress.update(path, cap.tell(), cap.size, stats.packets)
+            sensor.decoder.shunts = None
             if cap.truncated:
                 stats.capture_errors.append(f"{path}: {cap.truncated}")
                 print(f"purge-sensor: warning: {path}: {cap.truncated}", file=sys.stderr)
@@ -213,11 +216,16 @@ def _read_captures(args, settings, captures, prefilter: bool, failed: list) -> i
 def _summary(sensor, filtered: bool) -> None:
     """The read summary.  With the capture filter, libpcap counts nothing it rejects, so
     the packet count says it is of the packets the filter passed (tcpdump's wording)."""
+    from .decode.packet import SHUNT_AFTER
+
     s = sensor.stats
     w = sys.stderr.write
     passed = " passed by filter" if filtered else ""
     w(f"packets {s.packets:,}{passed}  bytes {s.bytes:,}  decoded {s.decoded:,}  "
       f"duplicates {s.duplicates:,}  alerts {sensor.alerts:,}\n")
+    if s.shunted_flows:
+        w(f"shunted flows {s.shunted_flows:,}: uploads whose segments past the first "
+          f"{SHUNT_AFTER // 1024} KB the capture filter dropped\n")
     if s.malformed:
         w("malformed: " + ", ".join(f"{k}={v}" for k, v in sorted(s.malformed.items())) + "\n")
     if s.matches:

@@ -30,7 +30,8 @@ What it drops: pure ACKs, SYN-ACKs, server-to-client data (the server's TLS flig
 its handshake record opens with a ServerHello), RTP and other UDP media, QUIC
 short-header (1-RTT) packets and the long-header ones a server sends (from a port below
 1024 to one above).  Client-to-server data past the hello still passes and is shed by the
-decoder's per-flow bypass.
+decoder's per-flow bypass, and in a ``read`` an upload's bulk by a prologue to this filter
+(capture.shunt).
 
 libpcap's optimizer (1.9, 1.10) can keep a value in a scratch slot and later load it
 from a slot that no instruction on the way stored.  The kernel refuses such a program
@@ -82,7 +83,8 @@ from typing import NamedTuple
 from ..decode.tunnels import (ERSPAN_II_GRE, ERSPAN_III_FRAME_TYPE_BITS, ERSPAN_III_GRE, ERSPAN_III_HEADER,
                               ERSPAN_III_SUBHEADER_BIT, GENEVE_PORT, VXLAN_PORT, VXLAN_PORT_BYTES)
 from ..records import BATCH_RECORD
-from .libpcap import set_filter, widen_read_buffer
+from .libpcap import filter_slot, set_filter, widen_read_buffer
+from .shunt import MIN_SNAPLEN, ShuntTable
 from .pcapfile import (CaptureError, open_capture, pcapng_interface_view, pcapng_leading_interfaces,
                        pcapng_microsecond_view)
 
@@ -749,6 +751,9 @@ class PrefilteredCapture:
         self._reader: threading.Thread | None = None
         self._stop_reader = threading.Event()
         self.read_ahead: ReadAhead | None = None
+        # Flows the decoder shunts (capture.shunt), for an Ethernet capture libpcap reads.
+        self.shunts: ShuntTable | None = None
+        self._filter_slot = None
         self._capture = None
         self._feed: PrologueFeed | None = None
         # MillisecondClock's or InterfaceClock's convert, for the captures that need one.
@@ -774,8 +779,9 @@ class PrefilteredCapture:
             if self._feed is not None:
                 self._feed.opened()
             self._tunnels = known.tunnels
+            expression = build_filter(user_filter, dlt_for(linktype), tunnels=known.tunnels)
             try:
-                set_filter(handle, build_filter(user_filter, dlt_for(linktype), tunnels=known.tunnels))
+                set_filter(handle, expression)
             except pcapy.PcapError:
                 handle.close()
                 self._close_feed()
@@ -791,6 +797,7 @@ class PrefilteredCapture:
                     self._read_buffer = widen_read_buffer(handle)
                 self.format = known.format
                 self._linktype = linktype
+                self._open_shunts(expression)
                 if known.first_ns is not None:
                     self._convert = MillisecondClock(known.first_ns).convert
                 elif known.interfaces > 1:
@@ -801,6 +808,17 @@ class PrefilteredCapture:
             self.size = self._capture.size
             self.format = self._capture.format
             self._records = self._python_records()
+
+    def _open_shunts(self, expression: str) -> None:
+        """Shunting reads an Ethernet frame's network header where it stands untagged or
+        behind one tag, as the decoder's batch loop does; a capture that opens with a tunnel
+        is read at its inner frames instead."""
+        if self._linktype != DLT_EN10MB or self._tunnels:
+            return
+        slot = filter_slot(self._handle, expression, MIN_SNAPLEN)
+        if slot is not None:
+            self._filter_slot = slot
+            self.shunts = ShuntTable(slot.main)
 
     @property
     def by_libpcap(self) -> bool:
@@ -918,9 +936,23 @@ class PrefilteredCapture:
         next_batch = self._handle.next_batch
         convert = self._convert
         linktype = self._linktype
+        shunts, slot = self.shunts, self._filter_slot
 
         def read() -> None:
+            table = shunts
+            installed = table.main if table is not None else None
+            index = 0
             while room.wait(stop):
+                if table is not None:
+                    program = table.program_for(index, stop)
+                    if program is None:
+                        return
+                    if program is not installed:
+                        installed = program
+                        if not slot.install(program):
+                            table.disable()
+                            table = None
+                index += 1
                 try:
                     buf, meta = next_batch(BATCH)
                     batch = Batch(linktype, buf, *convert(meta)) if meta else Batch(linktype, buf, meta)
@@ -944,10 +976,13 @@ class PrefilteredCapture:
         import pcapy
 
         batches, room = reader
+        shunts = self.shunts
         yielded = 0
+        taken = -1
         try:
             while True:
                 item = batches.get()
+                taken += 1
                 if isinstance(item, ClockLost):
                     break
                 if isinstance(item, pcapy.PcapError):
@@ -962,6 +997,8 @@ class PrefilteredCapture:
                     break
                 yield item
                 yielded += len(item.meta) >> 4
+                if shunts is not None:
+                    shunts.finished(taken)
         finally:
             self._join_reader()
         yield from self._python_rest(yielded)

@@ -94,6 +94,7 @@ def _libraries() -> _Libraries | None:
                                      ctypes.c_uint32]
     libpcap.pcap_setfilter.argtypes = [ctypes.c_void_p, program]
     libpcap.pcap_freecode.argtypes = [program]
+    libpcap.pcap_snapshot.argtypes = [ctypes.c_void_p]
     libpcap.pcap_geterr.restype = ctypes.c_char_p
     libpcap.pcap_geterr.argtypes = [ctypes.c_void_p]
     libc.fileno.argtypes = [ctypes.c_void_p]
@@ -184,3 +185,35 @@ def set_filter(handle, expression: str) -> None:
         _COMPILED.move_to_end(key)
     if libpcap.pcap_setfilter(found.pcap, ctypes.byref(program)) != 0:
         raise _libpcap_error(found)
+
+
+class FilterSlot:
+    """The filter of one savefile reader, replaceable by programs built in Python
+    (capture.shunt): ``main`` holds the instructions of the filter set_filter compiled."""
+
+    def __init__(self, found: _Savefile, main: bytes):
+        self._found = found
+        self.main = main
+
+    def install(self, code: bytes) -> bool:
+        """Filter the packets read from now on with ``code`` (instructions); False, with
+        the filter unchanged, when libpcap refuses the program.  libpcap copies it."""
+        ctypes, libraries = self._found.libraries.ctypes, self._found.libraries
+        instructions = ctypes.create_string_buffer(code, len(code))
+        program = libraries.program()
+        program.bf_len = len(code) // 8
+        program.bf_insns = ctypes.addressof(instructions)
+        return libraries.libpcap.pcap_setfilter(self._found.pcap, ctypes.byref(program)) == 0
+
+
+def filter_slot(handle, expression: str, min_snaplen: int) -> FilterSlot | None:
+    """The FilterSlot of a reader whose filter set_filter set from ``expression``, where
+    its capture's snap length is at least ``min_snaplen``; else None."""
+    found = _savefile_pcap(handle)
+    if found is None:
+        return None
+    program = _COMPILED.get((expression, handle.datalink()))
+    if program is None or found.libraries.libpcap.pcap_snapshot(found.pcap) < min_snaplen:
+        return None
+    ctypes = found.libraries.ctypes
+    return FilterSlot(found, ctypes.string_at(program.bf_insns, program.bf_len * 8))

@@ -243,6 +243,8 @@ RESOLVER_REPORT_TABLE = 65536
 _IPV6_EXT = frozenset((0, 43, 60, 51, 135, 139, 140))
 _IPV6_FRAGMENT = 44
 _NO_RECORDS: tuple = ()
+_NO_FLOWS: dict = {}
+SHUNT_AFTER = 16 * 1024  # client bytes past a bypassed stream's start (capture.shunt)
 
 
 @dataclass
@@ -331,6 +333,8 @@ class PacketDecoder:
         self.resolver_reports: dict[bytes, float] = {}
         self.recent: dict[int, float] = {}
         self.quic = QuicInitialTable(stats)
+        # The capture's ShuntTable (capture.shunt) while its batches are decoded.
+        self.shunts = None
         self._next_expiry = 0.0
         try:
             from .dhcp import parse_dhcp
@@ -381,7 +385,10 @@ class PacketDecoder:
         * a TCP segment (no SYN/FIN/RST) of a flow in the stream bypass: its hello is parsed
           or it is known to carry nothing.  This is the client-to-server bulk that the
           capture filter has to let through, as it cannot tell a hello's third segment from
-          an upload's;
+          an upload's.  A flow whose SYN was seen is shunted (``shunts``, capture.shunt)
+          once it is SHUNT_AFTER bytes past its stream's start: its later segments without
+          SYN, FIN or RST are then dropped by libpcap's filter program.  The SYN or FIN of a
+          shunted flow discards it;
         * a ClientHello's segments in order after a seen SYN (StreamTable.settle_hello): the
           first of a hello that needs more is held in the stream table, and the one that
           completes a hello the Interest's labels rule out bypasses the stream;
@@ -467,6 +474,16 @@ class PacketDecoder:
                 # frames that carry one are read behind it.
                 meta, outer = _relocated_view(buf, meta, _past_outer_tag)
         descend = not tunnelled and outer is None
+        # Flows to shunt (capture.shunt) are found in the frames as captured only, where
+        # the filter program looks for them.
+        shunts = self.shunts if descend and captured is None else None
+        if shunts is not None and shunts.enabled:
+            shunted = shunts.flows
+            shunt_mark = seq_mod - SHUNT_AFTER
+        else:
+            shunts = None
+            shunted = _NO_FLOWS
+            shunt_mark = 0
         for sec, fraction, off, caplen in BATCH_RECORD.iter_unpack(meta):
             end = off + caplen
             # Before the next table expiry only: the full path runs it first.
@@ -503,7 +520,8 @@ class PacketDecoder:
                         elif not flags & 0x07:
                             seen = bypass_get(key)
                             if seen is not None and payload >= 0:
-                                if (seen - seq) % seq_mod >= seq_window or seen == seq:
+                                behind = (seen - seq) % seq_mod
+                                if behind >= seq_window or seen == seq:
                                     flow = loss_get(key)
                                     if flow is not None:
                                         if payload:
@@ -514,6 +532,9 @@ class PacketDecoder:
                                                 flow.last = clock
                                             else:
                                                 client_segment(key, seq, payload)
+                                        if seq_window <= behind < shunt_mark:
+                                            # SHUNT_AFTER bytes past the stream's start.
+                                            self._shunt(shunts, key)
                                     elif flags & 0x10 and loss.flows:
                                         self._judge_loss(key, flags, seq, buf, l4, payload)
                                     continue
@@ -553,6 +574,9 @@ class PacketDecoder:
                         elif flags & 0x02 and payload == 0:
                             dport = (buf[l4 + 2] << 8) | buf[l4 + 3]
                             # The destination address ends where the TCP header starts.
+                            if key in shunted:
+                                # The same ports again: a new connection (capture.shunt).
+                                self._unshunt(shunts, key)
                             if not wants_flow("tcp", dport, buf[l4 - 4:l4] if etype == 0x0800
                                               else buf[l4 - 16:l4]):
                                 stream_syn(key, seq, (sec * units + fraction) / units, dport == 53)
@@ -562,6 +586,8 @@ class PacketDecoder:
                             if loss.flows:
                                 self._judge_loss(key, flags, seq, buf, l4, 0)
                             close(key)
+                            if key in shunted:
+                                self._unshunt(shunts, key)
                             continue
                     elif l4 + 20 <= end < ip_end and offset >= 0x50 and not flags & 0x02:
                         # Cut by the snap length (``_tcp``'s ``missing``): the headers say
@@ -857,6 +883,18 @@ class PacketDecoder:
                     out.append(dns.parse_dns(buf, ctx))
             except DecodeError as err:
                 self.stats.bad(err.reason)
+
+    def _shunt(self, shunts, key: bytes) -> None:
+        """Leave the flow's later segments to the capture filter (capture.shunt): the
+        capture-loss estimate stops judging it, as those bytes are not seen by design."""
+        shunts.add(key)
+        self.loss.close(key)
+        self.stats.shunted_flows += 1
+        self.stats.table_sizes["tcp_shunt"] = len(shunts.flows)
+
+    def _unshunt(self, shunts, key: bytes) -> None:
+        shunts.discard(key)
+        self.stats.table_sizes["tcp_shunt"] = len(shunts.flows)
 
     def _judge_loss(self, key: bytes, flags: int, seq: int, data, l4: int,
                     payload_len: int) -> None:

@@ -69,6 +69,8 @@ class SensorCollector:
         yield _counter("bytes", "Bytes seen on the capture (wire length).", s.bytes)
         yield _counter("decoded_packets", "Packets that reached the IP layer.", s.decoded)
         yield _counter("duplicate_packets", "Span duplicates suppressed.", s.duplicates)
+        yield _counter("shunted_flows", "TCP uploads whose later segments read leaves to the "
+                       "capture filter.", s.shunted_flows)
         yield _counter("alerts", "Alert documents sent to the sinks.", sensor.alerts)
         yield _counter("hosts_detected", "Hosts that reached an install-type verdict (host_detected alerts).",
                        sensor.hosts_detected)

@@ -1,0 +1,281 @@
+"""Flow shunting: the bulk of a TCP connection the decoder is done with is dropped by
+libpcap's filter program, before it costs Python anything.
+
+The capture filter has to pass a client's data segments, because it cannot tell the second
+segment of a large ClientHello from an upload's (capture.bpf).  The decoder then drops an
+upload's segments one by one in its stream bypass, at about 12,000 instructions each:
+on the benchmark mix these 74,000 segments were a third of the decoder's work.  Suricata
+and Zeek shed such flows in the capture layer ("bypass", "shunting"); a file read through
+libpcap has no flow table in C, but its filter program can be replaced between two batches.
+
+A flow is shunted once its client has sent ``decode.packet.SHUNT_AFTER`` bytes past the
+start of a stream the decoder bypasses, and only if its SYN was seen (so the capture-loss estimate knows the
+flow, and stops judging it: its later bytes are not seen by design).  ShuntTable keeps the
+flows, at most MAX_FLOWS, the oldest evicted first, and builds the program: a prologue that
+drops a shunted flow's segments without SYN, FIN or RST, in front of the capture filter's
+own instructions, which see every other packet.  FIN and RST still reach the decoder, which
+closes the stream and discards the flow here.
+
+The prologue reads untagged or single-tagged Ethernet frames: IPv4 without options or
+fragments, and IPv6 without extension headers, as the decoder's batch loop does.  It finds
+a flow by a binary search over the TCP port word (client port and server port), then
+compares the addresses and the flags.  Every load it makes is inside the frame whatever
+the frame holds: frames under MIN_FRAME bytes on the wire skip it, and libpcap is only given
+it for captures whose snap length is at least MIN_SNAPLEN, where such frames were kept
+whole.  A load past the captured bytes would reject the packet.
+
+Only ``read`` shunts, through PrefilteredCapture: the reader thread installs a new program
+between batches (pcap handles are not thread-safe), LAG_BATCHES batches after the one the
+decoder asked in.  Live capture keeps the per-flow bypass in Python.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from bisect import bisect_left
+
+MAX_FLOWS = 128
+# Batches between the one a flow is shunted in and the first read without it: the reader
+# keeps this many batches ahead of the consumer.
+LAG_BATCHES = 2
+# The first batches are read with the capture filter alone, without waiting for the
+# consumer: libpcap reads them while the sensor starts up.
+UNSHUNTED_BATCHES = 16
+MIN_SNAPLEN = 128
+MIN_FRAME = 64  # the IPv4 tests read at most 52 bytes in (tagged TCP flags)
+MIN_IPV6_FRAME = 72  # from the end of the Ethernet header's tag: TCP flags at 67
+MAX_PROGRAM = 4096  # instructions, the kernel's BPF_MAXINSNS: libpcap's own limit for a live filter
+LEAF = 4  # flows compared one after another at the end of the search
+IPV4_KEY = 12  # source and destination address, then the port word: decoder's flow key
+IPV6_KEY = 36
+
+_INSN = struct.Struct("=HBBI")
+# Classic BPF opcodes (linux/filter.h).
+_LD_LEN, _LD_IMM, _LDX_IMM, _TAX = 0x80, 0x00, 0x01, 0x07
+_LDH_ABS, _LDB_IND, _LDH_IND, _LD_IND = 0x28, 0x50, 0x48, 0x40
+_SUB_X, _AND_K = 0x1C, 0x54
+_JA, _JEQ, _JGE, _JSET, _RET = 0x05, 0x15, 0x35, 0x45, 0x06
+_TCP_SYN_FIN_RST = 0x07
+
+
+def _insn(code: int, k: int = 0, jt: int = 0, jf: int = 0) -> bytes:
+    return _INSN.pack(code, jt, jf, k)
+
+
+def _entry_block(key: bytes) -> tuple[int, bytes]:
+    """The port word and the position-independent test of one flow: with the port word in
+    A and the frame's tag length in X, drop the frame if it is this flow's and carries no
+    SYN, FIN or RST; otherwise reload the port word and fall through to the next test."""
+    v4 = len(key) == IPV4_KEY
+    address_at = 26 if v4 else 22  # the source address, from the frame's start behind a tag
+    ports_at = 34 if v4 else 54
+    flags_at = 47 if v4 else 67
+    words = struct.unpack(f"!{len(key) // 4}I", key)
+    addresses, ports = words[:-1], words[-1]
+    # i0 ports, then per address word (load, compare), flags (load, jset), ret, reload.
+    size = 1 + 2 * len(addresses) + 2 + 1 + 1
+    reload = size - 1
+    body = [_insn(_JEQ, ports, 0, size - 1)]
+    for index, word in enumerate(addresses):
+        position = 1 + 2 * index
+        body.append(_insn(_LD_IND, address_at + 4 * index))
+        body.append(_insn(_JEQ, word, 0, reload - (position + 1) - 1))
+    body.append(_insn(_LDB_IND, flags_at))
+    body.append(_insn(_JSET, _TCP_SYN_FIN_RST, 1, 0))
+    body.append(_insn(_RET, 0))
+    body.append(_insn(_LD_IND, ports_at))
+    return ports, b"".join(body)
+
+
+class _Section:
+    """Instructions as byte strings, with jumps patched in once their target is known."""
+
+    def __init__(self):
+        self.parts: list = []
+        self.size = 0
+        self.exits: list[tuple[int, int]] = []
+
+    def add(self, block: bytes) -> None:
+        self.parts.append(block)
+        self.size += len(block) // _INSN.size
+
+    def jump(self) -> tuple[int, int]:
+        """A jump whose target ``patch`` sets."""
+        self.parts.append(None)
+        self.size += 1
+        return len(self.parts) - 1, self.size - 1
+
+    def patch(self, jump: tuple[int, int], target: int) -> None:
+        index, position = jump
+        self.parts[index] = _insn(_JA, target - position - 1)
+
+    def exit(self) -> None:
+        """A jump to the section's end."""
+        self.exits.append(self.jump())
+
+    def assemble(self) -> bytes:
+        for jump in self.exits:
+            self.patch(jump, self.size)
+        return b"".join(self.parts)
+
+
+def _search(section: _Section, entries: list, lo: int, hi: int) -> None:
+    """A binary search over ``entries[lo:hi]`` (sorted (port word, block)) on the port word
+    in A, testing at most LEAF flows one after another at its leaves (more where they share
+    one port word)."""
+    if hi - lo > LEAF:
+        pivot = entries[(lo + hi) // 2][0]
+        mid = bisect_left(entries, (pivot,), lo, hi)
+        if mid == lo:
+            mid = bisect_left(entries, (pivot + 1,), lo, hi)
+        if lo < mid < hi:
+            section.add(_insn(_JGE, entries[mid][0], 0, 1))
+            right = section.jump()
+            _search(section, entries, lo, mid)
+            section.patch(right, section.size)
+            _search(section, entries, mid, hi)
+            return
+    for _, block in entries[lo:hi]:
+        section.add(block)
+    section.exit()
+
+
+def _family(entries: list) -> bytes:
+    """A family's search; every way out of it leads to its end."""
+    section = _Section()
+    entries.sort()
+    _search(section, entries, 0, len(entries))
+    return section.assemble()
+
+
+def build_program(keys, main: bytes) -> bytes:
+    """The prologue for the flows ``keys`` (decoder flow keys: IPv4 or IPv6 source and
+    destination address, then the port word) in front of the filter program ``main``
+    (libpcap's instructions), or ``main`` alone when there are none."""
+    return _program([_entry_block(key) for key in keys], main)
+
+
+_IPV4_BLOCK = 9 * _INSN.size
+# The header and the way out to the capture filter; and the most one flow can add: an IPv6
+# flow's test, its share of the search (a test and a jump per inner node, a jump per leaf).
+_PROLOGUE_FIXED = 30
+_IPV6_FLOW_COST = 21 + 3
+
+
+def _program(blocks: list, main: bytes) -> bytes:
+    """build_program from the flows' _entry_block."""
+    if not blocks:
+        return main
+    v4 = [entry for entry in blocks if len(entry[1]) == _IPV4_BLOCK]
+    v6 = [entry for entry in blocks if len(entry[1]) != _IPV4_BLOCK]
+    ipv6 = _family(v6)
+    n6 = len(ipv6) // _INSN.size
+    # The IPv4 search ends in a jump over the IPv6 one, to the capture filter.
+    ipv4 = _family(v4) + _insn(_JA, n6)
+    n4 = len(ipv4) // _INSN.size
+    # Header: 0-7; IPv4 tests 8-15; IPv6 tests 16-26; 27 the way out to the capture filter.
+    out = 27
+    head = [
+        _insn(_LD_LEN),                                   # 0
+        _insn(_JGE, MIN_FRAME, 0, out - 2),               # 1
+        _insn(_LDX_IMM, 0),                               # 2
+        _insn(_LDH_ABS, 12),                              # 3
+        _insn(_JEQ, 0x8100, 0, 2),                        # 4
+        _insn(_LDX_IMM, 4),                               # 5
+        _insn(_LDH_ABS, 16),                              # 6
+        _insn(_JEQ, 0x0800, 0, 8),                        # 7: to 16
+        _insn(_LDB_IND, 14),                              # 8
+        _insn(_JEQ, 0x45, 0, out - 10),                   # 9
+        _insn(_LDB_IND, 23),                              # 10
+        _insn(_JEQ, 6, 0, out - 12),                      # 11
+        _insn(_LDH_IND, 20),                              # 12
+        _insn(_JSET, 0x3FFF, out - 14, 0),                # 13
+        _insn(_LD_IND, 34),                               # 14
+        _insn(_JA, out - 15),                             # 15: to the IPv4 search at 28
+        _insn(_JEQ, 0x86DD, 0, out - 17),                 # 16
+        _insn(_LD_LEN),                                   # 17
+        _insn(_SUB_X),                                    # 18
+        _insn(_JGE, MIN_IPV6_FRAME, 0, out - 20),         # 19
+        _insn(_LDB_IND, 20),                              # 20
+        _insn(_JEQ, 6, 0, out - 22),                      # 21
+        _insn(_LDB_IND, 14),                              # 22
+        _insn(_AND_K, 0xF0),                              # 23
+        _insn(_JEQ, 0x60, 0, out - 25),                   # 24
+        _insn(_LD_IND, 54),                               # 25
+        _insn(_JA, out - 26 + n4),                        # 26: to the IPv6 search
+        _insn(_JA, n4 + n6),                              # 27: to the capture filter
+    ]
+    # A and X as the capture filter expects them at its start.
+    return b"".join(head) + ipv4 + ipv6 + _insn(_LD_IMM, 0) + _insn(_TAX) + main
+
+
+class ShuntTable:
+    """The flows shunted in one capture, and the filter programs that drop them.
+
+    The consumer's thread adds and discards flows while it decodes a batch; once it is done
+    with batch ``i`` (``finished``), the program for the flows then shunted is the one for
+    batch ``i + LAG_BATCHES``, which the reader thread installs before reading that batch
+    (``program_for``), waiting for it if need be.  What a flow's packets meet therefore
+    depends on the capture alone, not on how far ahead the reader happened to be: a read
+    counts the same packets and judges the same capture loss every time.  ``main`` is the
+    capture filter's program, which follows the prologue."""
+
+    def __init__(self, main: bytes):
+        self.main = main
+        # As many flows as keep the program within MAX_PROGRAM: a user's --bpf lengthens it.
+        room = MAX_PROGRAM - len(main) // _INSN.size - _PROLOGUE_FIXED
+        self.max_flows = max(0, min(MAX_FLOWS, room // _IPV6_FLOW_COST))
+        self.lag = LAG_BATCHES
+        self.unshunted = max(UNSHUNTED_BATCHES, LAG_BATCHES)
+        self.flows: dict[bytes, tuple[int, bytes]] = {}  # key: its _entry_block
+        self.changed = False
+        self.program = main
+        self.shunted = 0
+        self.evicted = 0
+        # Cleared when libpcap refuses a program: flows are then bypassed in Python only.
+        self.enabled = True
+        self._decided = threading.Condition()
+        self._programs: dict[int, bytes] = {}  # by the batch they are for
+        self._finished = -1
+
+    def add(self, key: bytes) -> None:
+        if not self.enabled or not self.max_flows or key in self.flows \
+                or len(key) not in (IPV4_KEY, IPV6_KEY):
+            return
+        if len(self.flows) >= self.max_flows:
+            del self.flows[next(iter(self.flows))]
+            self.evicted += 1
+        self.flows[key] = _entry_block(key)
+        self.shunted += 1
+        self.changed = True
+
+    def discard(self, key: bytes) -> None:
+        if self.flows.pop(key, None) is not None:
+            self.changed = True
+
+    def disable(self) -> None:
+        """The reader's thread, when libpcap refused a program."""
+        self.enabled = False
+
+    def finished(self, index: int) -> None:
+        """The consumer is done with batch ``index`` (counted from 0)."""
+        if self.changed and self.enabled:
+            self.changed = False
+            self.program = _program(list(self.flows.values()), self.main)
+        with self._decided:
+            self._programs[index + self.lag] = self.program
+            self._finished = index
+            self._decided.notify()
+
+    def program_for(self, index: int, stop: threading.Event) -> bytes | None:
+        """The program to read batch ``index`` with, once the consumer has finished batch
+        ``index - lag``; None once ``stop`` is set."""
+        if index < self.unshunted:
+            return self.main
+        with self._decided:
+            while self._finished < index - self.lag:
+                if stop.is_set():
+                    return None
+                self._decided.wait(0.05)
+            return self._programs.pop(index)

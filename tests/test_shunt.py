@@ -1,0 +1,242 @@
+"""Flow shunting (sensor/capture/shunt.py): the filter program it builds, run by libpcap's own
+``bpf_filter`` on crafted frames, and ``read`` of a capture with long uploads, against the
+same read without shunting and without the capture filter."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import random
+import re
+import socket
+import struct
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+pcapy = pytest.importorskip("pcapy")
+
+from scapy.layers.inet import IP, TCP, UDP  # noqa: E402
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrHopByHop  # noqa: E402
+from scapy.layers.l2 import Dot1AD, Dot1Q, Ether  # noqa: E402
+from scapy.packet import Raw  # noqa: E402
+
+from sensor.capture import bpf, libpcap, shunt  # noqa: E402
+from sensor.cli import main  # noqa: E402
+from tests.helpers import load_make_samples  # noqa: E402
+
+MACS = {"src": "02:00:00:00:00:01", "dst": "02:00:00:00:00:02"}
+
+
+def _libpcap():
+    path = libpcap._loaded_libpcap()
+    if path is None:
+        pytest.skip("no single libpcap mapped into the process")
+    lib = ctypes.CDLL(path)
+    lib.bpf_filter.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint]
+    lib.bpf_validate.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    return lib
+
+
+def _main_program(user_filter: str | None = None) -> bytes:
+    compiled = pcapy.compile(pcapy.DLT_EN10MB, 262144, bpf.build_filter(user_filter, 1), 1, 0)
+    return b"".join(struct.pack("=HBBI", *insn) for insn in compiled.get_bpf())
+
+
+def _key(ip, tcp) -> bytes:
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    return (socket.inet_pton(family, ip.src) + socket.inet_pton(family, ip.dst)
+            + struct.pack("!HH", tcp.sport, tcp.dport))
+
+
+def _frame(ip, tcp, tags=(), payload=b"x" * 600) -> bytes:
+    layers = Ether(**MACS)
+    for tag in tags:
+        layers = layers / tag
+    return bytes(layers / ip / tcp / Raw(payload)) if payload else bytes(layers / ip / tcp)
+
+
+def test_the_program_drops_a_shunted_flows_segments_and_leaves_every_other_frame_to_the_filter():
+    lib = _libpcap()
+    main_program = _main_program()
+    rng = random.Random(7)
+    flows = []
+    for index in range(40):
+        v6 = index % 3 == 0
+        ip = (IPv6(src=f"fd00::{index + 1:x}", dst=f"2001:db8::{index % 5 + 1:x}") if v6
+              else IP(src=f"10.0.{index % 4}.{index + 1}", dst=f"198.51.100.{index % 6 + 1}"))
+        # Some flows share their port word, so the search ends in a run of them.
+        sport = 50000 if index % 7 == 0 else rng.randint(1024, 65535)
+        flows.append((ip, sport, rng.choice([443, 8443, 80]), (Dot1Q(vlan=index),) if index % 2 else ()))
+    shunted = flows[::2]
+    program = shunt.build_program([_key(ip, TCP(sport=s, dport=d)) for ip, s, d, _ in shunted],
+                                  main_program)
+    assert lib.bpf_validate(program, len(program) // 8)
+
+    def verdicts(frame):
+        return (lib.bpf_filter(main_program, frame, len(frame), len(frame)),
+                lib.bpf_filter(program, frame, len(frame), len(frame)))
+
+    dropped = 0
+    for position, (ip, sport, dport, tags) in enumerate(flows):
+        is_shunted = position % 2 == 0
+        for flags in ("A", "PA", "S", "F", "FA", "R", "RA", "SA"):
+            for payload in (b"", b"x" * 700):
+                frame = _frame(ip, TCP(sport=sport, dport=dport, flags=flags), tags, payload)
+                before, after = verdicts(frame)
+                if is_shunted and not set(flags) & set("SFR"):
+                    assert after == 0, (ip.src, sport, flags)
+                    dropped += 1
+                else:
+                    assert after == before, (ip.src, sport, flags)
+        # The server's direction and a flow with one port changed are other flows.
+        reverse = ip.copy()
+        reverse.src, reverse.dst = ip.dst, ip.src
+        for other_ip, other_tcp in ((reverse, TCP(sport=dport, dport=sport, flags="PA")),
+                                    (ip, TCP(sport=sport ^ 1, dport=dport, flags="PA"))):
+            frame = _frame(other_ip, other_tcp, tags)
+            assert verdicts(frame)[1] == verdicts(frame)[0]
+    assert dropped == len(shunted) * 4
+
+    # Frames the prologue does not read are the capture filter's alone, even of a shunted flow.
+    ip, sport, dport, _ = shunted[1]
+    ip6, sport6, dport6, _ = shunted[0]
+    others = [
+        _frame(ip, TCP(sport=sport, dport=dport, flags="PA"), (Dot1AD(vlan=5), Dot1Q(vlan=6))),
+        bytes(Ether(**MACS) / IP(src=ip.src, dst=ip.dst, options=b"\x01\x01\x01\x00")
+              / TCP(sport=sport, dport=dport, flags="PA") / Raw(b"x" * 600)),
+        bytes(Ether(**MACS) / IP(src=ip.src, dst=ip.dst, flags="MF")
+              / TCP(sport=sport, dport=dport, flags="PA") / Raw(b"x" * 600)),
+        bytes(Ether(**MACS) / IPv6(src=ip6.src, dst=ip6.dst) / IPv6ExtHdrHopByHop()
+              / TCP(sport=sport6, dport=dport6, flags="PA") / Raw(b"x" * 600)),
+        bytes(Ether(**MACS) / IP(src=ip.src, dst=ip.dst) / UDP(sport=sport, dport=dport) / Raw(b"x" * 600)),
+        _frame(ip, TCP(sport=sport, dport=dport, flags="PA"))[:60],
+        b"\x02" * 20,
+    ]
+    for frame in others:
+        before, after = verdicts(frame)
+        assert after == before
+
+
+def test_a_full_table_of_ipv6_flows_stays_within_the_kernels_program_limit():
+    lib = _libpcap()
+    rng = random.Random(3)
+    user_filter = " or ".join(f"host 198.51.100.{n}" for n in range(1, 60))
+    for main_program in (_main_program(), _main_program(user_filter)):
+        table = shunt.ShuntTable(main_program)
+        assert 0 < table.max_flows <= shunt.MAX_FLOWS
+        for _ in range(table.max_flows):
+            table.add(rng.randbytes(shunt.IPV6_KEY))
+        table.finished(0)
+        assert len(table.program) // 8 <= shunt.MAX_PROGRAM
+        assert lib.bpf_validate(table.program, len(table.program) // 8)
+
+
+def test_the_table_evicts_its_oldest_flow_and_rebuilds_only_what_changed():
+    table = shunt.ShuntTable(b"\x06\x00\x00\x00\xff\xff\x00\x00")
+    keys = [bytes([n]) * shunt.IPV4_KEY for n in range(table.max_flows + 1)]
+    for key in keys:
+        table.add(key)
+    assert len(table.flows) == table.max_flows and keys[0] not in table.flows
+    assert table.evicted == 1
+    table.finished(0)
+    built = table.program
+    assert built != table.main
+    table.finished(1)
+    assert table.program is built
+    table.discard(keys[1])
+    table.finished(2)
+    assert table.program is not built
+
+
+# ---------------------------------------------------------------------------- read
+
+
+def _uploads_capture(path: Path) -> dict:
+    """TLS connections whose client uploads well past SHUNT_AFTER, over IPv4 (untagged and
+    tagged) and IPv6, side by side; DNS lookups between them; and, after the first ends, a
+    new connection on its ports with another name.  Returns the SNIs."""
+    samples = load_make_samples()
+    cap = samples.simple_capture("shunt")
+    rng = cap.rng
+    server, server6 = "203.0.113.70", "2001:db8:40::70"
+    sessions = [
+        (samples.CLIENT, server, b"s01.upd.kaspersky.com", ()),
+        ("192.168.1.21", server, b"www.example.org", ((samples.ETH_8021Q, 20),)),
+        ("fd00::21", server6, b"dc1.ksn.kaspersky-labs.com", ()),
+    ]
+    t0 = samples.T0_NS
+    reused_port = 50123
+    for number, (client, to, sni, tags) in enumerate(sessions):
+        cap.wrap = samples.ethernet_wrap(tags)
+        session = samples.TcpSession(cap, t0 + number * 1000, client, to,
+                                     reused_port if number == 0 else 40000 + number, 443)
+        session.handshake()
+        session.send(True, samples.client_hello(rng, sni, post_quantum=True))
+        session.reply_delay()
+        session.send(False, samples.server_flight(rng))
+        session.send(True, samples.tls_app_data(rng, 1300) * 150)
+        session.close()
+        last = session.t
+    cap.wrap = samples.ethernet_wrap()
+    t = t0
+    while t < last + 10**9:
+        t = samples.dns_lookup(cap, t, samples.CLIENT, samples.LAN_RESOLVER, "www.example.com",
+                               samples.answer_chain("www.example.com", (), "198.51.100.9"))
+    session = samples.TcpSession(cap, t, samples.CLIENT, server, reused_port, 443)
+    session.handshake()
+    session.send(True, samples.client_hello(rng, b"activation-v2.kaspersky.com", post_quantum=True))
+    session.send(True, samples.tls_app_data(rng, 1300) * 40)
+    session.close()
+    path.write_bytes(samples.pcap_file(samples.LINKTYPE_ETHERNET, cap.ordered()))
+    return {sni.decode() for _, _, sni, _ in sessions} | {"activation-v2.kaspersky.com"}
+
+
+def _read(tmp_path: Path, capture: Path, capsys, name: str, *extra: str):
+    run = tmp_path / name
+    run.mkdir()
+    alerts = run / "alerts.json"
+    state = run / "state.sqlite"
+    assert main(["read", "--state", str(state), "-o", f"file:{alerts}", *extra, str(capture)]) == 0
+    summary = capsys.readouterr().err
+    keys = Counter()
+    for line in alerts.read_text().splitlines():
+        doc = json.loads(line)
+        keys[(doc["event"]["action"], doc.get("host", {}).get("ip"),
+              doc.get("destination", {}).get("domain"))] += 1
+    assert main(["hosts", "--state", str(state), "--format", "json", "--all"]) == 0
+    hosts = json.loads(capsys.readouterr().out)
+    packets = int(re.search(r"packets ([\d,]+)", summary).group(1).replace(",", ""))
+    # No line when no acknowledgement judged anything.
+    loss = re.search(r"capture loss: (\d+) of ([\d,]+) acks", summary)
+    return keys, hosts, packets, loss.groups() if loss else ("0", "0"), summary
+
+
+@pytest.fixture
+def small_batches(monkeypatch):
+    """Batches of 32 packets, shunted from the second on, one batch after the decoder asks:
+    the sample is a few thousand packets, the defaults are set for a million."""
+    monkeypatch.setattr(bpf, "BATCH", 32)
+    monkeypatch.setattr(shunt, "LAG_BATCHES", 1)
+    monkeypatch.setattr(shunt, "UNSHUNTED_BATCHES", 1)
+
+
+def test_read_shunts_uploads_and_finds_what_it_finds_without(tmp_path, capsys, small_batches, monkeypatch):
+    capture = tmp_path / "uploads.pcap"
+    names = _uploads_capture(capture)
+    plain = _read(tmp_path, capture, capsys, "plain", "--no-bpf-prefilter")
+    shunting = _read(tmp_path, capture, capsys, "shunting")
+    again = _read(tmp_path, capture, capsys, "again")
+    monkeypatch.setattr(bpf, "filter_slot", lambda *args: None)
+    filtered = _read(tmp_path, capture, capsys, "filtered")
+
+    assert shunting[:2] == plain[:2] == filtered[:2]
+    assert {domain for _, _, domain in shunting[0]} >= names - {"www.example.org"}
+    # Most of the three uploads (450 segments) never reach Python, and the same ones on
+    # every read.
+    assert shunting[2] < filtered[2] - 300
+    assert again[2:] == shunting[2:]
+    assert re.search(r"shunted flows 4\b", shunting[4]) and "shunted" not in filtered[4]
+    # The shunted bytes are not judged as lost.
+    assert shunting[3][0] == filtered[3][0] == "0"
