@@ -1,9 +1,12 @@
-"""Readers the tests share: a strict CEF parser and the sample-capture generator module."""
+"""Readers the tests share: a strict CEF parser, the sample-capture generator module and a
+``read`` whose detections and inventory can be compared."""
 
 import importlib.util
+import json
 import re
 import struct
 import sys
+from collections import Counter
 from pathlib import Path
 
 PCAPS = Path(__file__).resolve().parents[1] / "pcaps"
@@ -84,3 +87,23 @@ def in_erspan2(data: bytes, n: int = 0) -> bytes:
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), n & 0xFFFF, 0, 64, 47, 0,
                      bytes([192, 0, 2, 1]), bytes([192, 0, 2, 2]))
     return bytes.fromhex("020000000001020000000002") + b"\x08\x00" + ip + payload
+
+
+def read_detections(run: Path, capture: Path, capsys, *extra: str) -> tuple[Counter, list, int, str]:
+    """``purge-sensor read`` of ``capture`` with its state and alerts in ``run`` (created):
+    the alerts counted by (action, host, domain), the whole inventory, the exit status and
+    what went to stderr."""
+    from sensor.cli import main
+
+    run.mkdir()
+    alerts = run / "alerts.json"
+    state = run / "state.sqlite"
+    status = main(["read", "--state", str(state), "-o", f"file:{alerts}", *extra, str(capture)])
+    summary = capsys.readouterr().err
+    keys = Counter()
+    for line in alerts.read_text().splitlines():
+        doc = json.loads(line)
+        keys[(doc["event"]["action"], doc.get("host", {}).get("ip"),
+              doc.get("destination", {}).get("domain"))] += 1
+    assert main(["hosts", "--state", str(state), "--format", "json", "--all"]) == 0
+    return keys, json.loads(capsys.readouterr().out), status, summary

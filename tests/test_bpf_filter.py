@@ -16,7 +16,6 @@ import struct
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -31,6 +30,7 @@ from scapy.packet import Raw  # noqa: E402
 from sensor.capture import bpf  # noqa: E402
 from sensor.capture.pcapfile import open_capture  # noqa: E402
 from sensor.cli import main  # noqa: E402
+from tests.helpers import read_detections  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PCAPS = sorted(p for p in (ROOT / "pcaps").iterdir() if p.suffix in (".pcap", ".pcapng"))
@@ -38,19 +38,7 @@ PCAPS = sorted(p for p in (ROOT / "pcaps").iterdir() if p.suffix in (".pcap", ".
 
 def _alerts_and_hosts(tmp_path: Path, capture: Path, capsys, *extra: str):
     run = tmp_path / ("plain" if "--no-bpf-prefilter" in extra else "filtered")
-    run.mkdir()
-    alerts = run / "alerts.json"
-    state = run / "state.sqlite"
-    main(["read", "-q", "--state", str(state), "-o", f"file:{alerts}", *extra, str(capture)])
-    capsys.readouterr()
-    keys = Counter()
-    for line in alerts.read_text().splitlines():
-        doc = json.loads(line)
-        keys[(doc["event"]["action"], doc.get("host", {}).get("ip"),
-              doc.get("destination", {}).get("domain"))] += 1
-    assert main(["hosts", "--state", str(state), "--format", "json", "--all"]) == 0
-    hosts = json.loads(capsys.readouterr().out)
-    return keys, hosts
+    return read_detections(run, capture, capsys, "-q", *extra)[:2]
 
 
 @pytest.mark.parametrize("capture", PCAPS, ids=[p.name for p in PCAPS])

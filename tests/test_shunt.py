@@ -5,12 +5,10 @@ same read without shunting and without the capture filter."""
 from __future__ import annotations
 
 import ctypes
-import json
 import random
 import re
 import socket
 import struct
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -23,8 +21,7 @@ from scapy.layers.l2 import Dot1AD, Dot1Q, Ether  # noqa: E402
 from scapy.packet import Raw  # noqa: E402
 
 from sensor.capture import bpf, libpcap, shunt  # noqa: E402
-from sensor.cli import main  # noqa: E402
-from tests.helpers import load_make_samples  # noqa: E402
+from tests.helpers import load_make_samples, read_detections  # noqa: E402
 
 MACS = {"src": "02:00:00:00:00:01", "dst": "02:00:00:00:00:02"}
 
@@ -194,19 +191,8 @@ def _uploads_capture(path: Path) -> dict:
 
 
 def _read(tmp_path: Path, capture: Path, capsys, name: str, *extra: str):
-    run = tmp_path / name
-    run.mkdir()
-    alerts = run / "alerts.json"
-    state = run / "state.sqlite"
-    assert main(["read", "--state", str(state), "-o", f"file:{alerts}", *extra, str(capture)]) == 0
-    summary = capsys.readouterr().err
-    keys = Counter()
-    for line in alerts.read_text().splitlines():
-        doc = json.loads(line)
-        keys[(doc["event"]["action"], doc.get("host", {}).get("ip"),
-              doc.get("destination", {}).get("domain"))] += 1
-    assert main(["hosts", "--state", str(state), "--format", "json", "--all"]) == 0
-    hosts = json.loads(capsys.readouterr().out)
+    keys, hosts, status, summary = read_detections(tmp_path / name, capture, capsys, *extra)
+    assert status == 0
     packets = int(re.search(r"packets ([\d,]+)", summary).group(1).replace(",", ""))
     # No line when no acknowledgement judged anything.
     loss = re.search(r"capture loss: (\d+) of ([\d,]+) acks", summary)
