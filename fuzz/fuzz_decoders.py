@@ -6,7 +6,9 @@
 
 Targets: frame (whole frames through PacketDecoder, every link type), batch (a libpcap
 batch of Ethernet frames, and of the same as Linux cooked v1 and v2 frames and as bare IP,
-through the buffer fast path, which must give exactly what decoding each frame gives), capture (pcap/pcapng files), prefiltered (a capture file
+through the buffer fast path, which must give exactly what decoding each frame gives, and as
+Ethernet again with flows shunted (capture.shunt): the same records, and a valid filter
+program), capture (pcap/pcapng files), prefiltered (a capture file
 read through libpcap with the sensor's filter, by iteration and by batches, which must give
 the Python reader's filtered frames, timestamps and interfaces), pipeline (a capture file through
 every stage: decoder, detector, tracker, ECS and JSON alerts, inventory snapshots), dns,
@@ -34,7 +36,7 @@ import atheris  # noqa: E402
 from field_variants import as_link  # noqa: E402
 
 with atheris.instrument_imports():
-    from sensor.capture import bpf
+    from sensor.capture import bpf, shunt
     from sensor.capture.pcapfile import CaptureError, CaptureFile
     from sensor.decode import dhcp, dns, http, tls
     from sensor.decode.link import LINK_DECODERS
@@ -65,6 +67,27 @@ def one_frame(data: bytes) -> None:
 
 
 SIGNATURES = load_signatures(default_signature_paths())
+
+
+def _bpf_validate():
+    """libpcap's bpf_validate, where one libpcap is mapped."""
+    import ctypes
+
+    from sensor.capture import libpcap
+
+    try:
+        import pcapy  # noqa: F401 - maps the libpcap its wheel brings
+    except ImportError:
+        return None
+    path = libpcap._loaded_libpcap()
+    if path is None:
+        return None
+    validate = ctypes.CDLL(path).bpf_validate
+    validate.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    return validate
+
+
+VALIDATE = _bpf_validate()
 BATCH_META = struct.Struct("=IIII")
 
 
@@ -118,6 +141,28 @@ def _batch_agrees(frames: list, linktype: int) -> None:
         batched.stats.packets += 1
         fast += batched.decode(ts, linktype, frame)
     assert _outcome(batched, fast) == _outcome(single, one_by_one)
+    if linktype == 1:
+        _shunting_agrees(bytes(buf), bytes(meta), one_by_one)
+
+
+_ACCEPT = struct.pack("=HBBI", 0x06, 0, 0, 262144)  # ret #262144: the capture filter's stand-in
+
+
+def _shunting_agrees(buf: bytes, meta: bytes, records: list) -> None:
+    """Shunting drops later packets in libpcap only, so the batch's records stay the same;
+    the program built from the flows it shunted is valid and within MAX_PROGRAM."""
+    decoder = PacketDecoder(Stats(), DecoderConfig(dedup_window=0.0))
+    decoder.interest = decoder_interest(SIGNATURES, set())
+    table = decoder.shunts = shunt.ShuntTable(_ACCEPT)
+    found = []
+    for ts, frame, _ in decoder.batch(1, buf, meta):
+        decoder.stats.packets += 1
+        found += decoder.decode(ts, 1, frame)
+    assert [repr(r) for r in found] == [repr(r) for r in records]
+    table.finished(0)
+    assert len(table.program) // 8 <= shunt.MAX_PROGRAM
+    if VALIDATE is not None:
+        assert VALIDATE(table.program, len(table.program) // 8)
 
 
 def one_capture(data: bytes) -> None:
@@ -250,6 +295,21 @@ def _as_pcapng(records, resolution: int = 9, spread: int = 1) -> bytes:
                         for i, (ts, linktype, frame, _, _) in enumerate(records)])
 
 
+def _upload_frames() -> list[bytes]:
+    """A connection the batch path bypasses (its first segment opens no stream it reads),
+    then a segment past decode.packet.SHUNT_AFTER: it is shunted, and stays so."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Ether
+
+    def frame(flags, seq, payload=b""):
+        return bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+                     / IP(src="10.0.0.1", dst="198.51.100.7")
+                     / TCP(sport=50000, dport=443, flags=flags, seq=seq) / payload)
+
+    return [frame("S", 1000), frame("PA", 1001, b"\x17\x03\x03" + b"x" * 200),
+            frame("PA", 1001 + 20000, b"x" * 200)]
+
+
 def seeds(target: str) -> list[bytes]:
     """Inputs for ``target`` taken from the sample captures (dpkt is fine off the hot path)."""
     import dpkt
@@ -275,6 +335,7 @@ def seeds(target: str) -> list[bytes]:
             ethernet = [frame for _, linktype, frame, _, _ in frames if linktype == 1]
             for start in range(0, len(ethernet), 8):
                 out.append(b"".join(len(f).to_bytes(2, "big") + f for f in ethernet[start:start + 8]))
+            out.append(b"".join(len(f).to_bytes(2, "big") + f for f in _upload_frames()))
             continue
         for _, linktype, frame, _, _ in frames:
             if target == "frame":
