@@ -214,15 +214,18 @@ def test_read_shunts_uploads_and_finds_what_it_finds_without(tmp_path, capsys, s
     plain = _read(tmp_path, capture, capsys, "plain", "--no-bpf-prefilter")
     shunting = _read(tmp_path, capture, capsys, "shunting")
     again = _read(tmp_path, capture, capsys, "again")
+    # A user's filter goes into the program behind the prologue too.
+    user = _read(tmp_path, capture, capsys, "user", "--bpf", "tcp or udp")
     monkeypatch.setattr(bpf, "filter_slot", lambda *args: None)
     filtered = _read(tmp_path, capture, capsys, "filtered")
 
-    assert shunting[:2] == plain[:2] == filtered[:2]
+    assert shunting[:2] == plain[:2] == filtered[:2] == user[:2]
     assert {domain for _, _, domain in shunting[0]} >= names - {"www.example.org"}
     # Most of the three uploads (450 segments) never reach Python, and the same ones on
     # every read.
     assert shunting[2] < filtered[2] - 300
     assert again[2:] == shunting[2:]
+    assert user[2] == shunting[2]
     assert re.search(r"shunted flows 4\b", shunting[4]) and "shunted" not in filtered[4]
     # The shunted bytes are not judged as lost.
     assert shunting[3][0] == filtered[3][0] == "0"
