@@ -9,6 +9,7 @@ import random
 import re
 import socket
 import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -229,3 +230,25 @@ def test_read_shunts_uploads_and_finds_what_it_finds_without(tmp_path, capsys, s
     assert re.search(r"shunted flows 4\b", shunting[4]) and "shunted" not in filtered[4]
     # The shunted bytes are not judged as lost.
     assert shunting[3][0] == filtered[3][0] == "0"
+
+
+def test_a_flow_counts_as_shunted_from_the_first_batch_read_without_it():
+    table = shunt.ShuntTable(b"\x06\x00\x00\x00\xff\xff\x00\x00")
+    table.lag, table.unshunted = 2, 3
+    first, second = bytes(12), bytes(range(12))
+    table.add(first)
+    table.finished(0)  # for batch 2, which the first three read with the filter alone
+    table.add(second)
+    table.finished(1)  # for batch 3
+    table.discard(first)
+    table.finished(2)  # for batch 4
+    stop = threading.Event()
+    assert table.program_for(2, stop) == table.main
+    seen = []
+    for index in range(5):
+        table.entering(index)
+        seen.append(set(table.started))
+    assert seen == [set(), set(), set(), {first, second}, set()]
+    with_both, with_second = table.program_for(3, stop), table.program_for(4, stop)
+    assert with_both == shunt.build_program([first, second], table.main)
+    assert with_second == shunt.build_program([second], table.main)

@@ -995,6 +995,8 @@ class PrefilteredCapture:
                     if not self._feed_failed():
                         return
                     break
+                if shunts is not None:
+                    shunts.entering(taken)
                 yield item
                 yielded += len(item.meta) >> 4
                 if shunts is not None:

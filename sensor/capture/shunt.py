@@ -218,8 +218,10 @@ class ShuntTable:
     batch ``i + LAG_BATCHES``, which the reader thread installs before reading that batch
     (``program_for``), waiting for it if need be.  What a flow's packets meet therefore
     depends on the capture alone, not on how far ahead the reader happened to be: a read
-    counts the same packets and judges the same capture loss every time.  ``main`` is the
-    capture filter's program, which follows the prologue."""
+    counts the same packets and judges the same capture loss every time.  Before it decodes
+    a batch the consumer learns which flows it is the first read without (``entering``,
+    ``started``): only from there on is a flow shunted, for the capture-loss estimate and
+    the counters.  ``main`` is the capture filter's program, which follows the prologue."""
 
     def __init__(self, main: bytes):
         self.main = main
@@ -238,6 +240,11 @@ class ShuntTable:
         self._decided = threading.Condition()
         self._programs: dict[int, bytes] = {}  # by the batch they are for
         self._finished = -1
+        self._program_keys: frozenset = frozenset()  # the flows ``program`` drops
+        self._keys: frozenset = frozenset()  # those of the program for the last batch decided
+        self._starting: dict[int, tuple] = {}  # the flows each batch is the first to drop
+        # The flows the batch being decoded is the first read without (``entering``).
+        self.started: tuple = ()
 
     def add(self, key: bytes) -> None:
         if not self.enabled or not self.max_flows or key in self.flows \
@@ -263,10 +270,22 @@ class ShuntTable:
         if self.changed and self.enabled:
             self.changed = False
             self.program = _program(list(self.flows.values()), self.main)
+            self._program_keys = frozenset(self.flows)
+        target = index + self.lag
         with self._decided:
-            self._programs[index + self.lag] = self.program
+            if target >= self.unshunted:
+                self._programs[target] = self.program
+                started = self._program_keys - self._keys
+                if started:
+                    self._starting[target] = tuple(started)
+                self._keys = self._program_keys
             self._finished = index
             self._decided.notify()
+
+    def entering(self, index: int) -> None:
+        """The consumer is about to decode batch ``index``: ``started`` holds the flows
+        whose segments it is the first read without."""
+        self.started = self._starting.pop(index, ()) if self.enabled else ()
 
     def program_for(self, index: int, stop: threading.Event) -> bytes | None:
         """The program to read batch ``index`` with, once the consumer has finished batch

@@ -33,8 +33,8 @@ ended) is a dict lookup, one comparison and two stores.  Every other case (holes
 retransmissions, acknowledgements) takes the slower path.  A flow whose SYN was missed
 starts at the first client byte seen; earlier bytes are never judged, so a partial
 connection cannot produce a false gap.  An upload that ``read`` shunts (capture.shunt) is
-closed here when it is shunted, as Zeek stops judging a shunted connection: its later bytes
-are not seen by design, and its FIN's ack judges nothing.  Like Zeek, the estimate assumes the capture keeps
+closed here from the first batch read without its segments, as Zeek stops judging a shunted
+connection: its later bytes are not seen by design, and its FIN's ack judges nothing.  Like Zeek, the estimate assumes the capture keeps
 the two directions in order: a span session that mirrors them through separate queues
 can show an ack before the data it covers, and that reads as loss.
 """

@@ -480,6 +480,9 @@ class PacketDecoder:
         if shunts is not None and shunts.enabled:
             shunted = shunts.flows
             shunt_mark = seq_mod - SHUNT_AFTER
+            if shunts.started:
+                self._shunted(shunts.started)
+                shunts.started = ()
         else:
             shunts = None
             shunted = _NO_FLOWS
@@ -532,9 +535,10 @@ class PacketDecoder:
                                                 flow.last = clock
                                             else:
                                                 client_segment(key, seq, payload)
-                                        if seq_window <= behind < shunt_mark:
+                                        if seq_window <= behind < shunt_mark \
+                                                and key not in shunted:
                                             # SHUNT_AFTER bytes past the stream's start.
-                                            self._shunt(shunts, key)
+                                            shunts.add(key)
                                     elif flags & 0x10 and loss.flows:
                                         self._judge_loss(key, flags, seq, buf, l4, payload)
                                     continue
@@ -884,13 +888,14 @@ class PacketDecoder:
             except DecodeError as err:
                 self.stats.bad(err.reason)
 
-    def _shunt(self, shunts, key: bytes) -> None:
-        """Leave the flow's later segments to the capture filter (capture.shunt): the
-        capture-loss estimate stops judging it, as those bytes are not seen by design."""
-        shunts.add(key)
-        self.loss.close(key)
-        self.stats.shunted_flows += 1
-        self.stats.table_sizes["tcp_shunt"] = len(shunts.flows)
+    def _shunted(self, keys: tuple) -> None:
+        """Flows whose later segments the capture filter drops from this batch on
+        (capture.shunt): the capture-loss estimate stops judging them, as those bytes are
+        not seen by design."""
+        for key in keys:
+            self.loss.close(key)
+        self.stats.shunted_flows += len(keys)
+        self.stats.table_sizes["tcp_shunt"] = len(self.shunts.flows)
 
     def _unshunt(self, shunts, key: bytes) -> None:
         shunts.discard(key)
