@@ -46,7 +46,7 @@ MIN_SNAPLEN = 128
 MIN_FRAME = 64  # the IPv4 tests read at most 52 bytes in (tagged TCP flags)
 MIN_IPV6_FRAME = 72  # from the end of the Ethernet header's tag: TCP flags at 67
 MAX_PROGRAM = 4096  # instructions, the kernel's BPF_MAXINSNS: libpcap's own limit for a live filter
-LEAF = 4  # flows compared one after another at the end of the search
+LEAF = 8  # flows compared one after another at the end of the search
 IPV4_KEY = 12  # source and destination address, then the port word: decoder's flow key
 IPV6_KEY = 36
 
@@ -63,90 +63,85 @@ def _insn(code: int, k: int = 0, jt: int = 0, jf: int = 0) -> bytes:
     return _INSN.pack(code, jt, jf, k)
 
 
-def _entry_block(key: bytes) -> tuple[int, bytes]:
-    """The port word and the position-independent test of one flow: with the port word in
-    A and the frame's tag length in X, drop the frame if it is this flow's and carries no
-    SYN, FIN or RST; otherwise reload the port word and fall through to the next test."""
-    v4 = len(key) == IPV4_KEY
+def _block_template(key_length: int) -> tuple[bytes, tuple[int, ...]]:
+    """The test of one flow (see _entry_block) with its compared words zero, and where each
+    word of the key goes: the address words' compares, then the port word's (the first)."""
+    v4 = key_length == IPV4_KEY
     address_at = 26 if v4 else 22  # the source address, from the frame's start behind a tag
     ports_at = 34 if v4 else 54
     flags_at = 47 if v4 else 67
-    words = struct.unpack(f"!{len(key) // 4}I", key)
-    addresses, ports = words[:-1], words[-1]
+    addresses = key_length // 4 - 1
     # i0 ports, then per address word (load, compare), flags (load, jset), ret, reload.
-    size = 1 + 2 * len(addresses) + 2 + 1 + 1
+    size = 1 + 2 * addresses + 2 + 1 + 1
     reload = size - 1
-    body = [_insn(_JEQ, ports, 0, size - 1)]
-    for index, word in enumerate(addresses):
+    body = [_insn(_JEQ, 0, 0, size - 1)]
+    places = []
+    for index in range(addresses):
         position = 1 + 2 * index
         body.append(_insn(_LD_IND, address_at + 4 * index))
-        body.append(_insn(_JEQ, word, 0, reload - (position + 1) - 1))
+        places.append((position + 1) * _INSN.size + 4)
+        body.append(_insn(_JEQ, 0, 0, reload - (position + 1) - 1))
     body.append(_insn(_LDB_IND, flags_at))
     body.append(_insn(_JSET, _TCP_SYN_FIN_RST, 1, 0))
     body.append(_insn(_RET, 0))
     body.append(_insn(_LD_IND, ports_at))
-    return ports, b"".join(body)
+    return b"".join(body), (*places, 4)
 
 
-class _Section:
-    """Instructions as byte strings, with jumps patched in once their target is known."""
-
-    def __init__(self):
-        self.parts: list = []
-        self.size = 0
-        self.exits: list[tuple[int, int]] = []
-
-    def add(self, block: bytes) -> None:
-        self.parts.append(block)
-        self.size += len(block) // _INSN.size
-
-    def jump(self) -> tuple[int, int]:
-        """A jump whose target ``patch`` sets."""
-        self.parts.append(None)
-        self.size += 1
-        return len(self.parts) - 1, self.size - 1
-
-    def patch(self, jump: tuple[int, int], target: int) -> None:
-        index, position = jump
-        self.parts[index] = _insn(_JA, target - position - 1)
-
-    def exit(self) -> None:
-        """A jump to the section's end."""
-        self.exits.append(self.jump())
-
-    def assemble(self) -> bytes:
-        for jump in self.exits:
-            self.patch(jump, self.size)
-        return b"".join(self.parts)
+_TEMPLATES = {length: (struct.Struct(f"!{length // 4}I"), *_block_template(length))
+              for length in (IPV4_KEY, IPV6_KEY)}
+_WORD = struct.Struct("=I")
 
 
-def _search(section: _Section, entries: list, lo: int, hi: int) -> None:
-    """A binary search over ``entries[lo:hi]`` (sorted (port word, block)) on the port word
-    in A, testing at most LEAF flows one after another at its leaves (more where they share
-    one port word)."""
-    if hi - lo > LEAF:
-        pivot = entries[(lo + hi) // 2][0]
-        mid = bisect_left(entries, (pivot,), lo, hi)
-        if mid == lo:
-            mid = bisect_left(entries, (pivot + 1,), lo, hi)
-        if lo < mid < hi:
-            section.add(_insn(_JGE, entries[mid][0], 0, 1))
-            right = section.jump()
-            _search(section, entries, lo, mid)
-            section.patch(right, section.size)
-            _search(section, entries, mid, hi)
-            return
-    for _, block in entries[lo:hi]:
-        section.add(block)
-    section.exit()
+def _entry_block(key: bytes) -> tuple[int, bytes]:
+    """The port word and the position-independent test of one flow: with the port word in
+    A and the frame's tag length in X, drop the frame if it is this flow's and carries no
+    SYN, FIN or RST; otherwise reload the port word and fall through to the next test."""
+    words_of, template, places = _TEMPLATES[len(key)]
+    words = words_of.unpack(key)
+    block = bytearray(template)
+    for place, word in zip(places, words):
+        _WORD.pack_into(block, place, word)
+    return words[-1], bytes(block)
 
 
 def _family(entries: list) -> bytes:
-    """A family's search; every way out of it leads to its end."""
-    section = _Section()
+    """A binary search over ``entries`` ((port word, block) pairs) on the port word in A,
+    testing at most LEAF flows one after another at its leaves (more where they share one
+    port word); every way out of it leads to its end."""
     entries.sort()
-    _search(section, entries, 0, len(entries))
-    return section.assemble()
+    parts: list = []  # instructions, and None where a jump goes once its target is known
+    exits: list[tuple[int, int]] = []  # (index in parts, instruction position)
+    size = 0
+
+    def search(lo: int, hi: int) -> None:
+        nonlocal size
+        if hi - lo > LEAF:
+            pivot = entries[(lo + hi) // 2][0]
+            mid = bisect_left(entries, (pivot,), lo, hi)
+            if mid == lo:
+                mid = bisect_left(entries, (pivot + 1,), lo, hi)
+            if lo < mid < hi:
+                # A >= the pivot: over the left half to the right one.
+                parts.append(_insn(_JGE, entries[mid][0], 0, 1))
+                right, jump_position = len(parts), size + 1
+                parts.append(None)
+                size += 2
+                search(lo, mid)
+                parts[right] = _insn(_JA, size - jump_position - 1)
+                search(mid, hi)
+                return
+        leaf = b"".join([block for _, block in entries[lo:hi]])
+        parts.append(leaf)
+        size += len(leaf) // _INSN.size
+        exits.append((len(parts), size))
+        parts.append(None)
+        size += 1
+
+    search(0, len(entries))
+    for index, position in exits:
+        parts[index] = _insn(_JA, size - position - 1)
+    return b"".join(parts)
 
 
 def build_program(keys, main: bytes) -> bytes:
