@@ -38,7 +38,7 @@ from bisect import bisect_left
 MAX_FLOWS = 128
 # Batches between the one a flow is shunted in and the first read without it: the reader
 # keeps this many batches ahead of the consumer.
-LAG_BATCHES = 2
+LAG_BATCHES = 3
 # The first batches are read with the capture filter alone, without waiting for the
 # consumer: libpcap reads them while the sensor starts up.
 UNSHUNTED_BATCHES = 16
