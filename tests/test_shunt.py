@@ -97,7 +97,7 @@ def test_the_program_drops_a_shunted_flows_segments_and_leaves_every_other_frame
             assert verdicts(frame)[1] == verdicts(frame)[0]
     assert dropped == len(shunted) * 4
 
-    # Frames the prologue does not read are the capture filter's alone, even of a shunted flow.
+    # Frames the flows' tests do not read are the capture filter's alone, even of a shunted flow.
     ip, sport, dport, _ = shunted[1]
     ip6, sport6, dport6, _ = shunted[0]
     others = [
@@ -215,7 +215,7 @@ def test_read_shunts_uploads_and_finds_what_it_finds_without(tmp_path, capsys, s
     plain = _read(tmp_path, capture, capsys, "plain", "--no-bpf-prefilter")
     shunting = _read(tmp_path, capture, capsys, "shunting")
     again = _read(tmp_path, capture, capsys, "again")
-    # A user's filter goes into the program behind the prologue too.
+    # A user's filter is in the program the flows' tests follow too.
     user = _read(tmp_path, capture, capsys, "user", "--bpf", "tcp or udp")
     monkeypatch.setattr(bpf, "filter_slot", lambda *args: None)
     filtered = _read(tmp_path, capture, capsys, "filtered")
@@ -252,3 +252,14 @@ def test_a_flow_counts_as_shunted_from_the_first_batch_read_without_it():
     with_both, with_second = table.program_for(3, stop), table.program_for(4, stop)
     assert with_both == shunt.build_program([first, second], table.main)
     assert with_second == shunt.build_program([second], table.main)
+
+
+def test_a_filter_that_does_not_accept_by_one_constant_is_not_shunted_behind():
+    returns_a = struct.pack("=HBBI", 0x16, 0, 0, 0)
+    two_lengths = (struct.pack("=HBBI", 0x15, 0, 1, 6) + struct.pack("=HBBI", 0x06, 0, 0, 96)
+                   + struct.pack("=HBBI", 0x06, 0, 0, 262144))
+    for main_program in (returns_a, two_lengths):
+        table = shunt.ShuntTable(main_program)
+        table.add(bytes(shunt.IPV4_KEY))
+        table.finished(0)
+        assert table.max_flows == 0 and not table.flows and table.program == main_program

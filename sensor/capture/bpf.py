@@ -30,8 +30,8 @@ What it drops: pure ACKs, SYN-ACKs, server-to-client data (the server's TLS flig
 its handshake record opens with a ServerHello), RTP and other UDP media, QUIC
 short-header (1-RTT) packets and the long-header ones a server sends (from a port below
 1024 to one above).  Client-to-server data past the hello still passes and is shed by the
-decoder's per-flow bypass, and in a ``read`` an upload's bulk by a prologue to this filter
-(capture.shunt).
+decoder's per-flow bypass, and in a ``read`` an upload's bulk by tests this filter's accepting
+returns lead to (capture.shunt).
 
 libpcap's optimizer (1.9, 1.10) can keep a value in a scratch slot and later load it
 from a slot that no instruction on the way stored.  The kernel refuses such a program

@@ -9,20 +9,22 @@ and Zeek shed such flows in the capture layer ("bypass", "shunting"); a file rea
 libpcap has no flow table in C, but its filter program can be replaced between two batches.
 
 A flow is shunted once its client has sent ``decode.packet.SHUNT_AFTER`` bytes past the
-start of a stream the decoder bypasses, and only if its SYN was seen (so the capture-loss estimate knows the
-flow, and stops judging it: its later bytes are not seen by design).  ShuntTable keeps the
-flows, at most MAX_FLOWS, the oldest evicted first, and builds the program: a prologue that
-drops a shunted flow's segments without SYN, FIN or RST, in front of the capture filter's
-own instructions, which see every other packet.  FIN and RST still reach the decoder, which
-closes the stream and discards the flow here.
+start of a stream the decoder bypasses, and only if its SYN was seen (so the capture-loss
+estimate knows the flow, and stops judging it once its later bytes are not seen by design).
+ShuntTable keeps the flows, at most MAX_FLOWS, the oldest evicted first, and builds the
+program: the capture filter's own instructions, each accepting return turned into a jump to
+the flows' tests, which drop a shunted flow's segments without SYN, FIN or RST and accept
+every other frame.  The filter rejects most of a span port's frames, so the tests run on
+the few it accepts.  FIN and RST still reach the decoder, which closes the stream and
+discards the flow here.
 
-The prologue reads untagged or single-tagged Ethernet frames: IPv4 without options or
-fragments, and IPv6 without extension headers, as the decoder's batch loop does.  It finds
+The tests read untagged or single-tagged Ethernet frames: IPv4 without options or
+fragments, and IPv6 without extension headers, as the decoder's batch loop does.  They find
 a flow by a binary search over the TCP port word (client port and server port), then
-compares the addresses and the flags.  Every load it makes is inside the frame whatever
-the frame holds: frames under MIN_FRAME bytes on the wire skip it, and libpcap is only given
-it for captures whose snap length is at least MIN_SNAPLEN, where such frames were kept
-whole.  A load past the captured bytes would reject the packet.
+compare the addresses and the flags.  Every load they make is inside the frame whatever
+the frame holds: frames under MIN_FRAME bytes on the wire skip them, and libpcap is only
+given them for captures whose snap length is at least MIN_SNAPLEN, where such frames were
+kept whole.  A load past the captured bytes would reject the packet.
 
 Only ``read`` shunts, through PrefilteredCapture: the reader thread installs a new program
 between batches (pcap handles are not thread-safe), LAG_BATCHES batches after the one the
@@ -52,7 +54,7 @@ IPV6_KEY = 36
 
 _INSN = struct.Struct("=HBBI")
 # Classic BPF opcodes (linux/filter.h).
-_LD_LEN, _LD_IMM, _LDX_IMM, _TAX = 0x80, 0x00, 0x01, 0x07
+_LD_LEN, _LDX_IMM = 0x80, 0x01
 _LDH_ABS, _LDB_IND, _LDH_IND, _LD_IND = 0x28, 0x50, 0x48, 0x40
 _SUB_X, _AND_K = 0x1C, 0x54
 _JA, _JEQ, _JGE, _JSET, _RET = 0x05, 0x15, 0x35, 0x45, 0x06
@@ -144,32 +146,58 @@ def _family(entries: list) -> bytes:
     return b"".join(parts)
 
 
-def build_program(keys, main: bytes) -> bytes:
-    """The prologue for the flows ``keys`` (decoder flow keys: IPv4 or IPv6 source and
-    destination address, then the port word) in front of the filter program ``main``
-    (libpcap's instructions), or ``main`` alone when there are none."""
-    return _program([_entry_block(key) for key in keys], main)
+def build_program(keys, main: bytes) -> bytes | None:
+    """The tests for the flows ``keys`` (decoder flow keys: IPv4 or IPv6 source and
+    destination address, then the port word) behind the filter program ``main`` (libpcap's
+    instructions), or ``main`` alone when there are none; None for a program that does not
+    accept by a constant (_leading)."""
+    leading = _leading(main)
+    if leading is None:
+        return None
+    return _program([_entry_block(key) for key in keys], main, *leading)
+
+
+def _leading(main: bytes) -> tuple[bytes, int] | None:
+    """``main`` with every accepting return turned into a jump past its end, where the
+    flows' tests follow, and the length it accepts with; None when it returns A or accepts
+    with more than one length (libpcap's programs return the snap length or 0)."""
+    code = bytearray(main)
+    count = len(main) // _INSN.size
+    accepted = set()
+    for index in range(count):
+        op, _, _, k = _INSN.unpack_from(code, index * _INSN.size)
+        if op & 0x07 == _RET:
+            if op != _RET:
+                return None
+            if k:
+                accepted.add(k)
+                _INSN.pack_into(code, index * _INSN.size, _JA, 0, 0, count - index - 1)
+    if len(accepted) != 1:
+        return None
+    return bytes(code), accepted.pop()
 
 
 _IPV4_BLOCK = 9 * _INSN.size
-# The header and the way out to the capture filter; and the most one flow can add: an IPv6
-# flow's test, its share of the search (a test and a jump per inner node, a jump per leaf).
-_PROLOGUE_FIXED = 30
+# The tests and the way out; and the most one flow can add: an IPv6 flow's test, its share
+# of the search (a test and a jump per inner node, a jump per leaf).
+_TESTS_FIXED = 30
 _IPV6_FLOW_COST = 21 + 3
 
 
-def _program(blocks: list, main: bytes) -> bytes:
-    """build_program from the flows' _entry_block."""
+def _program(blocks: list, main: bytes, leading: bytes, accept: int) -> bytes:
+    """build_program from the flows' _entry_block and _leading's result: the capture filter
+    runs first, and only a frame it accepts meets the flows' tests (most frames on a span
+    port are rejected by it)."""
     if not blocks:
         return main
     v4 = [entry for entry in blocks if len(entry[1]) == _IPV4_BLOCK]
     v6 = [entry for entry in blocks if len(entry[1]) != _IPV4_BLOCK]
     ipv6 = _family(v6)
     n6 = len(ipv6) // _INSN.size
-    # The IPv4 search ends in a jump over the IPv6 one, to the capture filter.
+    # The IPv4 search ends in a jump over the IPv6 one, to the accepting return.
     ipv4 = _family(v4) + _insn(_JA, n6)
     n4 = len(ipv4) // _INSN.size
-    # Header: 0-7; IPv4 tests 8-15; IPv6 tests 16-26; 27 the way out to the capture filter.
+    # Tests: 0-7; IPv4 tests 8-15; IPv6 tests 16-26; 27 the way out, to accept the frame.
     out = 27
     head = [
         _insn(_LD_LEN),                                   # 0
@@ -199,10 +227,9 @@ def _program(blocks: list, main: bytes) -> bytes:
         _insn(_JEQ, 0x60, 0, out - 25),                   # 24
         _insn(_LD_IND, 54),                               # 25
         _insn(_JA, out - 26 + n4),                        # 26: to the IPv6 search
-        _insn(_JA, n4 + n6),                              # 27: to the capture filter
+        _insn(_JA, n4 + n6),                              # 27: to the accepting return
     ]
-    # A and X as the capture filter expects them at its start.
-    return b"".join(head) + ipv4 + ipv6 + _insn(_LD_IMM, 0) + _insn(_TAX) + main
+    return leading + b"".join(head) + ipv4 + ipv6 + _insn(_RET, accept)
 
 
 class ShuntTable:
@@ -216,13 +243,14 @@ class ShuntTable:
     counts the same packets and judges the same capture loss every time.  Before it decodes
     a batch the consumer learns which flows it is the first read without (``entering``,
     ``started``): only from there on is a flow shunted, for the capture-loss estimate and
-    the counters.  ``main`` is the capture filter's program, which follows the prologue."""
+    the counters.  ``main`` is the capture filter's program, which runs first."""
 
     def __init__(self, main: bytes):
         self.main = main
         # As many flows as keep the program within MAX_PROGRAM: a user's --bpf lengthens it.
-        room = MAX_PROGRAM - len(main) // _INSN.size - _PROLOGUE_FIXED
-        self.max_flows = max(0, min(MAX_FLOWS, room // _IPV6_FLOW_COST))
+        room = MAX_PROGRAM - len(main) // _INSN.size - _TESTS_FIXED
+        self._leading = _leading(main)
+        self.max_flows = max(0, min(MAX_FLOWS, room // _IPV6_FLOW_COST)) if self._leading else 0
         self.lag = LAG_BATCHES
         self.unshunted = max(UNSHUNTED_BATCHES, LAG_BATCHES)
         self.flows: dict[bytes, tuple[int, bytes]] = {}  # key: its _entry_block
@@ -264,7 +292,7 @@ class ShuntTable:
         """The consumer is done with batch ``index`` (counted from 0)."""
         if self.changed and self.enabled:
             self.changed = False
-            self.program = _program(list(self.flows.values()), self.main)
+            self.program = _program(list(self.flows.values()), self.main, *self._leading)
             self._program_keys = frozenset(self.flows)
         target = index + self.lag
         with self._decided:
