@@ -71,20 +71,14 @@ SIGNATURES = load_signatures(default_signature_paths())
 
 def _bpf_validate():
     """libpcap's bpf_validate, where one libpcap is mapped."""
-    import ctypes
-
-    from sensor.capture import libpcap
-
     try:
         import pcapy  # noqa: F401 - maps the libpcap its wheel brings
     except ImportError:
         return None
-    path = libpcap._loaded_libpcap()
-    if path is None:
-        return None
-    validate = ctypes.CDLL(path).bpf_validate
-    validate.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    return validate
+    from tests.helpers import libpcap_bpf
+
+    lib = libpcap_bpf()
+    return lib.bpf_validate if lib is not None else None
 
 
 VALIDATE = _bpf_validate()

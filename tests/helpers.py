@@ -1,5 +1,5 @@
-"""Readers the tests share: a strict CEF parser, the sample-capture generator module and a
-``read`` whose detections and inventory can be compared."""
+"""Readers the tests share: a strict CEF parser, the sample-capture generator module, a
+``read`` whose detections and inventory can be compared, and libpcap's BPF interpreter."""
 
 import importlib.util
 import json
@@ -107,3 +107,19 @@ def read_detections(run: Path, capture: Path, capsys, *extra: str) -> tuple[Coun
               doc.get("destination", {}).get("domain"))] += 1
     assert main(["hosts", "--state", str(state), "--format", "json", "--all"]) == 0
     return keys, json.loads(capsys.readouterr().out), status, summary
+
+
+def libpcap_bpf():
+    """The libpcap mapped into this process (pcapy-ng's, once pcapy is imported) with its
+    ``bpf_filter`` and ``bpf_validate`` declared, or None when there is not exactly one."""
+    import ctypes
+
+    from sensor.capture.libpcap import _loaded_libpcap
+
+    path = _loaded_libpcap()
+    if path is None:
+        return None
+    lib = ctypes.CDLL(path)
+    lib.bpf_filter.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint]
+    lib.bpf_validate.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    return lib

@@ -4,7 +4,6 @@ same read without shunting and without the capture filter."""
 
 from __future__ import annotations
 
-import ctypes
 import random
 import re
 import socket
@@ -21,19 +20,16 @@ from scapy.layers.inet6 import IPv6, IPv6ExtHdrHopByHop  # noqa: E402
 from scapy.layers.l2 import Dot1AD, Dot1Q, Ether  # noqa: E402
 from scapy.packet import Raw  # noqa: E402
 
-from sensor.capture import bpf, libpcap, shunt  # noqa: E402
-from tests.helpers import load_make_samples, read_detections  # noqa: E402
+from sensor.capture import bpf, shunt  # noqa: E402
+from tests.helpers import libpcap_bpf, load_make_samples, read_detections  # noqa: E402
 
 MACS = {"src": "02:00:00:00:00:01", "dst": "02:00:00:00:00:02"}
 
 
 def _libpcap():
-    path = libpcap._loaded_libpcap()
-    if path is None:
+    lib = libpcap_bpf()
+    if lib is None:
         pytest.skip("no single libpcap mapped into the process")
-    lib = ctypes.CDLL(path)
-    lib.bpf_filter.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint]
-    lib.bpf_validate.argtypes = [ctypes.c_char_p, ctypes.c_int]
     return lib
 
 
@@ -247,7 +243,7 @@ def test_a_flow_counts_as_shunted_from_the_first_batch_read_without_it():
     seen = []
     for index in range(5):
         table.entering(index)
-        seen.append(set(table.started))
+        seen.append(set(table.take_started()))
     assert seen == [set(), set(), set(), {first, second}, set()]
     with_both, with_second = table.program_for(3, stop), table.program_for(4, stop)
     assert with_both == shunt.build_program([first, second], table.main)

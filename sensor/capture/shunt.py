@@ -178,6 +178,38 @@ def _leading(main: bytes) -> tuple[bytes, int] | None:
 
 
 _IPV4_BLOCK = 9 * _INSN.size
+# The tests before the flows' searches, the same in every program: 0-7 the frame's type
+# behind at most one tag; IPv4 8-15; IPv6 16-25, with the port word loaded in A and the tag's
+# length in X.  26 jumps to the IPv6 search and 27, the way out, to the accepting return.
+_OUT = 27
+_TESTS = b"".join([
+    _insn(_LD_LEN),                                   # 0
+    _insn(_JGE, MIN_FRAME, 0, _OUT - 2),              # 1
+    _insn(_LDX_IMM, 0),                               # 2
+    _insn(_LDH_ABS, 12),                              # 3
+    _insn(_JEQ, 0x8100, 0, 2),                        # 4
+    _insn(_LDX_IMM, 4),                               # 5
+    _insn(_LDH_ABS, 16),                              # 6
+    _insn(_JEQ, 0x0800, 0, 8),                        # 7: to 16
+    _insn(_LDB_IND, 14),                              # 8
+    _insn(_JEQ, 0x45, 0, _OUT - 10),                  # 9
+    _insn(_LDB_IND, 23),                              # 10
+    _insn(_JEQ, 6, 0, _OUT - 12),                     # 11
+    _insn(_LDH_IND, 20),                              # 12
+    _insn(_JSET, 0x3FFF, _OUT - 14, 0),               # 13
+    _insn(_LD_IND, 34),                               # 14
+    _insn(_JA, _OUT - 15),                            # 15: to the IPv4 search at 28
+    _insn(_JEQ, 0x86DD, 0, _OUT - 17),                # 16
+    _insn(_LD_LEN),                                   # 17
+    _insn(_SUB_X),                                    # 18
+    _insn(_JGE, MIN_IPV6_FRAME, 0, _OUT - 20),        # 19
+    _insn(_LDB_IND, 20),                              # 20
+    _insn(_JEQ, 6, 0, _OUT - 22),                     # 21
+    _insn(_LDB_IND, 14),                              # 22
+    _insn(_AND_K, 0xF0),                              # 23
+    _insn(_JEQ, 0x60, 0, _OUT - 25),                  # 24
+    _insn(_LD_IND, 54),                               # 25
+])
 # The tests and the way out; and the most one flow can add: an IPv6 flow's test, its share
 # of the search (a test and a jump per inner node, a jump per leaf).
 _TESTS_FIXED = 30
@@ -197,39 +229,9 @@ def _program(blocks: list, main: bytes, leading: bytes, accept: int) -> bytes:
     # The IPv4 search ends in a jump over the IPv6 one, to the accepting return.
     ipv4 = _family(v4) + _insn(_JA, n6)
     n4 = len(ipv4) // _INSN.size
-    # Tests: 0-7; IPv4 tests 8-15; IPv6 tests 16-26; 27 the way out, to accept the frame.
-    out = 27
-    head = [
-        _insn(_LD_LEN),                                   # 0
-        _insn(_JGE, MIN_FRAME, 0, out - 2),               # 1
-        _insn(_LDX_IMM, 0),                               # 2
-        _insn(_LDH_ABS, 12),                              # 3
-        _insn(_JEQ, 0x8100, 0, 2),                        # 4
-        _insn(_LDX_IMM, 4),                               # 5
-        _insn(_LDH_ABS, 16),                              # 6
-        _insn(_JEQ, 0x0800, 0, 8),                        # 7: to 16
-        _insn(_LDB_IND, 14),                              # 8
-        _insn(_JEQ, 0x45, 0, out - 10),                   # 9
-        _insn(_LDB_IND, 23),                              # 10
-        _insn(_JEQ, 6, 0, out - 12),                      # 11
-        _insn(_LDH_IND, 20),                              # 12
-        _insn(_JSET, 0x3FFF, out - 14, 0),                # 13
-        _insn(_LD_IND, 34),                               # 14
-        _insn(_JA, out - 15),                             # 15: to the IPv4 search at 28
-        _insn(_JEQ, 0x86DD, 0, out - 17),                 # 16
-        _insn(_LD_LEN),                                   # 17
-        _insn(_SUB_X),                                    # 18
-        _insn(_JGE, MIN_IPV6_FRAME, 0, out - 20),         # 19
-        _insn(_LDB_IND, 20),                              # 20
-        _insn(_JEQ, 6, 0, out - 22),                      # 21
-        _insn(_LDB_IND, 14),                              # 22
-        _insn(_AND_K, 0xF0),                              # 23
-        _insn(_JEQ, 0x60, 0, out - 25),                   # 24
-        _insn(_LD_IND, 54),                               # 25
-        _insn(_JA, out - 26 + n4),                        # 26: to the IPv6 search
-        _insn(_JA, n4 + n6),                              # 27: to the accepting return
-    ]
-    return leading + b"".join(head) + ipv4 + ipv6 + _insn(_RET, accept)
+    # The way out (27) follows _TESTS, then the IPv4 search (from 28), then the IPv6 one.
+    return (leading + _TESTS + _insn(_JA, 1 + n4) + _insn(_JA, n4 + n6)
+            + ipv4 + ipv6 + _insn(_RET, accept))
 
 
 class ShuntTable:
@@ -242,7 +244,7 @@ class ShuntTable:
     depends on the capture alone, not on how far ahead the reader happened to be: a read
     counts the same packets and judges the same capture loss every time.  Before it decodes
     a batch the consumer learns which flows it is the first read without (``entering``,
-    ``started``): only from there on is a flow shunted, for the capture-loss estimate and
+    ``take_started``): only from there on is a flow shunted, for the capture-loss estimate and
     the counters.  ``main`` is the capture filter's program, which runs first."""
 
     def __init__(self, main: bytes):
@@ -256,7 +258,6 @@ class ShuntTable:
         self.flows: dict[bytes, tuple[int, bytes]] = {}  # key: its _entry_block
         self.changed = False
         self.program = main
-        self.shunted = 0
         self.evicted = 0
         # Cleared when libpcap refuses a program: flows are then bypassed in Python only.
         self.enabled = True
@@ -267,7 +268,7 @@ class ShuntTable:
         self._keys: frozenset = frozenset()  # those of the program for the last batch decided
         self._starting: dict[int, tuple] = {}  # the flows each batch is the first to drop
         # The flows the batch being decoded is the first read without (``entering``).
-        self.started: tuple = ()
+        self._started: tuple = ()
 
     def add(self, key: bytes) -> None:
         if not self.enabled or not self.max_flows or key in self.flows \
@@ -277,7 +278,6 @@ class ShuntTable:
             del self.flows[next(iter(self.flows))]
             self.evicted += 1
         self.flows[key] = _entry_block(key)
-        self.shunted += 1
         self.changed = True
 
     def discard(self, key: bytes) -> None:
@@ -306,9 +306,14 @@ class ShuntTable:
             self._decided.notify()
 
     def entering(self, index: int) -> None:
-        """The consumer is about to decode batch ``index``: ``started`` holds the flows
-        whose segments it is the first read without."""
-        self.started = self._starting.pop(index, ()) if self.enabled else ()
+        """The consumer is about to decode batch ``index``."""
+        self._started = self._starting.pop(index, ()) if self.enabled else ()
+
+    def take_started(self) -> tuple:
+        """The flows whose segments the batch being decoded is the first read without,
+        once."""
+        started, self._started = self._started, ()
+        return started
 
     def program_for(self, index: int, stop: threading.Event) -> bytes | None:
         """The program to read batch ``index`` with, once the consumer has finished batch

@@ -480,9 +480,9 @@ class PacketDecoder:
         if shunts is not None and shunts.enabled:
             shunted = shunts.flows
             shunt_mark = seq_mod - SHUNT_AFTER
-            if shunts.started:
-                self._shunted(shunts.started)
-                shunts.started = ()
+            started = shunts.take_started()
+            if started:
+                self._shunted(started)
         else:
             shunts = None
             shunted = _NO_FLOWS
