@@ -259,3 +259,13 @@ def test_a_filter_that_does_not_accept_by_one_constant_is_not_shunted_behind():
         table.add(bytes(shunt.IPV4_KEY))
         table.finished(0)
         assert table.max_flows == 0 and not table.flows and table.program == main_program
+
+
+def test_a_disabled_table_keeps_nothing_for_later_batches():
+    table = shunt.ShuntTable(b"\x06\x00\x00\x00\xff\xff\x00\x00")
+    table.lag, table.unshunted = 1, 1
+    table.add(bytes(shunt.IPV4_KEY))
+    table.disable()
+    for index in range(100):
+        table.finished(index)
+    assert not table._programs and not table._starting

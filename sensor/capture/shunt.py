@@ -296,7 +296,8 @@ class ShuntTable:
             self._program_keys = frozenset(self.flows)
         target = index + self.lag
         with self._decided:
-            if target >= self.unshunted:
+            # Once disabled no reader pops these: they would grow by one a batch.
+            if target >= self.unshunted and self.enabled:
                 self._programs[target] = self.program
                 started = self._program_keys - self._keys
                 if started:
