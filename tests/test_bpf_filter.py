@@ -384,6 +384,7 @@ def test_the_reader_thread_holds_a_bounded_number_of_bytes(tmp_path, monkeypatch
     from scapy.utils import wrpcap
 
     monkeypatch.setattr(bpf, "BATCH", 16)
+    monkeypatch.setattr(bpf, "SHUNTING_BATCH", 16)
     monkeypatch.setattr(bpf, "PREFETCH_BYTES", 256 << 10)
     monkeypatch.setattr(bpf, "READ_AHEAD_BYTES", 64 << 10)
     frames = [Ether() / IP(src="10.0.0.1", dst="10.0.0.2")

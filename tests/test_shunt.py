@@ -64,7 +64,11 @@ def test_the_program_drops_a_shunted_flows_segments_and_leaves_every_other_frame
         sport = 50000 if index % 7 == 0 else rng.randint(1024, 65535)
         flows.append((ip, sport, rng.choice([443, 8443, 80]), (Dot1Q(vlan=index),) if index % 2 else ()))
     shunted = flows[::2]
-    program = shunt.build_program([_key(ip, TCP(sport=s, dport=d)) for ip, s, d, _ in shunted],
+    # Scapy's segments carry sequence number 0: in each window but the first flow's.
+    windows = [shunt.SEQ_WINDOW if index == 0 else rng.choice([0, -5, 1 - shunt.SEQ_WINDOW])
+               for index in range(len(shunted))]
+    program = shunt.build_program([(_key(ip, TCP(sport=s, dport=d)), window)
+                                   for (ip, s, d, _), window in zip(shunted, windows)],
                                   main_program)
     assert lib.bpf_validate(program, len(program) // 8)
 
@@ -74,7 +78,7 @@ def test_the_program_drops_a_shunted_flows_segments_and_leaves_every_other_frame
 
     dropped = 0
     for position, (ip, sport, dport, tags) in enumerate(flows):
-        is_shunted = position % 2 == 0
+        is_shunted = position % 2 == 0 and position > 0
         for flags in ("A", "PA", "S", "F", "FA", "R", "RA", "SA"):
             for payload in (b"", b"x" * 700):
                 frame = _frame(ip, TCP(sport=sport, dport=dport, flags=flags), tags, payload)
@@ -91,7 +95,17 @@ def test_the_program_drops_a_shunted_flows_segments_and_leaves_every_other_frame
                                     (ip, TCP(sport=sport ^ 1, dport=dport, flags="PA"))):
             frame = _frame(other_ip, other_tcp, tags)
             assert verdicts(frame)[1] == verdicts(frame)[0]
-    assert dropped == len(shunted) * 4
+        if is_shunted:
+            # Outside the window, on either side: a new connection on the same ports.
+            window = windows[position // 2]
+            for seq in (window - 1, window + shunt.SEQ_WINDOW, window + (1 << 31)):
+                frame = _frame(ip, TCP(sport=sport, dport=dport, flags="PA", seq=seq & 0xFFFFFFFF), tags)
+                before, after = verdicts(frame)
+                assert after == before != 0, (ip.src, sport, seq)
+            frame = _frame(ip, TCP(sport=sport, dport=dport, flags="PA",
+                                   seq=(window + shunt.SEQ_WINDOW - 1) & 0xFFFFFFFF), tags)
+            assert verdicts(frame)[1] == 0
+    assert dropped == (len(shunted) - 1) * 4
 
     # Frames the flows' tests do not read are the capture filter's alone, even of a shunted flow.
     ip, sport, dport, _ = shunted[1]
@@ -121,7 +135,7 @@ def test_a_full_table_of_ipv6_flows_stays_within_the_kernels_program_limit():
         table = shunt.ShuntTable(main_program)
         assert 0 < table.max_flows <= shunt.MAX_FLOWS
         for _ in range(table.max_flows):
-            table.add(rng.randbytes(shunt.IPV6_KEY))
+            table.add(rng.randbytes(shunt.IPV6_KEY), rng.getrandbits(32))
         table.finished(0)
         assert len(table.program) // 8 <= shunt.MAX_PROGRAM
         assert lib.bpf_validate(table.program, len(table.program) // 8)
@@ -131,7 +145,7 @@ def test_the_table_evicts_its_oldest_flow_and_rebuilds_only_what_changed():
     table = shunt.ShuntTable(b"\x06\x00\x00\x00\xff\xff\x00\x00")
     keys = [bytes([n]) * shunt.IPV4_KEY for n in range(table.max_flows + 1)]
     for key in keys:
-        table.add(key)
+        table.add(key, 0)
     assert len(table.flows) == table.max_flows and keys[0] not in table.flows
     assert table.evicted == 1
     table.finished(0)
@@ -200,7 +214,7 @@ def _read(tmp_path: Path, capture: Path, capsys, name: str, *extra: str):
 def small_batches(monkeypatch):
     """Batches of 32 packets, shunted from the second on, one batch after the decoder asks:
     the sample is a few thousand packets, the defaults are set for a million."""
-    monkeypatch.setattr(bpf, "BATCH", 32)
+    monkeypatch.setattr(bpf, "SHUNTING_BATCH", 32)
     monkeypatch.setattr(shunt, "LAG_BATCHES", 1)
     monkeypatch.setattr(shunt, "UNSHUNTED_BATCHES", 1)
 
@@ -211,8 +225,9 @@ def test_read_shunts_uploads_and_finds_what_it_finds_without(tmp_path, capsys, s
     plain = _read(tmp_path, capture, capsys, "plain", "--no-bpf-prefilter")
     shunting = _read(tmp_path, capture, capsys, "shunting")
     again = _read(tmp_path, capture, capsys, "again")
-    # A user's filter is in the program the flows' tests follow too.
-    user = _read(tmp_path, capture, capsys, "user", "--bpf", "tcp or udp")
+    # A user's filter is in the program the flows' tests follow too (one that passes every
+    # frame here: "tcp" alone would not match the 802.1Q-tagged connection).
+    user = _read(tmp_path, capture, capsys, "user", "--bpf", "not arp")
     monkeypatch.setattr(bpf, "filter_slot", lambda *args: None)
     filtered = _read(tmp_path, capture, capsys, "filtered")
 
@@ -228,13 +243,81 @@ def test_read_shunts_uploads_and_finds_what_it_finds_without(tmp_path, capsys, s
     assert shunting[3][0] == filtered[3][0] == "0"
 
 
+def test_a_connection_that_reuses_a_shunted_flows_ports_at_once_is_read_whole(tmp_path, capsys,
+                                                                               small_batches):
+    """The program that drops an upload's segments is installed batches after the decoder
+    asks, and stays so batches after its FIN: a new connection on the same ports at once,
+    its initial sequence number outside the upload's window, must lose nothing."""
+    samples = load_make_samples()
+    cap = samples.simple_capture("reuse")
+    server = "203.0.113.71"
+    upload = samples.TcpSession(cap, samples.T0_NS, samples.CLIENT, server, 50999, 443)
+    upload.handshake()
+    upload.send(True, samples.client_hello(cap.rng, b"www.example.org"))
+    upload.reply_delay()
+    upload.send(False, samples.server_flight(cap.rng))
+    upload.send(True, samples.tls_app_data(cap.rng, 1300) * 120)
+    upload.close()
+    reuse = samples.TcpSession(cap, upload.t + samples.MS, samples.CLIENT, server, 50999, 443)
+    reuse.seq[True] = (upload.seq[True] + (1 << 31)) & 0xFFFFFFFF
+    reuse.handshake()
+    reuse.send(True, samples.client_hello(cap.rng, b"activation-v2.kaspersky.com", post_quantum=True))
+    reuse.reply_delay()
+    reuse.send(False, samples.server_flight(cap.rng))
+    reuse.send(True, samples.tls_app_data(cap.rng, 1300) * 20)
+    reuse.close()
+    capture = tmp_path / "reuse.pcap"
+    capture.write_bytes(samples.pcap_file(samples.LINKTYPE_ETHERNET, cap.ordered()))
+    plain = _read(tmp_path, capture, capsys, "plain", "--no-bpf-prefilter")
+    shunting = _read(tmp_path, capture, capsys, "shunting")
+    assert re.search(r"shunted flows 1\b", shunting[4])
+    assert shunting[2] < plain[2] - 60
+    assert "activation-v2.kaspersky.com" in {domain for _, _, domain in shunting[0]}
+    assert shunting[:2] == plain[:2]
+
+
+def _upload_segment(flags: str, seq: int, payload: bytes = b"") -> bytes:
+    return bytes(Ether(**MACS) / IP(src="10.0.0.1", dst="198.51.100.7")
+                 / TCP(sport=50000, dport=443, flags=flags, seq=seq & 0xFFFFFFFF) / payload)
+
+
+def test_an_upload_past_its_window_is_shunted_anew_from_where_it_is():
+    """The filter drops SEQ_WINDOW bytes of a shunted flow; its segments past them reach the
+    decoder again, which shunts the flow anew from there (once, not for every segment)."""
+    from tests.test_batch_path import _batch, _decoder
+
+    decoder = _decoder()
+    table = decoder.shunts = shunt.ShuntTable(struct.pack("=HBBI", 0x06, 0, 0, 262144))
+    table.lag, table.unshunted = 1, 1
+    isn = 1000
+    shunted_at = isn + 1 + 20000
+    first = [_upload_segment("S", isn), _upload_segment("PA", isn + 1, b"\x17\x03\x03" + bytes(200)),
+             _upload_segment("PA", shunted_at, bytes(200))]
+
+    def decode(t0: float, frames: list) -> None:
+        for ts, frame, _ in decoder.batch(1, *_batch([(t0 + n / 1000, f) for n, f in enumerate(frames)])):
+            decoder.decode(ts, 1, frame)
+
+    decode(1.0, first)
+    (key,) = table.flows
+    assert table.flows[key][2] == shunted_at
+    table.finished(0)
+    table.entering(1)
+    # Read before the program took effect, then past its window, then just past that.
+    later = [shunted_at + 200, shunted_at + shunt.SEQ_WINDOW + 5, shunted_at + shunt.SEQ_WINDOW + 205]
+    table.changed = False
+    decode(2.0, [_upload_segment("A", seq, bytes(200)) for seq in later])
+    assert decoder.stats.shunted_flows == 1
+    assert table.flows[key][2] == shunted_at + shunt.SEQ_WINDOW + 5 and table.changed
+
+
 def test_a_flow_counts_as_shunted_from_the_first_batch_read_without_it():
     table = shunt.ShuntTable(b"\x06\x00\x00\x00\xff\xff\x00\x00")
     table.lag, table.unshunted = 2, 3
     first, second = bytes(12), bytes(range(12))
-    table.add(first)
+    table.add(first, 0)
     table.finished(0)  # for batch 2, which the first three read with the filter alone
-    table.add(second)
+    table.add(second, 7)
     table.finished(1)  # for batch 3
     table.discard(first)
     table.finished(2)  # for batch 4
@@ -246,8 +329,8 @@ def test_a_flow_counts_as_shunted_from_the_first_batch_read_without_it():
         seen.append(set(table.take_started()))
     assert seen == [set(), set(), set(), {first, second}, set()]
     with_both, with_second = table.program_for(3, stop), table.program_for(4, stop)
-    assert with_both == shunt.build_program([first, second], table.main)
-    assert with_second == shunt.build_program([second], table.main)
+    assert with_both == shunt.build_program([(first, 0), (second, 7)], table.main)
+    assert with_second == shunt.build_program([(second, 7)], table.main)
 
 
 def test_a_filter_that_does_not_accept_by_one_constant_is_not_shunted_behind():
@@ -256,7 +339,7 @@ def test_a_filter_that_does_not_accept_by_one_constant_is_not_shunted_behind():
                    + struct.pack("=HBBI", 0x06, 0, 0, 262144))
     for main_program in (returns_a, two_lengths):
         table = shunt.ShuntTable(main_program)
-        table.add(bytes(shunt.IPV4_KEY))
+        table.add(bytes(shunt.IPV4_KEY), 0)
         table.finished(0)
         assert table.max_flows == 0 and not table.flows and table.program == main_program
 
@@ -264,7 +347,7 @@ def test_a_filter_that_does_not_accept_by_one_constant_is_not_shunted_behind():
 def test_a_disabled_table_keeps_nothing_for_later_batches():
     table = shunt.ShuntTable(b"\x06\x00\x00\x00\xff\xff\x00\x00")
     table.lag, table.unshunted = 1, 1
-    table.add(bytes(shunt.IPV4_KEY))
+    table.add(bytes(shunt.IPV4_KEY), 0)
     table.disable()
     for index in range(100):
         table.finished(index)

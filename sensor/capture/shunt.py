@@ -13,8 +13,10 @@ start of a stream the decoder bypasses, and only if its SYN was seen (so the cap
 estimate knows the flow, and stops judging it once its later bytes are not seen by design).
 ShuntTable keeps the flows, at most MAX_FLOWS, the oldest evicted first, and builds the
 program: the capture filter's own instructions, each accepting return turned into a jump to
-the flows' tests, which drop a shunted flow's segments without SYN, FIN or RST and accept
-every other frame.  The filter rejects most of a span port's frames, so the tests run on
+the flows' tests, which drop a shunted flow's segments without SYN, FIN or RST whose sequence
+number lies within SEQ_WINDOW bytes of where it was shunted, and accept every other frame.
+The window is what keeps a new connection on the same ports, started before the program
+without the old flow takes effect, from losing its hello.  The filter rejects most of a span port's frames, so the tests run on
 the few it accepts.  FIN and RST still reach the decoder, which closes the stream and
 discards the flow here.
 
@@ -41,14 +43,18 @@ MAX_FLOWS = 128
 # Batches between the one a flow is shunted in and the first read without it: the reader
 # keeps this many batches ahead of the consumer.
 LAG_BATCHES = 3
-# The first batches are read with the capture filter alone, without waiting for the
-# consumer: libpcap reads them while the sensor starts up.
-UNSHUNTED_BATCHES = 16
+# The first batches (of capture.bpf.SHUNTING_BATCH frames) are read with the capture filter
+# alone, without waiting for the consumer: libpcap reads them while the sensor starts up.
+UNSHUNTED_BATCHES = 64
 MIN_SNAPLEN = 128
 MIN_FRAME = 64  # the IPv4 tests read at most 52 bytes in (tagged TCP flags)
 MIN_IPV6_FRAME = 72  # from the end of the Ethernet header's tag: TCP flags at 67
 MAX_PROGRAM = 4096  # instructions, the kernel's BPF_MAXINSNS: libpcap's own limit for a live filter
 LEAF = 8  # flows compared one after another at the end of the search
+# A flow's segments are dropped from the sequence number it was shunted at up to this many
+# bytes on: a new connection on the same ports (its own initial sequence number, random)
+# lands there once in 64.  The decoder shunts an upload anew once it is past the window.
+SEQ_WINDOW = 1 << 26
 IPV4_KEY = 12  # source and destination address, then the port word: decoder's flow key
 IPV6_KEY = 36
 
@@ -57,6 +63,7 @@ _INSN = struct.Struct("=HBBI")
 _LD_LEN, _LDX_IMM = 0x80, 0x01
 _LDH_ABS, _LDB_IND, _LDH_IND, _LD_IND = 0x28, 0x50, 0x48, 0x40
 _SUB_X, _AND_K = 0x1C, 0x54
+_SUB_K = 0x14
 _JA, _JEQ, _JGE, _JSET, _RET = 0x05, 0x15, 0x35, 0x45, 0x06
 _TCP_SYN_FIN_RST = 0x07
 
@@ -67,14 +74,16 @@ def _insn(code: int, k: int = 0, jt: int = 0, jf: int = 0) -> bytes:
 
 def _block_template(key_length: int) -> tuple[bytes, tuple[int, ...]]:
     """The test of one flow (see _entry_block) with its compared words zero, and where each
-    word of the key goes: the address words' compares, then the port word's (the first)."""
+    word goes: the address words' compares, the port word's (the first), then the sequence
+    number the window starts at."""
     v4 = key_length == IPV4_KEY
     address_at = 26 if v4 else 22  # the source address, from the frame's start behind a tag
     ports_at = 34 if v4 else 54
     flags_at = 47 if v4 else 67
     addresses = key_length // 4 - 1
-    # i0 ports, then per address word (load, compare), flags (load, jset), ret, reload.
-    size = 1 + 2 * addresses + 2 + 1 + 1
+    # i0 ports, then per address word (load, compare), flags (load, jset), the sequence
+    # number's distance from the window's start (load, subtract, compare), ret, reload.
+    size = 1 + 2 * addresses + 2 + 3 + 1 + 1
     reload = size - 1
     body = [_insn(_JEQ, 0, 0, size - 1)]
     places = []
@@ -84,10 +93,14 @@ def _block_template(key_length: int) -> tuple[bytes, tuple[int, ...]]:
         places.append((position + 1) * _INSN.size + 4)
         body.append(_insn(_JEQ, 0, 0, reload - (position + 1) - 1))
     body.append(_insn(_LDB_IND, flags_at))
-    body.append(_insn(_JSET, _TCP_SYN_FIN_RST, 1, 0))
+    body.append(_insn(_JSET, _TCP_SYN_FIN_RST, 4, 0))
+    body.append(_insn(_LD_IND, ports_at + 4))
+    window_start = len(body) * _INSN.size + 4
+    body.append(_insn(_SUB_K, 0))
+    body.append(_insn(_JGE, SEQ_WINDOW, 1, 0))
     body.append(_insn(_RET, 0))
     body.append(_insn(_LD_IND, ports_at))
-    return b"".join(body), (*places, 4)
+    return b"".join(body), (*places, 4, window_start)
 
 
 _TEMPLATES = {length: (struct.Struct(f"!{length // 4}I"), *_block_template(length))
@@ -95,16 +108,17 @@ _TEMPLATES = {length: (struct.Struct(f"!{length // 4}I"), *_block_template(lengt
 _WORD = struct.Struct("=I")
 
 
-def _entry_block(key: bytes) -> tuple[int, bytes]:
-    """The port word and the position-independent test of one flow: with the port word in
-    A and the frame's tag length in X, drop the frame if it is this flow's and carries no
-    SYN, FIN or RST; otherwise reload the port word and fall through to the next test."""
+def _entry_block(key: bytes, seq: int) -> tuple[int, bytes, int]:
+    """The port word, the position-independent test of one flow and ``seq``: with the port
+    word in A and the frame's tag length in X, drop the frame if it is this flow's, carries
+    no SYN, FIN or RST and its sequence number lies in the SEQ_WINDOW bytes from ``seq``;
+    otherwise reload the port word and fall through to the next test."""
     words_of, template, places = _TEMPLATES[len(key)]
-    words = words_of.unpack(key)
+    words = (*words_of.unpack(key), seq & 0xFFFFFFFF)
     block = bytearray(template)
     for place, word in zip(places, words):
         _WORD.pack_into(block, place, word)
-    return words[-1], bytes(block)
+    return words[-2], bytes(block), seq
 
 
 def _family(entries: list) -> bytes:
@@ -133,7 +147,7 @@ def _family(entries: list) -> bytes:
                 parts[right] = _insn(_JA, size - jump_position - 1)
                 search(mid, hi)
                 return
-        leaf = b"".join([block for _, block in entries[lo:hi]])
+        leaf = b"".join([entry[1] for entry in entries[lo:hi]])
         parts.append(leaf)
         size += len(leaf) // _INSN.size
         exits.append((len(parts), size))
@@ -146,15 +160,15 @@ def _family(entries: list) -> bytes:
     return b"".join(parts)
 
 
-def build_program(keys, main: bytes) -> bytes | None:
-    """The tests for the flows ``keys`` (decoder flow keys: IPv4 or IPv6 source and
-    destination address, then the port word) behind the filter program ``main`` (libpcap's
-    instructions), or ``main`` alone when there are none; None for a program that does not
-    accept by a constant (_leading)."""
+def build_program(flows, main: bytes) -> bytes | None:
+    """The tests for ``flows`` ((key, sequence number) pairs; a key is the decoder's flow
+    key: IPv4 or IPv6 source and destination address, then the port word) behind the filter
+    program ``main`` (libpcap's instructions), or ``main`` alone when there are none; None
+    for a program that does not accept by a constant (_leading)."""
     leading = _leading(main)
     if leading is None:
         return None
-    return _program([_entry_block(key) for key in keys], main, *leading)
+    return _program([_entry_block(key, seq) for key, seq in flows], main, *leading)
 
 
 def _leading(main: bytes) -> tuple[bytes, int] | None:
@@ -177,7 +191,7 @@ def _leading(main: bytes) -> tuple[bytes, int] | None:
     return bytes(code), accepted.pop()
 
 
-_IPV4_BLOCK = 9 * _INSN.size
+_IPV4_BLOCK = 12 * _INSN.size
 # The tests before the flows' searches, the same in every program: 0-7 the frame's type
 # behind at most one tag; IPv4 8-15; IPv6 16-25, with the port word loaded in A and the tag's
 # length in X.  26 jumps to the IPv6 search and 27, the way out, to the accepting return.
@@ -213,7 +227,7 @@ _TESTS = b"".join([
 # The tests and the way out; and the most one flow can add: an IPv6 flow's test, its share
 # of the search (a test and a jump per inner node, a jump per leaf).
 _TESTS_FIXED = 30
-_IPV6_FLOW_COST = 21 + 3
+_IPV6_FLOW_COST = 24 + 3
 
 
 def _program(blocks: list, main: bytes, leading: bytes, accept: int) -> bytes:
@@ -254,8 +268,9 @@ class ShuntTable:
         self._leading = _leading(main)
         self.max_flows = max(0, min(MAX_FLOWS, room // _IPV6_FLOW_COST)) if self._leading else 0
         self.lag = LAG_BATCHES
+        self.renew_after = SEQ_WINDOW // 2
         self.unshunted = max(UNSHUNTED_BATCHES, LAG_BATCHES)
-        self.flows: dict[bytes, tuple[int, bytes]] = {}  # key: its _entry_block
+        self.flows: dict[bytes, tuple[int, bytes, int]] = {}  # key: its _entry_block
         self.changed = False
         self.program = main
         self.evicted = 0
@@ -270,14 +285,20 @@ class ShuntTable:
         # The flows the batch being decoded is the first read without (``entering``).
         self._started: tuple = ()
 
-    def add(self, key: bytes) -> None:
-        if not self.enabled or not self.max_flows or key in self.flows \
-                or len(key) not in (IPV4_KEY, IPV6_KEY):
+    def add(self, key: bytes, seq: int) -> None:
+        """Shunt ``key``'s segments from ``seq`` on; a flow shunted already, once ``seq`` is
+        half a SEQ_WINDOW past the start of its window (its segments reach the decoder
+        again once they pass the window's end)."""
+        if not self.enabled or not self.max_flows or len(key) not in (IPV4_KEY, IPV6_KEY):
             return
-        if len(self.flows) >= self.max_flows:
+        known = self.flows.pop(key, None)
+        if known is not None and (seq - known[2]) & 0xFFFFFFFF < self.renew_after:
+            self.flows[key] = known
+            return
+        if known is None and len(self.flows) >= self.max_flows:
             del self.flows[next(iter(self.flows))]
             self.evicted += 1
-        self.flows[key] = _entry_block(key)
+        self.flows[key] = _entry_block(key, seq)
         self.changed = True
 
     def discard(self, key: bytes) -> None:

@@ -244,7 +244,7 @@ _IPV6_EXT = frozenset((0, 43, 60, 51, 135, 139, 140))
 _IPV6_FRAGMENT = 44
 _NO_RECORDS: tuple = ()
 _NO_FLOWS: dict = {}
-SHUNT_AFTER = 16 * 1024  # client bytes past a bypassed stream's start (capture.shunt)
+SHUNT_AFTER = 8 * 1024  # client bytes past a bypassed stream's start (capture.shunt)
 
 
 @dataclass
@@ -480,13 +480,14 @@ class PacketDecoder:
         if shunts is not None and shunts.enabled:
             shunted = shunts.flows
             shunt_mark = seq_mod - SHUNT_AFTER
+            shunt_renew = shunts.renew_after
             started = shunts.take_started()
             if started:
                 self._shunted(started)
         else:
             shunts = None
             shunted = _NO_FLOWS
-            shunt_mark = 0
+            shunt_mark = shunt_renew = 0
         for sec, fraction, off, caplen in BATCH_RECORD.iter_unpack(meta):
             end = off + caplen
             # Before the next table expiry only: the full path runs it first.
@@ -538,7 +539,12 @@ class PacketDecoder:
                                         if seq_window <= behind < shunt_mark \
                                                 and key not in shunted:
                                             # SHUNT_AFTER bytes past the stream's start.
-                                            shunts.add(key)
+                                            shunts.add(key, seq)
+                                    elif key in shunted:
+                                        # Past the window of sequence numbers the filter
+                                        # drops (a shunted flow is not judged for loss).
+                                        if (seq - shunted[key][2]) & 0xFFFFFFFF >= shunt_renew:
+                                            shunts.add(key, seq)
                                     elif flags & 0x10 and loss.flows:
                                         self._judge_loss(key, flags, seq, buf, l4, payload)
                                     continue
