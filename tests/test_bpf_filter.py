@@ -371,11 +371,37 @@ def test_millisecond_clock_unwraps_and_hands_over_what_it_cannot_follow(tmp_path
 
     clock = bpf.MillisecondClock(records[0][0])
     wrapped = struct.pack("=IIII", (wrap_ms + 5) & 0xFFFFFFFF, 123, 0, 60)
-    simple_packet_block = struct.pack("=IIII", 0, 0, 60, 60)
-    rebased = struct.iter_unpack("=IIII", clock.rebase(wrapped + simple_packet_block))
-    assert [record[:2] for record in rebased] == [divmod((wrap_ms + 5) * 1_000_000 + 123, bpf.NANO)] * 2
+    rebased = struct.iter_unpack("=IIII", clock.rebase(wrapped))
+    assert [record[:2] for record in rebased] == [divmod((wrap_ms + 5) * 1_000_000 + 123, bpf.NANO)]
     with pytest.raises(bpf.ClockLost):
         clock.rebase(struct.pack("=IIII", (wrap_ms + 5 + bpf.MAX_CLOCK_STEP + 1) & 0xFFFFFFFF, 0, 0, 60))
+    # A Simple Packet Block's time is the last packet's in the file, which the filter may
+    # have rejected: the Python reader takes over.
+    with pytest.raises(bpf.ClockLost):
+        clock.rebase(wrapped + struct.pack("=IIII", 0, 0, 60, 60))
+
+
+@pytest.mark.parametrize("batch", [16, 1024])
+def test_a_simple_packet_block_after_a_rejected_packet_keeps_its_time(tmp_path, monkeypatch, batch):
+    """A Simple Packet Block carries no time: the per-packet reader gives it the last one in
+    the file, here a packet the capture filter rejects (an ARP request), in whatever batch
+    the block falls."""
+    from scapy.layers.l2 import ARP
+    from tests.helpers import load_make_samples
+
+    samples = load_make_samples()
+    monkeypatch.setattr(bpf, "BATCH", batch)
+    monkeypatch.setattr(bpf, "SHUNTING_BATCH", batch)
+    records = _nanosecond_pcapng_records(ROOT / "pcaps" / "demo.pcap")[:60]
+    arp = bytes(Ether(src="02:00:00:00:00:01", dst="ff:ff:ff:ff:ff:ff") / ARP(pdst="10.0.0.9"))
+    records.insert(40, (records[39][0] + 777, arp, 0))
+    spb_frame = records[10][1]
+    spb = samples._pcapng_block(3, struct.pack("<I", len(spb_frame)) + spb_frame)
+    first = samples.pcapng_file(((1, 9, b"eth0"),), records[:41])
+    capture = tmp_path / "spb.pcapng"
+    capture.write_bytes(first + spb + samples.pcapng_file(((1, 9, b"eth0"),), records)[len(first):])
+    expected, _ = _read_every_way(capture)
+    assert (records[40][0] / bpf.NANO, 1, spb_frame) in expected
 
 
 def test_the_reader_thread_holds_a_bounded_number_of_bytes(tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ from scapy.layers.l2 import Dot1AD, Dot1Q, Ether  # noqa: E402
 from scapy.packet import Raw  # noqa: E402
 
 from sensor.capture import bpf, shunt  # noqa: E402
+from sensor.decode.packet import SHUNT_AFTER  # noqa: E402
 from tests.helpers import libpcap_bpf, load_make_samples, read_detections  # noqa: E402
 
 MACS = {"src": "02:00:00:00:00:01", "dst": "02:00:00:00:00:02"}
@@ -309,6 +310,21 @@ def test_an_upload_past_its_window_is_shunted_anew_from_where_it_is():
     decode(2.0, [_upload_segment("A", seq, bytes(200)) for seq in later])
     assert decoder.stats.shunted_flows == 1
     assert table.flows[key][2] == shunted_at + shunt.SEQ_WINDOW + 5 and table.changed
+
+
+def test_an_upload_already_under_way_when_the_capture_starts_is_shunted_too():
+    """A span port's capture starts in the middle of connections: an upload whose SYN came
+    before it is bypassed all the same, and shunted once past SHUNT_AFTER."""
+    from tests.test_batch_path import _batch, _decoder
+
+    decoder = _decoder()
+    table = decoder.shunts = shunt.ShuntTable(struct.pack("=HBBI", 0x06, 0, 0, 262144))
+    start = 7_000_000
+    frames = [_upload_segment("PA", start + n * 1200, b"\x17\x03\x03" + bytes(1197)) for n in range(12)]
+    for ts, frame, _ in decoder.batch(1, *_batch([(1.0 + n / 1000, f) for n, f in enumerate(frames)])):
+        decoder.decode(ts, 1, frame)
+    (key,) = table.flows
+    assert table.flows[key][2] == start + 8400 == start + -(-SHUNT_AFTER // 1200) * 1200
 
 
 def test_a_flow_counts_as_shunted_from_the_first_batch_read_without_it():

@@ -449,9 +449,10 @@ class MillisecondClock:
     record's count is unwrapped against the one before it, starting from the first
     packet's exact timestamp.  A step of more than MAX_CLOCK_STEP either way (an idle
     hour, or a later section of the file, whose interface libpcap reads unconverted)
-    raises ClockLost, as does a time past the 32-bit seconds, so nothing is guessed.  A
-    Simple Packet Block (all zeros from libpcap) gets the last timestamp seen, as
-    pcapfile.CaptureFile gives it."""
+    raises ClockLost, as does a time past the 32-bit seconds, so nothing is guessed.  So
+    does a Simple Packet Block (all zeros from libpcap): pcapfile.CaptureFile gives it the
+    last timestamp in the file before it, which may be a packet the filter rejected and
+    this clock never saw."""
 
     def __init__(self, first_ns: int):
         self.milliseconds = first_ns // 1_000_000
@@ -465,13 +466,12 @@ class MillisecondClock:
         pos = 0
         try:
             for wrapped, within, offset, caplen in BATCH_RECORD.iter_unpack(meta):
-                if wrapped or within:
-                    step = ((wrapped - milliseconds + _HALF_WRAP) & _WRAP_MASK) - _HALF_WRAP
-                    if step > MAX_CLOCK_STEP or step < -MAX_CLOCK_STEP:
-                        raise ClockLost
-                    milliseconds += step
-                    sec, rest = divmod(milliseconds, 1000)
-                    fraction = rest * 1_000_000 + within
+                step = ((wrapped - milliseconds + _HALF_WRAP) & _WRAP_MASK) - _HALF_WRAP
+                if step > MAX_CLOCK_STEP or step < -MAX_CLOCK_STEP or not (wrapped or within):
+                    raise ClockLost
+                milliseconds += step
+                sec, rest = divmod(milliseconds, 1000)
+                fraction = rest * 1_000_000 + within
                 pack_into(out, pos, sec, fraction, offset, caplen)
                 pos += 16
         except struct.error:

@@ -8,9 +8,10 @@ on the benchmark mix these 74,000 segments were a third of the decoder's work.  
 and Zeek shed such flows in the capture layer ("bypass", "shunting"); a file read through
 libpcap has no flow table in C, but its filter program can be replaced between two batches.
 
-A flow is shunted once its client has sent ``decode.packet.SHUNT_AFTER`` bytes past the
-start of a stream the decoder bypasses, and only if its SYN was seen (so the capture-loss
-estimate knows the flow, and stops judging it once its later bytes are not seen by design).
+A flow is shunted once it is ``decode.packet.SHUNT_AFTER`` bytes past the start of a stream
+the decoder bypasses; from then on the capture-loss estimate stops judging it, as its later
+bytes are not seen by design.  A flow already under way when the capture started (no SYN
+seen) is shunted too: on a span port these are the uploads running when the sensor starts.
 ShuntTable keeps the flows, at most MAX_FLOWS, the oldest evicted first, and builds the
 program: the capture filter's own instructions, each accepting return turned into a jump to
 the flows' tests, which drop a shunted flow's segments without SYN, FIN or RST whose sequence

@@ -385,8 +385,8 @@ class PacketDecoder:
         * a TCP segment (no SYN/FIN/RST) of a flow in the stream bypass: its hello is parsed
           or it is known to carry nothing.  This is the client-to-server bulk that the
           capture filter has to let through, as it cannot tell a hello's third segment from
-          an upload's.  A flow whose SYN was seen is shunted (``shunts``, capture.shunt)
-          once it is SHUNT_AFTER bytes past its stream's start: its later segments without
+          an upload's.  A flow is shunted (``shunts``, capture.shunt) once it is
+          SHUNT_AFTER bytes past its stream's start: its later segments without
           SYN, FIN or RST are then dropped by libpcap's filter program.  The SYN or FIN of a
           shunted flow discards it;
         * a ClientHello's segments in order after a seen SYN (StreamTable.settle_hello): the
@@ -545,8 +545,11 @@ class PacketDecoder:
                                         # drops (a shunted flow is not judged for loss).
                                         if (seq - shunted[key][2]) & 0xFFFFFFFF >= shunt_renew:
                                             shunts.add(key, seq)
-                                    elif flags & 0x10 and loss.flows:
-                                        self._judge_loss(key, flags, seq, buf, l4, payload)
+                                    else:
+                                        if seq_window <= behind < shunt_mark:
+                                            shunts.add(key, seq)
+                                        if flags & 0x10 and loss.flows:
+                                            self._judge_loss(key, flags, seq, buf, l4, payload)
                                     continue
                             elif seen is None and payload > 0:
                                 start = ip_end - payload
