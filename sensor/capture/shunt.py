@@ -17,8 +17,8 @@ program: the capture filter's own instructions, each accepting return turned int
 the flows' tests, which drop a shunted flow's segments without SYN, FIN or RST whose sequence
 number lies within SEQ_WINDOW bytes of where it was shunted, and accept every other frame.
 The window is what keeps a new connection on the same ports, started before the program
-without the old flow takes effect, from losing its hello.  The filter rejects most of a span port's frames, so the tests run on
-the few it accepts.  FIN and RST still reach the decoder, which closes the stream and
+without the old flow takes effect, from losing its hello.  The filter rejects most of a
+span port's frames, so the tests run on the few it accepts.  FIN and RST still reach the decoder, which closes the stream and
 discards the flow here.
 
 The tests read untagged or single-tagged Ethernet frames: IPv4 without options or
