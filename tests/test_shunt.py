@@ -128,6 +128,41 @@ def test_the_program_drops_a_shunted_flows_segments_and_leaves_every_other_frame
         assert after == before
 
 
+def test_the_program_reads_linux_cooked_frames_two_bytes_further_in():
+    lib = _libpcap()
+    compiled = pcapy.compile(bpf.DLT_LINUX_SLL, 262144, bpf.build_filter(None, bpf.DLT_LINUX_SLL), 1, 0)
+    main_program = b"".join(struct.pack("=HBBI", *insn) for insn in compiled.get_bpf())
+
+    def cooked(ip, tcp, tag=False, payload=b"x" * 600) -> bytes:
+        packet = bytes(ip / tcp / Raw(payload))
+        ethertype = b"\x86\xdd" if ip.version == 6 else b"\x08\x00"
+        protocol = b"\x81\x00" + struct.pack("!H", 7) + ethertype if tag else ethertype
+        return struct.pack("!HHH", 4, 1, 6) + bytes.fromhex("020000000001") + b"\0\0" + protocol + packet
+
+    flows = [(IP(src="10.0.0.1", dst="198.51.100.7"), 50001, False),
+             (IP(src="10.0.0.2", dst="198.51.100.7"), 50002, True),
+             (IPv6(src="fd00::1", dst="2001:db8::7"), 50003, False)]
+    keys = [(_key(ip, TCP(sport=sport, dport=443)), 0) for ip, sport, _ in flows]
+    program = shunt.build_program(keys, main_program, 2)
+    assert lib.bpf_validate(program, len(program) // 8)
+
+    def verdicts(frame):
+        return (lib.bpf_filter(main_program, frame, len(frame), len(frame)),
+                lib.bpf_filter(program, frame, len(frame), len(frame)))
+
+    for ip, sport, tag in flows:
+        before, after = verdicts(cooked(ip, TCP(sport=sport, dport=443, flags="PA"), tag))
+        assert before != 0 and after == 0, (ip.src, tag)
+        for other in (TCP(sport=sport, dport=443, flags="S"), TCP(sport=sport + 100, dport=443, flags="PA"),
+                      TCP(sport=sport, dport=443, flags="PA", seq=shunt.SEQ_WINDOW)):
+            frame = cooked(ip, other, tag)
+            assert verdicts(frame)[1] == verdicts(frame)[0] != 0, (ip.src, tag, other.flags)
+    # The Ethernet program's offsets would read the wrong bytes of a cooked frame.
+    ethernet = shunt.build_program(keys, main_program)
+    frame = cooked(flows[0][0], TCP(sport=flows[0][1], dport=443, flags="PA"))
+    assert lib.bpf_filter(ethernet, frame, len(frame), len(frame)) != 0
+
+
 def test_a_full_table_of_ipv6_flows_stays_within_the_kernels_program_limit():
     lib = _libpcap()
     rng = random.Random(3)
@@ -162,11 +197,16 @@ def test_the_table_evicts_its_oldest_flow_and_rebuilds_only_what_changed():
 # ---------------------------------------------------------------------------- read
 
 
-def _uploads_capture(path: Path) -> dict:
+def _uploads_capture(path: Path, cooked: bool = False) -> dict:
     """TLS connections whose client uploads well past SHUNT_AFTER, over IPv4 (untagged and
     tagged) and IPv6, side by side; DNS lookups between them; and, after the first ends, a
-    new connection on its ports with another name.  Returns the SNIs."""
+    new connection on its ports with another name.  ``cooked``: as Linux cooked (SLL)
+    frames, which carry no tags.  Returns the SNIs."""
     samples = load_make_samples()
+
+    def wrap(tags=()):
+        return samples.linux_sll if cooked else samples.ethernet_wrap(tags)
+
     cap = samples.simple_capture("shunt")
     rng = cap.rng
     server, server6 = "203.0.113.70", "2001:db8:40::70"
@@ -178,7 +218,7 @@ def _uploads_capture(path: Path) -> dict:
     t0 = samples.T0_NS
     reused_port = 50123
     for number, (client, to, sni, tags) in enumerate(sessions):
-        cap.wrap = samples.ethernet_wrap(tags)
+        cap.wrap = wrap(tags)
         session = samples.TcpSession(cap, t0 + number * 1000, client, to,
                                      reused_port if number == 0 else 40000 + number, 443)
         session.handshake()
@@ -188,7 +228,7 @@ def _uploads_capture(path: Path) -> dict:
         session.send(True, samples.tls_app_data(rng, 1300) * 150)
         session.close()
         last = session.t
-    cap.wrap = samples.ethernet_wrap()
+    cap.wrap = wrap()
     t = t0
     while t < last + 10**9:
         t = samples.dns_lookup(cap, t, samples.CLIENT, samples.LAN_RESOLVER, "www.example.com",
@@ -198,7 +238,8 @@ def _uploads_capture(path: Path) -> dict:
     session.send(True, samples.client_hello(rng, b"activation-v2.kaspersky.com", post_quantum=True))
     session.send(True, samples.tls_app_data(rng, 1300) * 40)
     session.close()
-    path.write_bytes(samples.pcap_file(samples.LINKTYPE_ETHERNET, cap.ordered()))
+    path.write_bytes(samples.pcap_file(samples.LINKTYPE_LINUX_SLL if cooked else samples.LINKTYPE_ETHERNET,
+                                       cap.ordered()))
     return {sni.decode() for _, _, sni, _ in sessions} | {"activation-v2.kaspersky.com"}
 
 
@@ -242,6 +283,22 @@ def test_read_shunts_uploads_and_finds_what_it_finds_without(tmp_path, capsys, s
     assert re.search(r"shunted flows 4\b", shunting[4]) and "shunted" not in filtered[4]
     # The shunted bytes are not judged as lost.
     assert shunting[3][0] == filtered[3][0] == "0"
+
+
+def test_read_shunts_linux_cooked_uploads_as_it_shunts_ethernet_ones(tmp_path, capsys, small_batches,
+                                                                    monkeypatch):
+    """``tcpdump -i any`` writes Linux cooked frames: the flows' tests read them two bytes
+    further in, and the read finds what it finds without shunting and without the filter."""
+    capture = tmp_path / "uploads-sll.pcap"
+    names = _uploads_capture(capture, cooked=True)
+    plain = _read(tmp_path, capture, capsys, "plain", "--no-bpf-prefilter")
+    shunting = _read(tmp_path, capture, capsys, "shunting")
+    monkeypatch.setattr(bpf, "filter_slot", lambda *args: None)
+    filtered = _read(tmp_path, capture, capsys, "filtered")
+    assert shunting[:2] == plain[:2] == filtered[:2]
+    assert {domain for _, _, domain in shunting[0]} >= names - {"www.example.org"}
+    assert shunting[2] < filtered[2] - 300
+    assert re.search(r"shunted flows 4\b", shunting[4])
 
 
 def test_a_connection_that_reuses_a_shunted_flows_ports_at_once_is_read_whole(tmp_path, capsys,

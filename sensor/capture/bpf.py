@@ -295,6 +295,10 @@ _ETHERNET = _tagged_link(12, 14)
 # first (``ether[N + doff]``, which keeps N in the load), as _fixed_tcp writes them.
 DLT_LINUX_SLL, DLT_LINUX_SLL2 = 113, 276
 _COOKED = {DLT_LINUX_SLL: (14, 16), DLT_LINUX_SLL2: (0, 20)}
+# The link types whose batches the decoder's batch loop reads as Ethernet in place, with the
+# bytes before what reads as the Ethernet header (its type field, then the network header):
+# the ones capture.shunt can shunt.
+_SHUNTED_LINKTYPES = {DLT_EN10MB: 0, DLT_LINUX_SLL: _COOKED[DLT_LINUX_SLL][1] - 14}
 TUNNEL_LOOKAHEAD = 64  # leading records of a capture looked at for a tunnel
 
 
@@ -816,14 +820,16 @@ class PrefilteredCapture:
 
     def _open_shunts(self, expression: str) -> None:
         """Shunting reads an Ethernet frame's network header where it stands untagged or
-        behind one tag, as the decoder's batch loop does; a capture that opens with a tunnel
-        is read at its inner frames instead."""
-        if self._linktype != DLT_EN10MB or self._tunnels:
+        behind one tag, as the decoder's batch loop does, and a Linux cooked frame's as
+        Ethernet from where its protocol field stands as an Ethernet type; a capture that
+        opens with a tunnel is read at its inner frames instead."""
+        shift = _SHUNTED_LINKTYPES.get(self._linktype)
+        if shift is None or self._tunnels:
             return
         slot = filter_slot(self._handle, expression, MIN_SNAPLEN)
         if slot is not None:
             self._filter_slot = slot
-            self.shunts = ShuntTable(slot.main)
+            self.shunts = ShuntTable(slot.main, shift)
 
     @property
     def by_libpcap(self) -> bool:

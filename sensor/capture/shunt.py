@@ -21,8 +21,9 @@ without the old flow takes effect, from losing its hello.  The filter rejects mo
 span port's frames, so the tests run on the few it accepts.  FIN and RST still reach the decoder, which closes the stream and
 discards the flow here.
 
-The tests read untagged or single-tagged Ethernet frames: IPv4 without options or
-fragments, and IPv6 without extension headers, as the decoder's batch loop does.  They find
+The tests read untagged or single-tagged Ethernet frames, and Linux cooked (SLL) frames as
+Ethernet two bytes in (``tcpdump -i any`` writes them): IPv4 without options or fragments,
+and IPv6 without extension headers, as the decoder's batch loop does.  They find
 a flow by a binary search over the TCP port word (client port and server port), then
 compare the addresses and the flags.  Every load they make is inside the frame whatever
 the frame holds: frames under MIN_FRAME bytes on the wire skip them, and libpcap is only
@@ -161,15 +162,16 @@ def _family(entries: list) -> bytes:
     return b"".join(parts)
 
 
-def build_program(flows, main: bytes) -> bytes | None:
+def build_program(flows, main: bytes, shift: int = 0) -> bytes | None:
     """The tests for ``flows`` ((key, sequence number) pairs; a key is the decoder's flow
     key: IPv4 or IPv6 source and destination address, then the port word) behind the filter
-    program ``main`` (libpcap's instructions), or ``main`` alone when there are none; None
-    for a program that does not accept by a constant (_leading)."""
+    program ``main`` (libpcap's instructions), for frames that read as Ethernet from
+    ``shift`` bytes in, or ``main`` alone when there are none; None for a program that does
+    not accept by a constant (_leading)."""
     leading = _leading(main)
     if leading is None:
         return None
-    return _program([_entry_block(key, seq) for key, seq in flows], main, *leading)
+    return _program([_entry_block(key, seq) for key, seq in flows], main, _tests(shift), *leading)
 
 
 def _leading(main: bytes) -> tuple[bytes, int] | None:
@@ -193,48 +195,54 @@ def _leading(main: bytes) -> tuple[bytes, int] | None:
 
 
 _IPV4_BLOCK = 12 * _INSN.size
-# The tests before the flows' searches, the same in every program: 0-7 the frame's type
-# behind at most one tag; IPv4 8-15; IPv6 16-25, with the port word loaded in A and the tag's
-# length in X.  26 jumps to the IPv6 search and 27, the way out, to the accepting return.
 _OUT = 27
-_TESTS = b"".join([
-    _insn(_LD_LEN),                                   # 0
-    _insn(_JGE, MIN_FRAME, 0, _OUT - 2),              # 1
-    _insn(_LDX_IMM, 0),                               # 2
-    _insn(_LDH_ABS, 12),                              # 3
-    _insn(_JEQ, 0x8100, 0, 2),                        # 4
-    _insn(_LDX_IMM, 4),                               # 5
-    _insn(_LDH_ABS, 16),                              # 6
-    _insn(_JEQ, 0x0800, 0, 8),                        # 7: to 16
-    _insn(_LDB_IND, 14),                              # 8
-    _insn(_JEQ, 0x45, 0, _OUT - 10),                  # 9
-    _insn(_LDB_IND, 23),                              # 10
-    _insn(_JEQ, 6, 0, _OUT - 12),                     # 11
-    _insn(_LDH_IND, 20),                              # 12
-    _insn(_JSET, 0x3FFF, _OUT - 14, 0),               # 13
-    _insn(_LD_IND, 34),                               # 14
-    _insn(_JA, _OUT - 15),                            # 15: to the IPv4 search at 28
-    _insn(_JEQ, 0x86DD, 0, _OUT - 17),                # 16
-    _insn(_LD_LEN),                                   # 17
-    _insn(_SUB_X),                                    # 18
-    _insn(_JGE, MIN_IPV6_FRAME, 0, _OUT - 20),        # 19
-    _insn(_LDB_IND, 20),                              # 20
-    _insn(_JEQ, 6, 0, _OUT - 22),                     # 21
-    _insn(_LDB_IND, 14),                              # 22
-    _insn(_AND_K, 0xF0),                              # 23
-    _insn(_JEQ, 0x60, 0, _OUT - 25),                  # 24
-    _insn(_LD_IND, 54),                               # 25
-])
+
+
+def _tests(shift: int) -> bytes:
+    """The tests before the flows' searches, the same in every program of a capture whose
+    frames read as Ethernet from ``shift`` bytes in (Linux cooked frames: 2): 0-7 the frame's
+    type behind at most one tag; IPv4 8-15; IPv6 16-25, with the port word loaded in A and
+    ``shift`` plus the tag's length in X.  26 jumps to the IPv6 search and 27, the way out, to
+    the accepting return."""
+    return b"".join([
+        _insn(_LD_LEN),                                   # 0
+        _insn(_JGE, MIN_FRAME + shift, 0, _OUT - 2),      # 1
+        _insn(_LDX_IMM, shift),                           # 2
+        _insn(_LDH_ABS, 12 + shift),                      # 3
+        _insn(_JEQ, 0x8100, 0, 2),                        # 4
+        _insn(_LDX_IMM, 4 + shift),                       # 5
+        _insn(_LDH_ABS, 16 + shift),                      # 6
+        _insn(_JEQ, 0x0800, 0, 8),                        # 7: to 16
+        _insn(_LDB_IND, 14),                              # 8
+        _insn(_JEQ, 0x45, 0, _OUT - 10),                  # 9
+        _insn(_LDB_IND, 23),                              # 10
+        _insn(_JEQ, 6, 0, _OUT - 12),                     # 11
+        _insn(_LDH_IND, 20),                              # 12
+        _insn(_JSET, 0x3FFF, _OUT - 14, 0),               # 13
+        _insn(_LD_IND, 34),                               # 14
+        _insn(_JA, _OUT - 15),                            # 15: to the IPv4 search at 28
+        _insn(_JEQ, 0x86DD, 0, _OUT - 17),                # 16
+        _insn(_LD_LEN),                                   # 17
+        _insn(_SUB_X),                                    # 18
+        _insn(_JGE, MIN_IPV6_FRAME, 0, _OUT - 20),        # 19
+        _insn(_LDB_IND, 20),                              # 20
+        _insn(_JEQ, 6, 0, _OUT - 22),                     # 21
+        _insn(_LDB_IND, 14),                              # 22
+        _insn(_AND_K, 0xF0),                              # 23
+        _insn(_JEQ, 0x60, 0, _OUT - 25),                  # 24
+        _insn(_LD_IND, 54),                               # 25
+    ])
+
 # The tests and the way out; and the most one flow can add: an IPv6 flow's test, its share
 # of the search (a test and a jump per inner node, a jump per leaf).
 _TESTS_FIXED = 30
 _IPV6_FLOW_COST = 24 + 3
 
 
-def _program(blocks: list, main: bytes, leading: bytes, accept: int) -> bytes:
-    """build_program from the flows' _entry_block and _leading's result: the capture filter
-    runs first, and only a frame it accepts meets the flows' tests (most frames on a span
-    port are rejected by it)."""
+def _program(blocks: list, main: bytes, tests: bytes, leading: bytes, accept: int) -> bytes:
+    """build_program from the flows' _entry_block, _tests and _leading's result: the capture
+    filter runs first, and only a frame it accepts meets the flows' tests (most frames on a
+    span port are rejected by it)."""
     if not blocks:
         return main
     v4 = [entry for entry in blocks if len(entry[1]) == _IPV4_BLOCK]
@@ -244,8 +252,8 @@ def _program(blocks: list, main: bytes, leading: bytes, accept: int) -> bytes:
     # The IPv4 search ends in a jump over the IPv6 one, to the accepting return.
     ipv4 = _family(v4) + _insn(_JA, n6)
     n4 = len(ipv4) // _INSN.size
-    # The way out (27) follows _TESTS, then the IPv4 search (from 28), then the IPv6 one.
-    return (leading + _TESTS + _insn(_JA, 1 + n4) + _insn(_JA, n4 + n6)
+    # The way out (27) follows the tests, then the IPv4 search (from 28), then the IPv6 one.
+    return (leading + tests + _insn(_JA, 1 + n4) + _insn(_JA, n4 + n6)
             + ipv4 + ipv6 + _insn(_RET, accept))
 
 
@@ -262,8 +270,9 @@ class ShuntTable:
     ``take_started``): only from there on is a flow shunted, for the capture-loss estimate and
     the counters.  ``main`` is the capture filter's program, which runs first."""
 
-    def __init__(self, main: bytes):
+    def __init__(self, main: bytes, shift: int = 0):
         self.main = main
+        self._tests = _tests(shift)
         # As many flows as keep the program within MAX_PROGRAM: a user's --bpf lengthens it.
         room = MAX_PROGRAM - len(main) // _INSN.size - _TESTS_FIXED
         self._leading = _leading(main)
@@ -314,7 +323,7 @@ class ShuntTable:
         """The consumer is done with batch ``index`` (counted from 0)."""
         if self.changed and self.enabled:
             self.changed = False
-            self.program = _program(list(self.flows.values()), self.main, *self._leading)
+            self.program = _program(list(self.flows.values()), self.main, self._tests, *self._leading)
             self._program_keys = frozenset(self.flows)
         target = index + self.lag
         with self._decided:

@@ -474,9 +474,10 @@ class PacketDecoder:
                 # frames that carry one are read behind it.
                 meta, outer = _relocated_view(buf, meta, _past_outer_tag)
         descend = not tunnelled and outer is None
-        # Flows to shunt (capture.shunt) are found in the frames as captured only, where
-        # the filter program looks for them.
-        shunts = self.shunts if descend and captured is None else None
+        # Flows to shunt (capture.shunt) are found in the frames as captured only (a cooked
+        # frame read two bytes in), where the filter program looks for them.
+        shunts = self.shunts if not tunnelled and captured is None \
+            and (outer is None or cooked) else None
         if shunts is not None and shunts.enabled:
             shunted = shunts.flows
             shunt_mark = seq_mod - SHUNT_AFTER
