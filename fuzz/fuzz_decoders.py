@@ -7,8 +7,8 @@
 Targets: frame (whole frames through PacketDecoder, every link type), batch (a libpcap
 batch of Ethernet frames, and of the same as Linux cooked v1 and v2 frames and as bare IP,
 through the buffer fast path, which must give exactly what decoding each frame gives, and as
-Ethernet again with flows shunted (capture.shunt): the same records, and a valid filter
-program), capture (pcap/pcapng files), prefiltered (a capture file
+Ethernet and Linux cooked v1 again with flows shunted (capture.shunt): the same records,
+and a valid filter program), capture (pcap/pcapng files), prefiltered (a capture file
 read through libpcap with the sensor's filter, by iteration and by batches, which must give
 the Python reader's filtered frames, timestamps and interfaces), pipeline (a capture file through
 every stage: decoder, detector, tracker, ECS and JSON alerts, inventory snapshots), dns,
@@ -135,23 +135,24 @@ def _batch_agrees(frames: list, linktype: int) -> None:
         batched.stats.packets += 1
         fast += batched.decode(ts, linktype, frame)
     assert _outcome(batched, fast) == _outcome(single, one_by_one)
-    if linktype == 1:
-        _shunting_agrees(bytes(buf), bytes(meta), one_by_one)
+    if linktype in _SHUNT_SHIFT:
+        _shunting_agrees(bytes(buf), bytes(meta), one_by_one, linktype)
 
 
 _ACCEPT = struct.pack("=HBBI", 0x06, 0, 0, 262144)  # ret #262144: the capture filter's stand-in
+_SHUNT_SHIFT = {1: 0, 113: 2}  # the link types shunted (Ethernet, SLL), as capture.bpf reads them
 
 
-def _shunting_agrees(buf: bytes, meta: bytes, records: list) -> None:
+def _shunting_agrees(buf: bytes, meta: bytes, records: list, linktype: int = 1) -> None:
     """Shunting drops later packets in libpcap only, so the batch's records stay the same;
     the program built from the flows it shunted is valid and within MAX_PROGRAM."""
     decoder = PacketDecoder(Stats(), DecoderConfig(dedup_window=0.0))
     decoder.interest = decoder_interest(SIGNATURES, set())
-    table = decoder.shunts = shunt.ShuntTable(_ACCEPT)
+    table = decoder.shunts = shunt.ShuntTable(_ACCEPT, _SHUNT_SHIFT[linktype])
     found = []
-    for ts, frame, _ in decoder.batch(1, buf, meta):
+    for ts, frame, _ in decoder.batch(linktype, buf, meta):
         decoder.stats.packets += 1
-        found += decoder.decode(ts, 1, frame)
+        found += decoder.decode(ts, linktype, frame)
     assert [repr(r) for r in found] == [repr(r) for r in records]
     table.finished(0)
     assert len(table.program) // 8 <= shunt.MAX_PROGRAM
