@@ -135,12 +135,11 @@ def _batch_agrees(frames: list, linktype: int) -> None:
         batched.stats.packets += 1
         fast += batched.decode(ts, linktype, frame)
     assert _outcome(batched, fast) == _outcome(single, one_by_one)
-    if linktype in _SHUNT_SHIFT:
+    if linktype in bpf.SHUNTED_LINKTYPES:
         _shunting_agrees(bytes(buf), bytes(meta), one_by_one, linktype)
 
 
 _ACCEPT = struct.pack("=HBBI", 0x06, 0, 0, 262144)  # ret #262144: the capture filter's stand-in
-_SHUNT_SHIFT = {1: 0, 113: 2}  # the link types shunted (Ethernet, SLL), as capture.bpf reads them
 
 
 def _shunting_agrees(buf: bytes, meta: bytes, records: list, linktype: int = 1) -> None:
@@ -148,7 +147,7 @@ def _shunting_agrees(buf: bytes, meta: bytes, records: list, linktype: int = 1) 
     the program built from the flows it shunted is valid and within MAX_PROGRAM."""
     decoder = PacketDecoder(Stats(), DecoderConfig(dedup_window=0.0))
     decoder.interest = decoder_interest(SIGNATURES, set())
-    table = decoder.shunts = shunt.ShuntTable(_ACCEPT, _SHUNT_SHIFT[linktype])
+    table = decoder.shunts = shunt.ShuntTable(_ACCEPT, bpf.SHUNTED_LINKTYPES[linktype])
     found = []
     for ts, frame, _ in decoder.batch(linktype, buf, meta):
         decoder.stats.packets += 1

@@ -143,7 +143,7 @@ def test_the_program_reads_linux_cooked_frames_two_bytes_further_in():
              (IP(src="10.0.0.2", dst="198.51.100.7"), 50002, True),
              (IPv6(src="fd00::1", dst="2001:db8::7"), 50003, False)]
     keys = [(_key(ip, TCP(sport=sport, dport=443)), 0) for ip, sport, _ in flows]
-    program = shunt.build_program(keys, main_program, 2)
+    program = shunt.build_program(keys, main_program, bpf.SHUNTED_LINKTYPES[bpf.DLT_LINUX_SLL])
     assert lib.bpf_validate(program, len(program) // 8)
 
     def verdicts(frame):

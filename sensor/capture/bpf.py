@@ -298,7 +298,7 @@ _COOKED = {DLT_LINUX_SLL: (14, 16), DLT_LINUX_SLL2: (0, 20)}
 # The link types whose batches the decoder's batch loop reads as Ethernet in place, with the
 # bytes before what reads as the Ethernet header (its type field, then the network header):
 # the ones capture.shunt can shunt.
-_SHUNTED_LINKTYPES = {DLT_EN10MB: 0, DLT_LINUX_SLL: _COOKED[DLT_LINUX_SLL][1] - 14}
+SHUNTED_LINKTYPES = {DLT_EN10MB: 0, DLT_LINUX_SLL: _COOKED[DLT_LINUX_SLL][1] - 14}
 TUNNEL_LOOKAHEAD = 64  # leading records of a capture looked at for a tunnel
 
 
@@ -760,7 +760,8 @@ class PrefilteredCapture:
         self._reader: threading.Thread | None = None
         self._stop_reader = threading.Event()
         self.read_ahead: ReadAhead | None = None
-        # Flows the decoder shunts (capture.shunt), for an Ethernet capture libpcap reads.
+        # Flows the decoder shunts (capture.shunt), for an Ethernet or Linux cooked capture
+        # libpcap reads.
         self.shunts: ShuntTable | None = None
         self._filter_slot = None
         self._capture = None
@@ -823,7 +824,7 @@ class PrefilteredCapture:
         behind one tag, as the decoder's batch loop does, and a Linux cooked frame's as
         Ethernet from where its protocol field stands as an Ethernet type; a capture that
         opens with a tunnel is read at its inner frames instead."""
-        shift = _SHUNTED_LINKTYPES.get(self._linktype)
+        shift = SHUNTED_LINKTYPES.get(self._linktype)
         if shift is None or self._tunnels:
             return
         slot = filter_slot(self._handle, expression, MIN_SNAPLEN)

@@ -270,6 +270,8 @@ class ShuntTable:
     ``take_started``): only from there on is a flow shunted, for the capture-loss estimate and
     the counters.  ``main`` is the capture filter's program, which runs first."""
 
+    renew_after = SEQ_WINDOW // 2
+
     def __init__(self, main: bytes, shift: int = 0):
         self.main = main
         self._tests = _tests(shift)
@@ -278,7 +280,6 @@ class ShuntTable:
         self._leading = _leading(main)
         self.max_flows = max(0, min(MAX_FLOWS, room // _IPV6_FLOW_COST)) if self._leading else 0
         self.lag = LAG_BATCHES
-        self.renew_after = SEQ_WINDOW // 2
         self.unshunted = max(UNSHUNTED_BATCHES, LAG_BATCHES)
         self.flows: dict[bytes, tuple[int, bytes, int]] = {}  # key: its _entry_block
         self.changed = False
@@ -296,16 +297,12 @@ class ShuntTable:
         self._started: tuple = ()
 
     def add(self, key: bytes, seq: int) -> None:
-        """Shunt ``key``'s segments from ``seq`` on; a flow shunted already, once ``seq`` is
-        half a SEQ_WINDOW past the start of its window (its segments reach the decoder
-        again once they pass the window's end)."""
+        """Shunt ``key``'s segments from ``seq`` on, anew if it is shunted already: the
+        decoder does so once a shunted flow's segment is ``renew_after`` bytes past the
+        start of its window, as they reach it again once they pass the window's end."""
         if not self.enabled or not self.max_flows or len(key) not in (IPV4_KEY, IPV6_KEY):
             return
-        known = self.flows.pop(key, None)
-        if known is not None and (seq - known[2]) & 0xFFFFFFFF < self.renew_after:
-            self.flows[key] = known
-            return
-        if known is None and len(self.flows) >= self.max_flows:
+        if self.flows.pop(key, None) is None and len(self.flows) >= self.max_flows:
             del self.flows[next(iter(self.flows))]
             self.evicted += 1
         self.flows[key] = _entry_block(key, seq)

@@ -537,20 +537,15 @@ class PacketDecoder:
                                                 flow.last = clock
                                             else:
                                                 client_segment(key, seq, payload)
-                                        if seq_window <= behind < shunt_mark \
-                                                and key not in shunted:
-                                            # SHUNT_AFTER bytes past the stream's start.
-                                            shunts.add(key, seq)
-                                    elif key in shunted:
-                                        # Past the window of sequence numbers the filter
-                                        # drops (a shunted flow is not judged for loss).
-                                        if (seq - shunted[key][2]) & 0xFFFFFFFF >= shunt_renew:
-                                            shunts.add(key, seq)
-                                    else:
-                                        if seq_window <= behind < shunt_mark:
-                                            shunts.add(key, seq)
-                                        if flags & 0x10 and loss.flows:
-                                            self._judge_loss(key, flags, seq, buf, l4, payload)
+                                    elif flags & 0x10 and loss.flows and key not in shunted:
+                                        self._judge_loss(key, flags, seq, buf, l4, payload)
+                                    if seq_window <= behind < shunt_mark and (
+                                            key not in shunted or (seq - shunted[key][2])
+                                            & 0xFFFFFFFF >= shunt_renew):
+                                        # SHUNT_AFTER bytes past the stream's start, or a
+                                        # shunted flow's segment past the window of
+                                        # sequence numbers the filter drops.
+                                        shunts.add(key, seq)
                                     continue
                             elif seen is None and payload > 0:
                                 start = ip_end - payload
