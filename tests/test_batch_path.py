@@ -234,6 +234,17 @@ def test_mutated_cooked_frames_give_the_same_records_and_counters(data):
     assert _batched(stamped, LINKTYPE_LINUX_SLL) == _one_by_one(stamped, LINKTYPE_LINUX_SLL)
 
 
+@pytest.mark.parametrize("linktype,rewrite", [(LINKTYPE_LINUX_SLL, _cooked), (LINKTYPE_LINUX_SLL2, _cooked_v2)],
+                         ids=["sll", "sll2"])
+def test_an_empty_cooked_frame_is_not_taken_for_the_frame_after_it(linktype, rewrite):
+    """An empty record's frame starts where the next one does: read past a cooked header,
+    both would start at one place, and the empty one was handed over as the next."""
+    frames = _times([(0.0, rewrite(data)) for _, data in FRAMES])
+    for at in range(0, len(frames), 3):
+        frames.insert(at, (frames[at][0], b""))
+    assert _batched(frames, linktype) == _one_by_one(frames, linktype)
+
+
 @pytest.mark.parametrize("snaplen", [54, 66, 74, 120, 300])
 def test_every_sample_capture_frame_snapped(snaplen):
     """A capture taken with a snap length: frames cut short, their IP lengths whole.  The

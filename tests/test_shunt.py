@@ -128,22 +128,45 @@ def test_the_program_drops_a_shunted_flows_segments_and_leaves_every_other_frame
         assert after == before
 
 
-def test_the_program_reads_linux_cooked_frames_two_bytes_further_in():
+def _linux_cooked(packet: bytes, protocol: bytes) -> bytes:
+    return struct.pack("!HHH", 4, 1, 6) + bytes.fromhex("020000000001") + b"\0\0" + protocol + packet
+
+
+def _linux_cooked_v2(packet: bytes, protocol: bytes) -> bytes:
+    # The protocol opens the header; a tag the kernel left stays in the frame behind it.
+    header = protocol[:2] + struct.pack("!HIHBB", 0, 3, 1, 4, 6) + bytes.fromhex("0200000000010000")
+    return header + protocol[2:] + packet
+
+
+# Link types other than Ethernet: how a frame wraps an IP packet behind a type field
+# (with a tag: 0x8100, the tag, the packet's type), and whether it can carry a tag.
+_OTHER_LINKS = {
+    "sll": (bpf.DLT_LINUX_SLL, _linux_cooked, True),
+    "sll2": (bpf.DLT_LINUX_SLL2, _linux_cooked_v2, True),
+    "raw": (101, lambda packet, protocol: packet, False),
+}
+
+
+@pytest.mark.parametrize("link", sorted(_OTHER_LINKS))
+def test_the_program_reads_other_link_types_where_their_frames_hold_the_network_header(link):
+    """Linux cooked frames (``tcpdump -i any``: SLL, and SLL2 since libpcap 1.10) and bare
+    IP hold their type and network header elsewhere than Ethernet does."""
     lib = _libpcap()
-    compiled = pcapy.compile(bpf.DLT_LINUX_SLL, 262144, bpf.build_filter(None, bpf.DLT_LINUX_SLL), 1, 0)
+    linktype, wrap, tags = _OTHER_LINKS[link]
+    dlt = bpf.dlt_for(linktype)
+    compiled = pcapy.compile(dlt, 262144, bpf.build_filter(None, dlt), 1, 0)
     main_program = b"".join(struct.pack("=HBBI", *insn) for insn in compiled.get_bpf())
 
-    def cooked(ip, tcp, tag=False, payload=b"x" * 600) -> bytes:
-        packet = bytes(ip / tcp / Raw(payload))
+    def frame_of(ip, tcp, tag=False, payload=b"x" * 600) -> bytes:
         ethertype = b"\x86\xdd" if ip.version == 6 else b"\x08\x00"
         protocol = b"\x81\x00" + struct.pack("!H", 7) + ethertype if tag else ethertype
-        return struct.pack("!HHH", 4, 1, 6) + bytes.fromhex("020000000001") + b"\0\0" + protocol + packet
+        return wrap(bytes(ip / tcp / Raw(payload)), protocol)
 
     flows = [(IP(src="10.0.0.1", dst="198.51.100.7"), 50001, False),
-             (IP(src="10.0.0.2", dst="198.51.100.7"), 50002, True),
+             (IP(src="10.0.0.2", dst="198.51.100.7"), 50002, tags),
              (IPv6(src="fd00::1", dst="2001:db8::7"), 50003, False)]
     keys = [(_key(ip, TCP(sport=sport, dport=443)), 0) for ip, sport, _ in flows]
-    program = shunt.build_program(keys, main_program, bpf.SHUNTED_LINKTYPES[bpf.DLT_LINUX_SLL])
+    program = shunt.build_program(keys, main_program, bpf.SHUNTED_LINKTYPES[linktype])
     assert lib.bpf_validate(program, len(program) // 8)
 
     def verdicts(frame):
@@ -151,15 +174,26 @@ def test_the_program_reads_linux_cooked_frames_two_bytes_further_in():
                 lib.bpf_filter(program, frame, len(frame), len(frame)))
 
     for ip, sport, tag in flows:
-        before, after = verdicts(cooked(ip, TCP(sport=sport, dport=443, flags="PA"), tag))
+        before, after = verdicts(frame_of(ip, TCP(sport=sport, dport=443, flags="PA"), tag))
         assert before != 0 and after == 0, (ip.src, tag)
         for other in (TCP(sport=sport, dport=443, flags="S"), TCP(sport=sport + 100, dport=443, flags="PA"),
                       TCP(sport=sport, dport=443, flags="PA", seq=shunt.SEQ_WINDOW)):
-            frame = cooked(ip, other, tag)
+            frame = frame_of(ip, other, tag)
             assert verdicts(frame)[1] == verdicts(frame)[0] != 0, (ip.src, tag, other.flags)
-    # The Ethernet program's offsets would read the wrong bytes of a cooked frame.
+    # Packets the tests do not read stay the capture filter's: IPv4 with options, IPv6
+    # with an extension header, and a frame cut short.
+    ip, sport, _ = flows[0]
+    ip6, sport6, _ = flows[2]
+    for frame in (frame_of(IP(src=ip.src, dst=ip.dst, options=b"\x01\x01\x01\x00"),
+                           TCP(sport=sport, dport=443, flags="PA")),
+                  wrap(bytes(IPv6(src=ip6.src, dst=ip6.dst) / IPv6ExtHdrHopByHop()
+                             / TCP(sport=sport6, dport=443, flags="PA") / Raw(b"x" * 600)), b"\x86\xdd"),
+                  frame_of(ip, TCP(sport=sport, dport=443, flags="PA"))[:40]):
+        before, after = verdicts(frame)
+        assert after == before
+    # The Ethernet program's offsets would read the wrong bytes of these frames.
     ethernet = shunt.build_program(keys, main_program)
-    frame = cooked(flows[0][0], TCP(sport=flows[0][1], dport=443, flags="PA"))
+    frame = frame_of(flows[0][0], TCP(sport=flows[0][1], dport=443, flags="PA"))
     assert lib.bpf_filter(ethernet, frame, len(frame), len(frame)) != 0
 
 
@@ -197,15 +231,17 @@ def test_the_table_evicts_its_oldest_flow_and_rebuilds_only_what_changed():
 # ---------------------------------------------------------------------------- read
 
 
-def _uploads_capture(path: Path, cooked: bool = False) -> dict:
+def _uploads_capture(path: Path, linktype: int = 1) -> dict:
     """TLS connections whose client uploads well past SHUNT_AFTER, over IPv4 (untagged and
     tagged) and IPv6, side by side; DNS lookups between them; and, after the first ends, a
-    new connection on its ports with another name.  ``cooked``: as Linux cooked (SLL)
-    frames, which carry no tags.  Returns the SNIs."""
+    new connection on its ports with another name.  Frames of another ``linktype`` than
+    Ethernet carry no tags.  Returns the SNIs."""
     samples = load_make_samples()
+    other = {samples.LINKTYPE_LINUX_SLL: samples.linux_sll, samples.LINKTYPE_LINUX_SLL2: samples.linux_sll2,
+             samples.LINKTYPE_RAW: samples.raw_ip}.get(linktype)
 
     def wrap(tags=()):
-        return samples.linux_sll if cooked else samples.ethernet_wrap(tags)
+        return other or samples.ethernet_wrap(tags)
 
     cap = samples.simple_capture("shunt")
     rng = cap.rng
@@ -238,8 +274,7 @@ def _uploads_capture(path: Path, cooked: bool = False) -> dict:
     session.send(True, samples.client_hello(rng, b"activation-v2.kaspersky.com", post_quantum=True))
     session.send(True, samples.tls_app_data(rng, 1300) * 40)
     session.close()
-    path.write_bytes(samples.pcap_file(samples.LINKTYPE_LINUX_SLL if cooked else samples.LINKTYPE_ETHERNET,
-                                       cap.ordered()))
+    path.write_bytes(samples.pcap_file(linktype, cap.ordered()))
     return {sni.decode() for _, _, sni, _ in sessions} | {"activation-v2.kaspersky.com"}
 
 
@@ -285,12 +320,14 @@ def test_read_shunts_uploads_and_finds_what_it_finds_without(tmp_path, capsys, s
     assert shunting[3][0] == filtered[3][0] == "0"
 
 
-def test_read_shunts_linux_cooked_uploads_as_it_shunts_ethernet_ones(tmp_path, capsys, small_batches,
-                                                                    monkeypatch):
-    """``tcpdump -i any`` writes Linux cooked frames: the flows' tests read them two bytes
-    further in, and the read finds what it finds without shunting and without the filter."""
-    capture = tmp_path / "uploads-sll.pcap"
-    names = _uploads_capture(capture, cooked=True)
+@pytest.mark.parametrize("link", sorted(_OTHER_LINKS))
+def test_read_shunts_uploads_of_other_link_types_as_it_shunts_ethernet_ones(tmp_path, capsys, small_batches,
+                                                                          monkeypatch, link):
+    """``tcpdump -i any`` writes Linux cooked frames (SLL, SLL2), tun interfaces bare IP:
+    the flows' tests read them where their network header stands, and the read finds what
+    it finds without shunting and without the filter."""
+    capture = tmp_path / f"uploads-{link}.pcap"
+    names = _uploads_capture(capture, _OTHER_LINKS[link][0])
     plain = _read(tmp_path, capture, capsys, "plain", "--no-bpf-prefilter")
     shunting = _read(tmp_path, capture, capsys, "shunting")
     monkeypatch.setattr(bpf, "filter_slot", lambda *args: None)
@@ -299,6 +336,7 @@ def test_read_shunts_linux_cooked_uploads_as_it_shunts_ethernet_ones(tmp_path, c
     assert {domain for _, _, domain in shunting[0]} >= names - {"www.example.org"}
     assert shunting[2] < filtered[2] - 300
     assert re.search(r"shunted flows 4\b", shunting[4])
+    assert shunting[3][0] == filtered[3][0] == "0"
 
 
 def test_a_connection_that_reuses_a_shunted_flows_ports_at_once_is_read_whole(tmp_path, capsys,

@@ -84,7 +84,7 @@ from ..decode.tunnels import (ERSPAN_II_GRE, ERSPAN_III_FRAME_TYPE_BITS, ERSPAN_
                               ERSPAN_III_SUBHEADER_BIT, GENEVE_PORT, VXLAN_PORT, VXLAN_PORT_BYTES)
 from ..records import BATCH_RECORD
 from .libpcap import filter_slot, set_filter, widen_read_buffer
-from .shunt import MIN_SNAPLEN, ShuntTable
+from .shunt import MIN_SNAPLEN, FrameLayout, ShuntTable
 from .pcapfile import (CaptureError, open_capture, pcapng_interface_view, pcapng_leading_interfaces,
                        pcapng_microsecond_view)
 
@@ -295,10 +295,14 @@ _ETHERNET = _tagged_link(12, 14)
 # first (``ether[N + doff]``, which keeps N in the load), as _fixed_tcp writes them.
 DLT_LINUX_SLL, DLT_LINUX_SLL2 = 113, 276
 _COOKED = {DLT_LINUX_SLL: (14, 16), DLT_LINUX_SLL2: (0, 20)}
-# The link types whose batches the decoder's batch loop reads as Ethernet in place, with the
-# bytes before what reads as the Ethernet header (its type field, then the network header):
-# the ones capture.shunt can shunt.
-SHUNTED_LINKTYPES = {DLT_EN10MB: 0, DLT_LINUX_SLL: _COOKED[DLT_LINUX_SLL][1] - 14}
+# The link types (as capture files name them) whose batches the decoder's batch loop reads
+# as Ethernet, in place or laid out so (decode.packet._ethernet_layout), with where their
+# frames hold their type and network header: the ones capture.shunt can shunt.  Bare IP
+# (raw, and IPv4 or IPv6 alone) is told by its version.
+_BARE_IP = FrameLayout(None, 0)
+SHUNTED_LINKTYPES = {DLT_EN10MB: FrameLayout(12, 14),
+                     **{linktype: FrameLayout(*at) for linktype, at in _COOKED.items()},
+                     101: _BARE_IP, 12: _BARE_IP, 228: _BARE_IP, 229: _BARE_IP}
 TUNNEL_LOOKAHEAD = 64  # leading records of a capture looked at for a tunnel
 
 
@@ -820,17 +824,16 @@ class PrefilteredCapture:
             self._records = self._python_records()
 
     def _open_shunts(self, expression: str) -> None:
-        """Shunting reads an Ethernet frame's network header where it stands untagged or
-        behind one tag, as the decoder's batch loop does, and a Linux cooked frame's as
-        Ethernet from where its protocol field stands as an Ethernet type; a capture that
-        opens with a tunnel is read at its inner frames instead."""
-        shift = SHUNTED_LINKTYPES.get(self._linktype)
-        if shift is None or self._tunnels:
+        """Shunting reads a frame's network header where it stands untagged or behind one
+        tag (SHUNTED_LINKTYPES), as the decoder's batch loop does; a capture that opens with
+        a tunnel is read at its inner frames instead."""
+        layout = SHUNTED_LINKTYPES.get(self._linktype)
+        if layout is None or self._tunnels:
             return
         slot = filter_slot(self._handle, expression, MIN_SNAPLEN)
         if slot is not None:
             self._filter_slot = slot
-            self.shunts = ShuntTable(slot.main, shift)
+            self.shunts = ShuntTable(slot.main, layout)
 
     @property
     def by_libpcap(self) -> bool:

@@ -21,14 +21,15 @@ without the old flow takes effect, from losing its hello.  The filter rejects mo
 span port's frames, so the tests run on the few it accepts.  FIN and RST still reach the decoder, which closes the stream and
 discards the flow here.
 
-The tests read untagged or single-tagged Ethernet frames, and Linux cooked (SLL) frames as
-Ethernet two bytes in (``tcpdump -i any`` writes them): IPv4 without options or fragments,
-and IPv6 without extension headers, as the decoder's batch loop does.  They find
-a flow by a binary search over the TCP port word (client port and server port), then
-compare the addresses and the flags.  Every load they make is inside the frame whatever
-the frame holds: frames under MIN_FRAME bytes on the wire skip them, and libpcap is only
-given them for captures whose snap length is at least MIN_SNAPLEN, where such frames were
-kept whole.  A load past the captured bytes would reject the packet.
+The tests read untagged or single-tagged Ethernet frames, Linux cooked frames (SLL and
+SLL2, which ``tcpdump -i any`` writes) and bare IP, each where its FrameLayout says: IPv4
+without options or fragments, and IPv6 without extension headers, as the decoder's batch
+loop does.  They find a flow by a binary search over the TCP port word (client port and
+server port), then compare the addresses and the flags.  Every load they make is inside
+the frame whatever the frame holds: frames with under MIN_PACKET bytes from the network
+header on skip them, and libpcap is only given them for captures whose snap length is at
+least MIN_SNAPLEN, where such frames were kept whole.  A load past the captured bytes
+would reject the packet.
 
 Only ``read`` shunts, through PrefilteredCapture: the reader thread installs a new program
 between batches (pcap handles are not thread-safe), LAG_BATCHES batches after the one the
@@ -40,6 +41,7 @@ from __future__ import annotations
 import struct
 import threading
 from bisect import bisect_left
+from typing import NamedTuple
 
 MAX_FLOWS = 128
 # Batches between the one a flow is shunted in and the first read without it: the reader
@@ -49,8 +51,9 @@ LAG_BATCHES = 3
 # alone, without waiting for the consumer: libpcap reads them while the sensor starts up.
 UNSHUNTED_BATCHES = 64
 MIN_SNAPLEN = 128
-MIN_FRAME = 64  # the IPv4 tests read at most 52 bytes in (tagged TCP flags)
-MIN_IPV6_FRAME = 72  # from the end of the Ethernet header's tag: TCP flags at 67
+# Bytes from the network header on (behind a tag, if any): frames shorter skip the tests.
+MIN_PACKET = 50  # the IPv4 tests read at most 38 bytes in, behind a tag (TCP flags at 33)
+MIN_IPV6_PACKET = 58  # TCP flags at 53
 MAX_PROGRAM = 4096  # instructions, the kernel's BPF_MAXINSNS: libpcap's own limit for a live filter
 LEAF = 8  # flows compared one after another at the end of the search
 # A flow's segments are dropped from the sequence number it was shunted at up to this many
@@ -59,6 +62,22 @@ LEAF = 8  # flows compared one after another at the end of the search
 SEQ_WINDOW = 1 << 26
 IPV4_KEY = 12  # source and destination address, then the port word: decoder's flow key
 IPV6_KEY = 36
+# Where the tests read a packet's addresses, port word and TCP flags, from its network header.
+IPV4_ADDRESSES, IPV4_PORTS, IPV4_FLAGS = 12, 20, 33
+IPV6_ADDRESSES, IPV6_PORTS, IPV6_FLAGS = 8, 40, 53
+
+
+class FrameLayout(NamedTuple):
+    """Where a link type's frames hold what the tests read: the offset of their Ethernet
+    type field (None for bare IP, told by its version) and of the network header behind
+    it.  A type of 0x8100 puts a tag's four bytes before the network header, its inner
+    type two bytes in, as Ethernet's does."""
+
+    type_at: int | None
+    network_at: int
+
+
+ETHERNET = FrameLayout(12, 14)
 
 _INSN = struct.Struct("=HBBI")
 # Classic BPF opcodes (linux/filter.h).
@@ -79,9 +98,9 @@ def _block_template(key_length: int) -> tuple[bytes, tuple[int, ...]]:
     word goes: the address words' compares, the port word's (the first), then the sequence
     number the window starts at."""
     v4 = key_length == IPV4_KEY
-    address_at = 26 if v4 else 22  # the source address, from the frame's start behind a tag
-    ports_at = 34 if v4 else 54
-    flags_at = 47 if v4 else 67
+    address_at = IPV4_ADDRESSES if v4 else IPV6_ADDRESSES  # from the network header, in X
+    ports_at = IPV4_PORTS if v4 else IPV6_PORTS
+    flags_at = IPV4_FLAGS if v4 else IPV6_FLAGS
     addresses = key_length // 4 - 1
     # i0 ports, then per address word (load, compare), flags (load, jset), the sequence
     # number's distance from the window's start (load, subtract, compare), ret, reload.
@@ -162,16 +181,16 @@ def _family(entries: list) -> bytes:
     return b"".join(parts)
 
 
-def build_program(flows, main: bytes, shift: int = 0) -> bytes | None:
+def build_program(flows, main: bytes, layout: FrameLayout = ETHERNET) -> bytes | None:
     """The tests for ``flows`` ((key, sequence number) pairs; a key is the decoder's flow
     key: IPv4 or IPv6 source and destination address, then the port word) behind the filter
-    program ``main`` (libpcap's instructions), for frames that read as Ethernet from
-    ``shift`` bytes in, or ``main`` alone when there are none; None for a program that does
+    program ``main`` (libpcap's instructions), for frames laid out as ``layout`` says, or
+    ``main`` alone when there are none; None for a program that does
     not accept by a constant (_leading)."""
     leading = _leading(main)
     if leading is None:
         return None
-    return _program([_entry_block(key, seq) for key, seq in flows], main, _tests(shift), *leading)
+    return _program([_entry_block(key, seq) for key, seq in flows], main, _tests(layout), *leading)
 
 
 def _leading(main: bytes) -> tuple[bytes, int] | None:
@@ -198,39 +217,68 @@ _IPV4_BLOCK = 12 * _INSN.size
 _OUT = 27
 
 
-def _tests(shift: int) -> bytes:
+def _tests(layout: FrameLayout) -> bytes:
     """The tests before the flows' searches, the same in every program of a capture whose
-    frames read as Ethernet from ``shift`` bytes in (Linux cooked frames: 2): 0-7 the frame's
-    type behind at most one tag; IPv4 8-15; IPv6 16-25, with the port word loaded in A and
-    ``shift`` plus the tag's length in X.  26 jumps to the IPv6 search and 27, the way out, to
-    the accepting return."""
+    frames hold their type and network header where ``layout`` says: 0-7 the frame's type
+    behind at most one tag; IPv4 8-15; IPv6 16-25, with the port word loaded in A and the
+    network header's offset in X.  26 jumps to the IPv6 search and 27, the way out, to the
+    accepting return.  Bare IP frames (no type field) have tests of their own (_ip_tests)."""
+    if layout.type_at is None:
+        return _ip_tests()
+    network_at = layout.network_at
     return b"".join([
         _insn(_LD_LEN),                                   # 0
-        _insn(_JGE, MIN_FRAME + shift, 0, _OUT - 2),      # 1
-        _insn(_LDX_IMM, shift),                           # 2
-        _insn(_LDH_ABS, 12 + shift),                      # 3
+        _insn(_JGE, MIN_PACKET + network_at, 0, _OUT - 2),  # 1
+        _insn(_LDX_IMM, network_at),                      # 2
+        _insn(_LDH_ABS, layout.type_at),                  # 3
         _insn(_JEQ, 0x8100, 0, 2),                        # 4
-        _insn(_LDX_IMM, 4 + shift),                       # 5
-        _insn(_LDH_ABS, 16 + shift),                      # 6
+        _insn(_LDX_IMM, network_at + 4),                  # 5
+        _insn(_LDH_ABS, network_at + 2),                  # 6
         _insn(_JEQ, 0x0800, 0, 8),                        # 7: to 16
-        _insn(_LDB_IND, 14),                              # 8
+        _insn(_LDB_IND, 0),                               # 8
         _insn(_JEQ, 0x45, 0, _OUT - 10),                  # 9
-        _insn(_LDB_IND, 23),                              # 10
+        _insn(_LDB_IND, 9),                               # 10
         _insn(_JEQ, 6, 0, _OUT - 12),                     # 11
-        _insn(_LDH_IND, 20),                              # 12
+        _insn(_LDH_IND, 6),                               # 12
         _insn(_JSET, 0x3FFF, _OUT - 14, 0),               # 13
-        _insn(_LD_IND, 34),                               # 14
+        _insn(_LD_IND, IPV4_PORTS),                       # 14
         _insn(_JA, _OUT - 15),                            # 15: to the IPv4 search at 28
         _insn(_JEQ, 0x86DD, 0, _OUT - 17),                # 16
         _insn(_LD_LEN),                                   # 17
         _insn(_SUB_X),                                    # 18
-        _insn(_JGE, MIN_IPV6_FRAME, 0, _OUT - 20),        # 19
-        _insn(_LDB_IND, 20),                              # 20
+        _insn(_JGE, MIN_IPV6_PACKET, 0, _OUT - 20),       # 19
+        _insn(_LDB_IND, 6),                               # 20
         _insn(_JEQ, 6, 0, _OUT - 22),                     # 21
-        _insn(_LDB_IND, 14),                              # 22
+        _insn(_LDB_IND, 0),                               # 22
         _insn(_AND_K, 0xF0),                              # 23
         _insn(_JEQ, 0x60, 0, _OUT - 25),                  # 24
-        _insn(_LD_IND, 54),                               # 25
+        _insn(_LD_IND, IPV6_PORTS),                       # 25
+    ])
+
+
+def _ip_tests() -> bytes:
+    """_tests for bare IP frames (raw IP, tun and WireGuard interfaces), told apart by their
+    version: the network header at 0 (in X), the way out at 19."""
+    out = 19
+    return b"".join([
+        _insn(_LD_LEN),                                   # 0
+        _insn(_JGE, MIN_PACKET, 0, out - 2),              # 1
+        _insn(_LDX_IMM, 0),                               # 2
+        _insn(_LDB_IND, 0),                               # 3
+        _insn(_JEQ, 0x45, 0, 6),                          # 4: to 11
+        _insn(_LDB_IND, 9),                               # 5
+        _insn(_JEQ, 6, 0, out - 7),                       # 6
+        _insn(_LDH_IND, 6),                               # 7
+        _insn(_JSET, 0x3FFF, out - 9, 0),                 # 8
+        _insn(_LD_IND, IPV4_PORTS),                       # 9
+        _insn(_JA, out - 10),                             # 10: to the IPv4 search at 20
+        _insn(_AND_K, 0xF0),                              # 11
+        _insn(_JEQ, 0x60, 0, out - 13),                   # 12
+        _insn(_LD_LEN),                                   # 13
+        _insn(_JGE, MIN_IPV6_PACKET, 0, out - 15),        # 14
+        _insn(_LDB_IND, 6),                               # 15
+        _insn(_JEQ, 6, 0, out - 17),                      # 16
+        _insn(_LD_IND, IPV6_PORTS),                       # 17
     ])
 
 # The tests and the way out; and the most one flow can add: an IPv6 flow's test, its share
@@ -272,9 +320,9 @@ class ShuntTable:
 
     renew_after = SEQ_WINDOW // 2
 
-    def __init__(self, main: bytes, shift: int = 0):
+    def __init__(self, main: bytes, layout: FrameLayout = ETHERNET):
         self.main = main
-        self._tests = _tests(shift)
+        self._tests = _tests(layout)
         # As many flows as keep the program within MAX_PROGRAM: a user's --bpf lengthens it.
         room = MAX_PROGRAM - len(main) // _INSN.size - _TESTS_FIXED
         self._leading = _leading(main)
