@@ -23,7 +23,7 @@ import re._constants as regex_constants
 import time
 from collections import Counter
 
-from ..records import PLAIN_LABEL_BYTES, DomainName, Signature, escape_label_bytes
+from ..records import DomainName, Signature, labels_text
 
 NAME_KINDS = ("exact", "suffix", "pattern")
 STRENGTH_RANK = {"none": 0, "weak": 1, "medium": 2, "strong": 3}
@@ -86,13 +86,6 @@ def _name_labels(value: str) -> tuple[bytes, ...]:
     return tuple(label.encode("ascii") for label in value.lower().rstrip(".").split("."))
 
 
-def _pattern_text(key: tuple[bytes, ...]) -> str:
-    """Presentation text of lower-cased labels.  The common case (plain labels) skips the
-    per-byte escaping: joining is unambiguous when the only dots left are separators."""
-    joined = b".".join(key)
-    if len(joined.translate(None, PLAIN_LABEL_BYTES)) == len(key) - 1:
-        return joined.decode("ascii")
-    return ".".join(escape_label_bytes(label) for label in key)
 
 
 class SignatureSet:
@@ -199,7 +192,7 @@ class SignatureSet:
         best = suffix
         if suffix is not None:
             best_rank = (len(suffix.value), len(suffix.value), STRENGTH_RANK[suffix.strength])
-        text = _pattern_text(key)
+        text = labels_text(key)
         if len(text) > MAX_PATTERN_TEXT:
             return best
         for regex, sig, weight in patterns:

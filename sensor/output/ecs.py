@@ -278,6 +278,8 @@ _PLAIN_TYPES = frozenset([str, int, float, bool, type(None)])
 
 
 def _host_value(key: str, value):
+    if type(value) is str or value is None:  # most of a summary's values: at once
+        return value
     if key in ("first_seen", "last_seen"):
         if isinstance(value, (int, float)):
             return iso_time(value)
