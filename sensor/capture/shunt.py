@@ -235,14 +235,7 @@ def _tests(layout: FrameLayout) -> bytes:
         _insn(_LDX_IMM, network_at + 4),                  # 5
         _insn(_LDH_ABS, network_at + 2),                  # 6
         _insn(_JEQ, 0x0800, 0, 8),                        # 7: to 16
-        _insn(_LDB_IND, 0),                               # 8
-        _insn(_JEQ, 0x45, 0, _OUT - 10),                  # 9
-        _insn(_LDB_IND, 9),                               # 10
-        _insn(_JEQ, 6, 0, _OUT - 12),                     # 11
-        _insn(_LDH_IND, 6),                               # 12
-        _insn(_JSET, 0x3FFF, _OUT - 14, 0),               # 13
-        _insn(_LD_IND, IPV4_PORTS),                       # 14
-        _insn(_JA, _OUT - 15),                            # 15: to the IPv4 search at 28
+        *_ipv4_tests(8, _OUT, _OUT),                      # 8-15
         _insn(_JEQ, 0x86DD, 0, _OUT - 17),                # 16
         _insn(_LD_LEN),                                   # 17
         _insn(_SUB_X),                                    # 18
@@ -256,6 +249,23 @@ def _tests(layout: FrameLayout) -> bytes:
     ])
 
 
+def _ipv4_tests(at: int, out: int, otherwise: int) -> list[bytes]:
+    """Eight instructions from ``at``, the network header's offset in X: an IPv4 packet
+    without options or fragments that carries TCP gets its port word loaded in A and goes
+    on to the IPv4 search, just past the way ``out``; a first byte other than 0x45 goes to
+    ``otherwise`` (A still holds it), any other packet out."""
+    return [
+        _insn(_LDB_IND, 0),
+        _insn(_JEQ, 0x45, 0, otherwise - (at + 2)),
+        _insn(_LDB_IND, 9),
+        _insn(_JEQ, 6, 0, out - (at + 4)),
+        _insn(_LDH_IND, 6),
+        _insn(_JSET, 0x3FFF, out - (at + 6), 0),
+        _insn(_LD_IND, IPV4_PORTS),
+        _insn(_JA, out + 1 - (at + 8)),
+    ]
+
+
 def _ip_tests() -> bytes:
     """_tests for bare IP frames (raw IP, tun and WireGuard interfaces), told apart by their
     version: the network header at 0 (in X), the way out at 19."""
@@ -264,14 +274,7 @@ def _ip_tests() -> bytes:
         _insn(_LD_LEN),                                   # 0
         _insn(_JGE, MIN_PACKET, 0, out - 2),              # 1
         _insn(_LDX_IMM, 0),                               # 2
-        _insn(_LDB_IND, 0),                               # 3
-        _insn(_JEQ, 0x45, 0, 6),                          # 4: to 11
-        _insn(_LDB_IND, 9),                               # 5
-        _insn(_JEQ, 6, 0, out - 7),                       # 6
-        _insn(_LDH_IND, 6),                               # 7
-        _insn(_JSET, 0x3FFF, out - 9, 0),                 # 8
-        _insn(_LD_IND, IPV4_PORTS),                       # 9
-        _insn(_JA, out - 10),                             # 10: to the IPv4 search at 20
+        *_ipv4_tests(3, out, 11),                         # 3-10, to 11 if not IPv4
         _insn(_AND_K, 0xF0),                              # 11
         _insn(_JEQ, 0x60, 0, out - 13),                   # 12
         _insn(_LD_LEN),                                   # 13
