@@ -103,9 +103,11 @@ class Template:
 
 
 class Mix:
-    def __init__(self, rng: random.Random, max_bulk_segments: int = MAX_BULK_SEGMENTS):
+    def __init__(self, rng: random.Random, max_bulk_segments: int = MAX_BULK_SEGMENTS,
+                 kaspersky_share: float = KASPERSKY_SHARE):
         self.rng = rng
         self.max_bulk_segments = max_bulk_segments
+        self.kaspersky_share = kaspersky_share
         self.templates = {(v6, vlan, tcp): Template(v6, vlan, tcp)
                           for v6 in (False, True) for vlan in (False, True) for tcp in (False, True)}
         self.hellos = self._hello_pool()
@@ -154,7 +156,7 @@ class Mix:
 
     # -- addressing --------------------------------------------------------------------
     def pick_name(self, pool) -> str:
-        if self.rng.random() < KASPERSKY_SHARE:
+        if self.rng.random() < self.kaspersky_share:
             name = self.rng.choice(KASPERSKY_NAMES)
         else:
             name = self.rng.choice(pool)
@@ -300,9 +302,9 @@ class Mix:
 
 
 def write_mix(path: Path, packets: int, seed: int = SEED,
-              max_bulk_segments: int = MAX_BULK_SEGMENTS) -> dict:
+              max_bulk_segments: int = MAX_BULK_SEGMENTS, kaspersky_share: float = KASPERSKY_SHARE) -> dict:
     rng = random.Random(seed)
-    mix = Mix(rng, max_bulk_segments)
+    mix = Mix(rng, max_bulk_segments, kaspersky_share)
     flows = [mix.new_flow() for _ in range(CONCURRENT_FLOWS)]
     pending: list[bytes] = []
     written = 0
@@ -335,7 +337,7 @@ def write_mix(path: Path, packets: int, seed: int = SEED,
                 chunk.clear()
         out.write(b"".join(chunk))
     truth = {"generator": GENERATOR, "packets": written, "frame_bytes": total_bytes, "seed": seed,
-             "max_bulk_segments": max_bulk_segments,
+             "max_bulk_segments": max_bulk_segments, "kaspersky_share": kaspersky_share,
              "kaspersky_names": sorted(n for n in mix.names_used if n in KASPERSKY_NAMES),
              "names": dict(sorted(mix.names_used.items()))}
     path.with_suffix(".json").write_text(json.dumps(truth, indent=1) + "\n")
@@ -350,10 +352,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-bulk-segments", type=int, default=MAX_BULK_SEGMENTS,
                         help="longest TLS transfer in segments (more connections when lower: "
                              "60 gives about twice as many as the default)")
+    parser.add_argument("--kaspersky-share", type=float, default=KASPERSKY_SHARE,
+                        help="share of the names looked up or sent that are Kaspersky's (default "
+                             f"{KASPERSKY_SHARE}; 0.10 gives about five times the alerts)")
     args = parser.parse_args(argv)
     if args.max_bulk_segments < 21:
         parser.error("--max-bulk-segments must be at least 21")
-    truth = write_mix(args.out, args.packets, args.seed, args.max_bulk_segments)
+    if not 0.0 <= args.kaspersky_share <= 1.0:
+        parser.error("--kaspersky-share must be between 0 and 1")
+    truth = write_mix(args.out, args.packets, args.seed, args.max_bulk_segments, args.kaspersky_share)
     print(f"{args.out}: {truth['packets']:,} packets, {truth['frame_bytes'] / 1e6:,.0f} MB of frames, "
           f"Kaspersky names: {', '.join(truth['kaspersky_names'])}")
     return 0
