@@ -7,8 +7,8 @@
 Targets: frame (whole frames through PacketDecoder, every link type), batch (a libpcap
 batch of Ethernet frames, and of the same as Linux cooked v1 and v2 frames and as bare IP,
 through the buffer fast path, which must give exactly what decoding each frame gives, and as
-Ethernet and Linux cooked v1 again with flows shunted (capture.shunt): the same records,
-and a valid filter program), capture (pcap/pcapng files), prefiltered (a capture file
+each of these again with flows shunted (capture.shunt): the same records, and a valid
+filter program), capture (pcap/pcapng files), prefiltered (a capture file
 read through libpcap with the sensor's filter, by iteration and by batches, which must give
 the Python reader's filtered frames, timestamps and interfaces), pipeline (a capture file through
 every stage: decoder, detector, tracker, ECS and JSON alerts, inventory snapshots), dns,

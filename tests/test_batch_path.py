@@ -204,7 +204,7 @@ LAID_OUT = [(LINKTYPE_LINUX_SLL2, _cooked_v2), (LINKTYPE_RAW, _bare), (LINKTYPE_
 @pytest.mark.parametrize("linktype,rewrite", LAID_OUT, ids=["sll2", "raw", "ipv4", "ipv6"])
 def test_every_sample_capture_frame_in_order_laid_out_as_ethernet(linktype, rewrite):
     """Linux cooked v2 and bare IP batches are copied out behind pseudo Ethernet headers
-    (_ethernet_layout) and read by the same loop: what it settles is what decoding each
+    (_cooked_as_ethernet, _bare_ip_as_ethernet) and read by the same loop: what it settles is what decoding each
     frame as captured settles, frames it hands over are the captured ones (the records'
     source addresses come from the SLL2 header), and most are settled on the buffer.  On
     the IPv4 and IPv6 link types, that family's packets."""

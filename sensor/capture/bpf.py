@@ -80,6 +80,7 @@ import threading
 import time
 from typing import NamedTuple
 
+from ..decode.link import COOKED_HEADERS
 from ..decode.tunnels import (ERSPAN_II_GRE, ERSPAN_III_FRAME_TYPE_BITS, ERSPAN_III_GRE, ERSPAN_III_HEADER,
                               ERSPAN_III_SUBHEADER_BIT, GENEVE_PORT, VXLAN_PORT, VXLAN_PORT_BYTES)
 from ..records import BATCH_RECORD
@@ -294,9 +295,9 @@ _ETHERNET = _tagged_link(12, 14)
 # and the kernel then drops every packet that reaches it: an index's constant must come
 # first (``ether[N + doff]``, which keeps N in the load), as _fixed_tcp writes them.
 DLT_LINUX_SLL, DLT_LINUX_SLL2 = 113, 276
-_COOKED = {DLT_LINUX_SLL: (14, 16), DLT_LINUX_SLL2: (0, 20)}
+_COOKED = COOKED_HEADERS  # (type field, network header) offsets, by link type
 # The link types (as capture files name them) whose batches the decoder's batch loop reads
-# as Ethernet, in place or laid out so (decode.packet._ethernet_layout), with where their
+# as Ethernet (decode.packet._cooked_as_ethernet, _bare_ip_as_ethernet), with where their
 # frames hold their type and network header: the ones capture.shunt can shunt.  Bare IP
 # (raw, and IPv4 or IPv6 alone) is told by its version.
 _BARE_IP = FrameLayout(None, 0)
@@ -764,8 +765,8 @@ class PrefilteredCapture:
         self._reader: threading.Thread | None = None
         self._stop_reader = threading.Event()
         self.read_ahead: ReadAhead | None = None
-        # Flows the decoder shunts (capture.shunt), for an Ethernet or Linux cooked capture
-        # libpcap reads.
+        # Flows the decoder shunts (capture.shunt), for a capture libpcap reads whose link
+        # type is in SHUNTED_LINKTYPES.
         self.shunts: ShuntTable | None = None
         self._filter_slot = None
         self._capture = None

@@ -131,9 +131,9 @@ _WORD = struct.Struct("=I")
 
 def _entry_block(key: bytes, seq: int) -> tuple[int, bytes, int]:
     """The port word, the position-independent test of one flow and ``seq``: with the port
-    word in A and the frame's tag length in X, drop the frame if it is this flow's, carries
-    no SYN, FIN or RST and its sequence number lies in the SEQ_WINDOW bytes from ``seq``;
-    otherwise reload the port word and fall through to the next test."""
+    word in A and the network header's offset in X, drop the frame if it is this flow's,
+    carries no SYN, FIN or RST and its sequence number lies in the SEQ_WINDOW bytes from
+    ``seq``; otherwise reload the port word and fall through to the next test."""
     words_of, template, places = _TEMPLATES[len(key)]
     words = (*words_of.unpack(key), seq & 0xFFFFFFFF)
     block = bytearray(template)
@@ -237,15 +237,7 @@ def _tests(layout: FrameLayout) -> bytes:
         _insn(_JEQ, 0x0800, 0, 8),                        # 7: to 16
         *_ipv4_tests(8, _OUT, _OUT),                      # 8-15
         _insn(_JEQ, 0x86DD, 0, _OUT - 17),                # 16
-        _insn(_LD_LEN),                                   # 17
-        _insn(_SUB_X),                                    # 18
-        _insn(_JGE, MIN_IPV6_PACKET, 0, _OUT - 20),       # 19
-        _insn(_LDB_IND, 6),                               # 20
-        _insn(_JEQ, 6, 0, _OUT - 22),                     # 21
-        _insn(_LDB_IND, 0),                               # 22
-        _insn(_AND_K, 0xF0),                              # 23
-        _insn(_JEQ, 0x60, 0, _OUT - 25),                  # 24
-        _insn(_LD_IND, IPV6_PORTS),                       # 25
+        *_ipv6_tests(17, _OUT),                           # 17-25
     ])
 
 
@@ -266,22 +258,33 @@ def _ipv4_tests(at: int, out: int, otherwise: int) -> list[bytes]:
     ]
 
 
+def _ipv6_tests(at: int, out: int) -> list[bytes]:
+    """Nine instructions from ``at``, the network header's offset in X: an IPv6 packet long
+    enough for the tests whose next header is TCP gets its port word loaded in A and falls
+    through (to the jump to the IPv6 search); any other packet goes ``out``."""
+    return [
+        _insn(_LD_LEN),
+        _insn(_SUB_X),
+        _insn(_JGE, MIN_IPV6_PACKET, 0, out - (at + 3)),
+        _insn(_LDB_IND, 6),
+        _insn(_JEQ, 6, 0, out - (at + 5)),
+        _insn(_LDB_IND, 0),
+        _insn(_AND_K, 0xF0),
+        _insn(_JEQ, 0x60, 0, out - (at + 8)),
+        _insn(_LD_IND, IPV6_PORTS),
+    ]
+
+
 def _ip_tests() -> bytes:
     """_tests for bare IP frames (raw IP, tun and WireGuard interfaces), told apart by their
-    version: the network header at 0 (in X), the way out at 19."""
-    out = 19
+    version: the network header at 0 (in X), the way out at 21."""
+    out = 21
     return b"".join([
         _insn(_LD_LEN),                                   # 0
         _insn(_JGE, MIN_PACKET, 0, out - 2),              # 1
         _insn(_LDX_IMM, 0),                               # 2
         *_ipv4_tests(3, out, 11),                         # 3-10, to 11 if not IPv4
-        _insn(_AND_K, 0xF0),                              # 11
-        _insn(_JEQ, 0x60, 0, out - 13),                   # 12
-        _insn(_LD_LEN),                                   # 13
-        _insn(_JGE, MIN_IPV6_PACKET, 0, out - 15),        # 14
-        _insn(_LDB_IND, 6),                               # 15
-        _insn(_JEQ, 6, 0, out - 17),                      # 16
-        _insn(_LD_IND, IPV6_PORTS),                       # 17
+        *_ipv6_tests(11, out),                            # 11-19
     ])
 
 # The tests and the way out; and the most one flow can add: an IPv6 flow's test, its share

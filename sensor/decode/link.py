@@ -126,16 +126,21 @@ def _raw_ip(data: bytes, off: int):
     raise DecodeError("raw_bad_version")
 
 
+# Linux cooked headers: SLL's ends with its type field, SLL2's opens with it; the network
+# header follows.  By link type, where the type field stands and the network header starts
+# (capture.bpf's filter and the decoder's batch loop read them so).
+SLL_HEADER = 16
+SLL2_HEADER = 20
+COOKED_HEADERS = {LINKTYPE_LINUX_SLL: (SLL_HEADER - 2, SLL_HEADER), LINKTYPE_LINUX_SLL2: (0, SLL2_HEADER)}
+
+
 def linux_sll(data: bytes, off: int):
-    if len(data) < off + 16:
+    if len(data) < off + SLL_HEADER:
         raise DecodeError("sll_truncated")
     halen = _u16(data, off + 4)[0]
     src = data[off + 6:off + 12] if halen == 6 else None
-    etype, off, vlans = _behind_type(data, _u16(data, off + 14)[0], off + 16)
+    etype, off, vlans = _behind_type(data, _u16(data, off + SLL_HEADER - 2)[0], off + SLL_HEADER)
     return etype, off, src, None, vlans
-
-
-SLL2_HEADER = 20  # Linux cooked v2: the type field opens it, the network header follows
 
 
 def linux_sll2(data: bytes, off: int):
