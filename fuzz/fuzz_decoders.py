@@ -97,12 +97,13 @@ def _split_frames(data: bytes) -> list[bytes]:
 
 def _outcome(decoder, records) -> tuple:
     """As tests/test_batch_path.py compares them: records, counters, the stream table with
-    what decides how each stream's later segments are read."""
+    what decides how each stream's later segments are read, the QUIC Initial table."""
     s = decoder.stats
     streams = sorted((key, st.kind, st.items, st.consumed, bytes(st.buf), sorted(st.pending))
                      for key, st in decoder.streams.streams.items())
+    quic = [(key, conn.done, bytes(conn.prefix)) for key, conn in decoder.quic.connections.items()]
     return ([repr(r) for r in records], s.packets, s.decoded, dict(s.malformed), dict(s.capture_loss),
-            sorted(decoder.streams.bypass), streams)
+            sorted(decoder.streams.bypass), streams, quic)
 
 
 def one_batch(data: bytes) -> None:
@@ -304,6 +305,26 @@ def _upload_frames() -> list[bytes]:
             frame("PA", 1001 + 20000, b"x" * 200)]
 
 
+def _http3_frames() -> list[bytes]:
+    """Client Initials naming no watched host, which the batch path settles on the buffer:
+    a ClientHello in one datagram, and a post-quantum one over two."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+
+    sys.path.insert(0, str(ROOT / "pcaps"))
+    from make_quic_samples import QUIC_V1, client_hello, client_initial, crypto_frame
+
+    def frame(port: int, datagram: bytes) -> bytes:
+        return bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+                     / IP(src="10.0.0.1", dst="198.51.100.8") / UDP(sport=port, dport=443) / datagram)
+
+    whole = client_hello("www.example.org", "fuzz", post_quantum=False)
+    large = client_hello("cdn.example.net", "fuzz", post_quantum=True)
+    return [frame(50001, client_initial(QUIC_V1, b"\x01" * 8, b"", 0, crypto_frame(0, whole))),
+            frame(50002, client_initial(QUIC_V1, b"\x02" * 8, b"", 0, crypto_frame(0, large[:1000]))),
+            frame(50002, client_initial(QUIC_V1, b"\x02" * 8, b"", 1, crypto_frame(1000, large[1000:])))]
+
+
 def seeds(target: str) -> list[bytes]:
     """Inputs for ``target`` taken from the sample captures (dpkt is fine off the hot path)."""
     import dpkt
@@ -330,6 +351,7 @@ def seeds(target: str) -> list[bytes]:
             for start in range(0, len(ethernet), 8):
                 out.append(b"".join(len(f).to_bytes(2, "big") + f for f in ethernet[start:start + 8]))
             out.append(b"".join(len(f).to_bytes(2, "big") + f for f in _upload_frames()))
+            out.append(b"".join(len(f).to_bytes(2, "big") + f for f in _http3_frames()))
             continue
         for _, linktype, frame, _, _ in frames:
             if target == "frame":

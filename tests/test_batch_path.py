@@ -72,12 +72,14 @@ def _batch(frames) -> tuple[bytes, bytes]:
 
 def _outcome(decoder: PacketDecoder, records: list) -> tuple:
     """Records, counters and the stream table, each stream with what decides how its later
-    segments are read (kind, requests handed out, bytes consumed and buffered)."""
+    segments are read (kind, requests handed out, bytes consumed and buffered), and the
+    QUIC Initial table's connections in their order."""
     s = decoder.stats
     streams = sorted((key, st.kind, st.items, st.consumed, bytes(st.buf), sorted(st.pending))
                      for key, st in decoder.streams.streams.items())
+    quic = [(key, conn.done, bytes(conn.prefix)) for key, conn in decoder.quic.connections.items()]
     return ([repr(r) for r in records], s.packets, s.bytes, s.decoded, dict(s.malformed),
-            dict(s.capture_loss), sorted(decoder.streams.bypass), streams)
+            dict(s.capture_loss), sorted(decoder.streams.bypass), streams, quic)
 
 
 def _one_by_one(frames, linktype: int = LINKTYPE_ETHERNET, answered: frozenset = frozenset()) -> tuple:
@@ -402,6 +404,78 @@ def test_what_the_fast_path_keeps_from_the_full_decoder(network, tagged, server_
     assert decoder.stats.packets == len(frames) - len(kept)
     assert sorted(decoder.streams.bypass) == [], "the FINs closed the settled streams"
     assert decoder.stats.decoded == len(frames)
+
+
+def _quic_frames(network, tagged: bool, server: str | None = None) -> dict[str, bytes]:
+    """Client Initials of six HTTP/3 connections, each on a DCID of its own: a whole
+    ClientHello naming nothing watched and its retransmission, one naming a Kaspersky host,
+    an Initial holding only a PING, and post-quantum hellos over two datagrams naming
+    nothing watched and a Kaspersky host."""
+    quic_samples = _quic_samples()
+    client, default_server = (("192.0.2.10", "198.51.100.20") if network is IP
+                              else ("2001:db8::10", "2001:db8:1::20"))
+    link = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    if tagged:
+        link = link / Dot1Q(vlan=30)
+    up = link / network(src=client, dst=server or default_server)
+
+    def initial(frames: bytes, dcid: bytes, pn: int = 0) -> bytes:
+        return quic_samples.client_initial(quic_samples.QUIC_V1, dcid, b"", pn, frames)
+
+    def hello(name: str, post_quantum: bool = False) -> bytes:
+        return quic_samples.client_hello(name, "batch", post_quantum=post_quantum)
+
+    ordinary = quic_samples.crypto_frame(0, hello("www.example.org"))
+    large = hello("www.example.org", post_quantum=True)
+    watched_large = hello("dnl-03.geo.kaspersky.com", post_quantum=True)
+    datagrams = {  # name: (client port, datagram)
+        "ordinary": (50001, initial(ordinary, b"\x01" * 8)),
+        "ordinary_again": (50001, initial(ordinary, b"\x01" * 8, pn=1)),
+        "watched": (50002, initial(quic_samples.crypto_frame(0, hello("s07.upd.kaspersky.com")), b"\x02" * 8)),
+        "large0": (50003, initial(quic_samples.crypto_frame(0, large[:1000]), b"\x03" * 8)),
+        "large1": (50003, initial(quic_samples.crypto_frame(1000, large[1000:]), b"\x03" * 8, pn=1)),
+        "ping": (50004, initial(b"\x01", b"\x04" * 8)),
+        "watched_large0": (50005, initial(quic_samples.crypto_frame(0, watched_large[:1000]), b"\x05" * 8)),
+        "watched_large1": (50005, initial(quic_samples.crypto_frame(1000, watched_large[1000:]), b"\x05" * 8,
+                                          pn=1)),
+    }
+    return {name: bytes(up / UDP(sport=port, dport=443) / datagram)
+            for name, (port, datagram) in datagrams.items()}
+
+
+def _quic_samples():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_quic_samples", ROOT / "pcaps" / "make_quic_samples.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("make_quic_samples", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("tagged", [False, True], ids=["untagged", "vlan"])
+@pytest.mark.parametrize("network", [IP, IPv6], ids=["ipv4", "ipv6"])
+def test_what_the_fast_path_keeps_of_quic_initials(network, tagged):
+    """A client Initial is decrypted on the buffer.  A ClientHello naming nothing watched
+    is settled there, whole or over two datagrams (the first held in the Initial table), as
+    are a retransmission and an Initial with no CRYPTO frame; only the datagram that
+    completes a hello that may name a Kaspersky host reaches the full decoder.  Towards an
+    address a Kaspersky name resolved to, every Initial goes to the full decoder."""
+    frames = _quic_frames(network, tagged)
+    decoder, yielded, records = _through_the_fast_path(frames)
+    assert yielded == ["watched", "watched_large1"]
+    assert [r.server_name.text for r in records if isinstance(r, ClientHello)] == [
+        "s07.upd.kaspersky.com", "dnl-03.geo.kaspersky.com"]
+    assert decoder.stats.decoded == len(frames)
+    assert [conn.done for conn in decoder.quic.connections.values()] == [True] * 4
+    stamped = _one_ms_apart(frames)
+    assert _batched(stamped) == _one_by_one(stamped)
+    server = "198.51.100.7" if network is IP else "2001:db8::7"
+    answered = frozenset([socket.inet_pton(socket.AF_INET if network is IP else socket.AF_INET6, server)])
+    towards = _one_ms_apart(_quic_frames(network, tagged, server))
+    outcome = _batched(towards, answered=answered)
+    assert outcome == _one_by_one(towards, answered=answered)
+    assert sum(record.startswith("FlowStart") for record in outcome[0]) == 5, "one per connection"
 
 
 @LEADS

@@ -505,6 +505,107 @@ def test_random_plaintext_in_valid_encryption_only_raises_decode_error(frames, p
     _feed_quietly(table, initial(samples.crypto_frame(0, b"\x01\x00\x01\x00") + frames, pn=pn + 1))
 
 
+# -- settling in the batch path --------------------------------------------------------------
+
+def _may_name_kaspersky(message: bytes) -> bool:
+    """A stand-in for decode.packet.Interest.hello_may_match."""
+    return b"kaspersky" in message
+
+
+def _split_initials(message: bytes, cut: int, dcid: bytes) -> list[bytes]:
+    return [initial(samples.crypto_frame(0, message[:cut]), pn=0, dcid=dcid),
+            initial(samples.crypto_frame(cut, message[cut:]), pn=1, dcid=dcid)]
+
+
+_ORDINARY = hello_message("www.example.org", post_quantum=False)
+_WATCHED = hello_message("s07.upd.kaspersky.com", post_quantum=False)
+# Client datagrams of several connections, each on its own DCID.
+_DATAGRAMS = [
+    initial(samples.crypto_frame(0, _ORDINARY), dcid=b"\x01" * 8),
+    initial(samples.crypto_frame(0, _ORDINARY), pn=1, dcid=b"\x01" * 8),  # a retransmission
+    initial(samples.crypto_frame(0, _WATCHED), dcid=b"\x02" * 8),
+    *_split_initials(hello_message("www.example.org"), 1000, b"\x03" * 8),
+    *[d for d, reply in samples.v1_datagrams() if not reply],
+    initial(samples.crypto_frame(200, _ORDINARY[200:]) + b"\x01" + samples.crypto_frame(0, _ORDINARY[:200]),
+            dcid=b"\x04" * 8),
+    # The first CRYPTO frame's bytes win where two overlap, in ``feed`` as here.
+    initial(samples.crypto_frame(0, _ORDINARY[:80]) + samples.crypto_frame(0, _WATCHED), dcid=b"\x05" * 8),
+    initial(samples.crypto_frame(0, _WATCHED[:80]) + samples.crypto_frame(0, _ORDINARY), dcid=b"\x06" * 8),
+    initial(b"\x01", dcid=b"\x07" * 8),  # PING only
+    initial(samples.crypto_frame(0, _ORDINARY), dcid=b"\x08" * 4),  # short DCID: not a client's first
+    initial(samples.crypto_frame(0, b"\x02\x00\x00\x10" + bytes(16)), dcid=b"\x09" * 8),
+    initial(samples.crypto_frame(0, _ORDINARY[:300]), dcid=b"\x01" * 8),  # a hello begun again
+    initial(samples.crypto_frame(70_000, b"ab"), pn=2, dcid=b"\x03" * 8),  # past the cap
+    initial(b"".join(samples.crypto_frame(2000 + 3 * n, b"ab") for n in range(70)), pn=3,
+            dcid=b"\x03" * 8),  # too many pieces
+    *[datagram for _, datagram, reason in samples.malformed_cases() if reason is not None][:4],
+]
+
+
+def _table_state(table: QuicInitialTable) -> tuple:
+    return ([(key, conn.done, bytes(conn.prefix), dict(conn.pending), conn.last)
+             for key, conn in table.connections.items()],
+            table.total_bytes, list(table.keys), dict(table.stats.evictions),
+            dict(table.stats.table_sizes), dict(table.stats.malformed))
+
+
+def _fed(table: QuicInitialTable, datagram: bytes, context: PacketContext) -> str | None:
+    """``feed``, its error counted as PacketDecoder.decode counts it."""
+    try:
+        hello = table.feed(datagram, context, _may_name_kaspersky)
+    except DecodeError as err:
+        table.stats.bad(err.reason)
+        return None
+    return None if hello is None else hello.server_name.text
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, len(_DATAGRAMS) - 1), st.sampled_from(["192.168.10.23", "10.0.0.9"])),
+                min_size=1, max_size=14), st.integers(2, 6), st.sampled_from([1500, 2500, 1 << 20]))
+def test_settling_initials_leaves_what_feeding_them_leaves(arrivals, max_connections, max_total_bytes):
+    """The batch path settles what it can (QuicInitialTable.settle_initial) and feeds the
+    rest: hellos, malformed counters and the table (connections, their bytes and order,
+    evictions, key cache) come out as when every datagram is fed, within tight bounds too."""
+    fed, settled = (QuicInitialTable(Stats(), max_connections=max_connections,
+                                     max_total_bytes=max_total_bytes) for _ in range(2))
+    for n, (index, src) in enumerate(arrivals):
+        datagram, context = _DATAGRAMS[index], ctx(ts=1.0 + n, src=src)
+        expected = _fed(fed, datagram, context)
+        key = (context.src_ip, context.src_port, context.dst_ip, context.dst_port)
+        if settled.settle_initial(datagram, key, context.ts, _may_name_kaspersky):
+            assert expected is None
+        else:
+            assert _fed(settled, datagram, context) == expected
+        assert _table_state(settled) == _table_state(fed)
+
+
+def test_what_settling_takes_and_what_it_leaves_to_feed():
+    table = QuicInitialTable(Stats())
+    key = ("192.168.10.23", 51234, "198.51.100.7", 443)
+    assert table.settle_initial(_DATAGRAMS[0], key, 1.0, _may_name_kaspersky)
+    assert [conn.done for conn in table.connections.values()] == [True]
+    assert table.settle_initial(_DATAGRAMS[1], key, 2.0, _may_name_kaspersky)
+    assert not table.settle_initial(_DATAGRAMS[2], key, 3.0, _may_name_kaspersky)
+    assert len(table.connections) == 1, "a hello the screen lets through leaves no trace"
+    first, second = _split_initials(hello_message("www.example.org"), 1000, b"\x03" * 8)
+    assert table.settle_initial(first, key, 4.0, _may_name_kaspersky), "held, as feed holds it"
+    assert table.total_bytes == 1000
+    assert table.settle_initial(second, key, 5.0, _may_name_kaspersky), "completed and ruled out"
+    assert table.total_bytes == 0
+    first, second = _split_initials(hello_message("s07.upd.kaspersky.com"), 1000, b"\x0a" * 8)
+    assert table.settle_initial(first, key, 6.0, _may_name_kaspersky)
+    assert not table.settle_initial(second, key, 7.0, _may_name_kaspersky)
+    assert table.feed(second, ctx(ts=7.0), _may_name_kaspersky).server_name.text == "s07.upd.kaspersky.com"
+    assert table.total_bytes == 0
+    # A held hello's continuation that ``feed`` would refuse is counted as the decoder counts it.
+    first, _ = _split_initials(hello_message("www.example.org"), 1000, b"\x0b" * 8)
+    assert table.settle_initial(first, key, 8.0, _may_name_kaspersky)
+    past_the_cap = initial(samples.crypto_frame(70_000, b"ab"), pn=2, dcid=b"\x0b" * 8)
+    assert table.settle_initial(past_the_cap, key, 9.0, _may_name_kaspersky)
+    assert table.stats.malformed == {"quic_crypto_too_large": 1}
+    assert table.total_bytes == 0 and table.connections[key + (b"\x0b" * 8,)].done
+
+
 # -- generator and tshark cross-check --------------------------------------------------------
 
 @pytest.fixture(scope="module")

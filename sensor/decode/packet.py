@@ -407,6 +407,11 @@ class PacketDecoder:
           server look like a client (or there is no filter);
         * a DNS message on port 53 that the Interest's screen rules out, from a server
           reported within RESOLVER_REPORT_INTERVAL;
+        * a client's QUIC Initial towards an address and port the Interest does not watch,
+          unless it completes a ClientHello the Interest's labels may match or is malformed
+          (QuicInitialTable.settle_initial): a hello in one datagram or two is decrypted,
+          held and ruled out on the buffer, only the full decoder's context and records
+          around that work go;
         * a SYN-ACK (but DNS's), a client's SYN without Fast Open data towards a port and
           address the Interest does not watch, or a FIN/RST without payload: what ``_tcp``
           does with them (nothing; starting the stream and its capture-loss record;
@@ -446,6 +451,7 @@ class PacketDecoder:
             and interest.text_labels is not None else None
         settle_request = self.streams.settle_request
         loss_syn = loss.syn
+        settle_initial = self.quic.settle_initial if hello_may_match is not None else None
         yielded = yielded_bytes = 0
         next_expiry = self._next_expiry
         # Whole seconds before the next expiry: a frame stamped earlier needs no float time.
@@ -656,6 +662,18 @@ class PacketDecoder:
                         # Nothing ``_udp`` reads: media, QUIC's short headers and a server's
                         # long ones.  The capture filter drops these; inside a tunnel they come.
                         continue
+                    elif settle_initial is not None and dport != GENEVE_PORT \
+                            and sport not in _UDP_READ_PORTS and dport not in _UDP_READ_PORTS \
+                            and not wants_flow("udp", dport, buf[l4 - width:l4]):
+                        # A client's QUIC long header towards an address and port the Interest
+                        # does not watch: ``_udp`` would only feed the Initial table, which
+                        # takes it here unless a hello may match.
+                        family = AF_INET if width == 4 else AF_INET6
+                        if settle_initial(buf[l4 + 8:ip_end],
+                                          (inet_ntop(family, buf[l4 - 2 * width:l4 - width]), sport,
+                                           inet_ntop(family, buf[l4 - width:l4]), dport),
+                                          (sec * units + fraction) / units, hello_may_match):
+                            continue
             if outer is not None and off in outer:
                 off, caplen = outer[off]
                 end = off + caplen

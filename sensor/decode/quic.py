@@ -405,6 +405,62 @@ class QuicInitialTable:
             return None
         return tls.parse_client_hello_message(message, ctx, "quic")
 
+    def settle_initial(self, payload: bytes, key: tuple, ts: float, screen) -> bool:
+        """``feed`` for the batch path (decode.packet.ethernet_batch), which builds no
+        context: True when ``feed`` would give nothing for this datagram, with the table and
+        the malformed counters left as ``feed`` and the decoder leave them; False, with
+        nothing changed that ``feed`` does not change again, when ``feed`` must take it: a
+        hello ``screen`` lets through, or a header or a new connection's frames it would
+        count as malformed.  Most HTTP/3 connections are settled here whole: a ClientHello
+        in one datagram or two (post-quantum key shares), its retransmissions, Initials
+        without CRYPTO frames.  ``key`` is ``feed``'s connection key without the DCID."""
+        try:
+            version, dcid, pn_offset, packet_end = parse_initial_header(payload)
+        except DecodeError:
+            return False
+        if len(dcid) < MIN_CLIENT_DCID_LEN:
+            return True
+        key += (dcid,)
+        conn = self.connections.pop(key, None)
+        if conn is not None:
+            self.connections[key] = conn
+            conn.last = ts
+            if conn.done:
+                return True
+        try:
+            pieces = crypto_frames(decrypt_initial(payload, pn_offset, packet_end,
+                                                   self._keys(version, dcid)))
+        except DecodeError:
+            return False
+        fresh = conn is None
+        if fresh:
+            if not pieces:
+                return True
+            conn = _Connection(ts)  # in the table only once nothing here can fail
+        before = conn.size
+        try:
+            message = self._reassemble(conn, pieces)
+        except DecodeError as err:
+            if fresh:
+                return False
+            self._finish(conn, before)
+            self.stats.bad(err.reason)
+            return True
+        if fresh:
+            if message is not None and screen(message):
+                return False
+            self._open(key, ts, conn)
+        self.total_bytes += conn.size - before
+        if message is None:
+            self._enforce_budget(key)
+            return True
+        if screen(message):
+            # ``feed`` finds the whole hello again (its pieces are duplicates now), finishes
+            # the connection and parses it.
+            return False
+        self._finish(conn, conn.size)
+        return True
+
     def expire(self, now: float) -> None:
         """Drop connections idle for longer than ``idle_timeout``; those whose ClientHello
         never completed are counted."""
@@ -430,11 +486,11 @@ class QuicInitialTable:
             keys = self.keys[cache_key] = InitialKeys(dcid, version)
         return keys
 
-    def _open(self, key: tuple, ts: float) -> _Connection:
+    def _open(self, key: tuple, ts: float, conn: _Connection | None = None) -> _Connection:
         connections = self.connections
         if len(connections) >= self.max_connections:
             self._evict_oldest()
-        conn = connections[key] = _Connection(ts)
+        conn = connections[key] = conn or _Connection(ts)
         self.stats.table_sizes["quic_initial"] = len(connections)
         return conn
 
