@@ -217,3 +217,110 @@ def test_compiled_filters_are_shared_by_link_type_and_bounded(tmp_path, monkeypa
     theirs = {(c, f): frames(c, f) for f in filters for c in captures}
     assert ours == theirs
     assert any(ours.values()) and len({len(v) for v in ours.values()}) > 2
+
+
+def _filtered(capture: str, expression: str) -> list:
+    """The frames libpcap passes through ``expression`` set by set_filter."""
+    handle = pcapy.open_offline(capture)
+    try:
+        libpcap.set_filter(handle, expression)
+        frames = []
+        while True:
+            header, data = handle.next()
+            if header is None:
+                return frames
+            frames.append(bytes(data))
+    finally:
+        handle.close()
+
+
+def _cached_programs(directory: Path) -> list[Path]:
+    return sorted(directory.glob(libpcap.PROGRAM_PREFIX + "*"))
+
+
+@pytest.fixture
+def program_cache(tmp_path, monkeypatch):
+    """An empty cache directory of the test's own, and no program compiled in this process."""
+    directory = tmp_path / "cache"
+    directory.mkdir(mode=0o700)
+    monkeypatch.setenv("PURGE_SENSOR_CACHE_DIR", str(directory))
+    monkeypatch.setattr(libpcap, "_COMPILED", type(libpcap._COMPILED)())
+    return directory
+
+
+@requires_libpcap_calls
+def test_a_compiled_filter_is_reused_by_the_next_start(program_cache, monkeypatch):
+    """The program compiled by one start is installed by the next (a process with nothing
+    compiled) without compiling it again, and passes the same frames."""
+    capture = str(ROOT / "pcaps" / "demo.pcap")
+    expression = bpf.build_filter(None, 1)
+    compiled = _filtered(capture, expression)
+    assert len(_cached_programs(program_cache)) == 1
+    libpcap._COMPILED.clear()
+
+    def no_compiling(found, expression):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(libpcap, "_compile", no_compiling)
+    assert _filtered(capture, expression) == compiled and compiled
+
+
+@requires_libpcap_calls
+@pytest.mark.parametrize("damage", ["empty", "short", "trailing", "jump_out", "other_writable", "symlink"])
+def test_a_damaged_or_foreign_cached_program_is_compiled_again(program_cache, damage):
+    """A cached program libpcap refuses (validated as it is set: one instruction short, a
+    jump out of it), a file that is not whole instructions, or one the user does not alone
+    own is passed over: the filter is compiled and stored again, and passes the frames it
+    passes uncached."""
+    capture = str(ROOT / "pcaps" / "demo.pcap")
+    expression = bpf.build_filter(None, 1)
+    expected = _filtered(capture, expression)
+    (cached,) = _cached_programs(program_cache)
+    good = cached.read_bytes()
+    if damage == "empty":
+        cached.write_bytes(b"")
+    elif damage == "short":
+        cached.write_bytes(good[:-8])
+    elif damage == "trailing":
+        cached.write_bytes(good + b"\x00\x00\x00")
+    elif damage == "jump_out":  # ja past the end: bpf_validate refuses it
+        cached.write_bytes(struct.pack("=HBBI", 0x05, 0, 0, 1000) + good[8:])
+    elif damage == "other_writable":  # a program passing everything, writable by others
+        cached.write_bytes(struct.pack("=HBBI", 0x06, 0, 0, 262144))
+        cached.chmod(0o666)
+    else:
+        elsewhere = program_cache.parent / "elsewhere"
+        elsewhere.write_bytes(struct.pack("=HBBI", 0x06, 0, 0, 262144))
+        cached.unlink()
+        cached.symlink_to(elsewhere)
+    libpcap._COMPILED.clear()
+    assert _filtered(capture, expression) == expected
+    assert _cached_programs(program_cache) == [cached] and cached.read_bytes() == good
+    assert not cached.is_symlink() and cached.stat().st_mode & 0o077 == 0
+
+
+@requires_libpcap_calls
+def test_the_cached_program_is_named_by_all_it_was_compiled_from(program_cache, monkeypatch):
+    """Another expression, link type, snap length or libpcap version is another program."""
+    demo = (ROOT / "pcaps" / "demo.pcap").read_bytes()
+    short = program_cache.parent / "short_snap.pcap"
+    short.write_bytes(demo[:16] + struct.pack("<I", 128) + demo[20:])
+    expression = bpf.build_filter(None, 1)
+    _filtered(str(ROOT / "pcaps" / "demo.pcap"), expression)
+    _filtered(str(ROOT / "pcaps" / "demo.pcap"), expression + " and len > 60")
+    _filtered(str(ROOT / "pcaps" / "linux_sll.pcap"), bpf.build_filter(None, 113))
+    libpcap._COMPILED.clear()
+    _filtered(str(short), expression)
+    assert len(_cached_programs(program_cache)) == 4
+    libpcap._COMPILED.clear()
+    monkeypatch.setattr(libpcap._libraries().libpcap, "pcap_lib_version", lambda: b"libpcap version 0.0")
+    _filtered(str(short), expression)
+    assert len(_cached_programs(program_cache)) == 5
+
+
+@requires_libpcap_calls
+def test_without_a_cache_directory_nothing_is_written(program_cache, monkeypatch):
+    monkeypatch.setenv("PURGE_SENSOR_CACHE_DIR", "")
+    capture = str(ROOT / "pcaps" / "demo.pcap")
+    assert _filtered(capture, bpf.build_filter(None, 1))
+    assert not any(program_cache.iterdir())

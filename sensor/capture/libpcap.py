@@ -8,10 +8,13 @@ pcapy does not offer.
   little (806 MB of frames it rejects: 0.44 s before, 0.36 s after, at best of ten), and
   a tenth off a whole read's CPU time where the decoder's thread is the longer one
   (bench/run.py's mix).
-* A capture filter whose program is freed, and compiled once for many files
-  (set_filter).  pcapy-ng 2.1's ``setfilter`` never frees the program it compiles: 8-16
-  KB for every capture opened, 17 MB over 2,000 opens, which a ``read`` of a directory
-  of rotated captures would hold to the end.
+* A capture filter whose program is freed, and compiled once for many files and many
+  starts (set_filter).  pcapy-ng 2.1's ``setfilter`` never frees the program it compiles:
+  8-16 KB for every capture opened, 17 MB over 2,000 opens, which a ``read`` of a
+  directory of rotated captures would hold to the end.  libpcap's optimizer takes 8-11 ms
+  over the sensor's filter, a fiftieth of a ``read`` of the benchmark mix: the program is
+  kept in sensor.cache, keyed by libpcap's version, the link type, the snap length and
+  the expression, and libpcap validates a cached program as it installs it.
 
 pcapy hands out no ``pcap_t``: it is the first field of pcapy-ng's reader object, and is
 used only where every assumption is checked first (_savefile_pcap): glibc on Linux, a
@@ -23,11 +26,14 @@ Anywhere else pcapy's own calls do the work, as before.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import stat
 import sys
 from collections import OrderedDict
 from typing import NamedTuple
+
+from .. import cache
 
 READ_BUFFER = 256 * 1024
 # Below this size the buffer would save a thousand read calls at most: not worth 256 KiB.
@@ -37,6 +43,10 @@ _KNOWN_READER_SIZES = frozenset({104})
 _POINTER_OFFSET = 16
 _IOFBF = 0
 MAX_COMPILED = 8
+PROGRAM_FORMAT = 1
+PROGRAM_PREFIX = "bpf-"
+KEEP_PROGRAMS = 16  # cached programs: a filter per link type, and --bpf variations
+MAX_PROGRAM_BYTES = 8 << 16  # 65,536 instructions, far past any filter the sensor builds
 
 
 def _loaded_libpcap() -> str | None:
@@ -97,6 +107,8 @@ def _libraries() -> _Libraries | None:
     libpcap.pcap_snapshot.argtypes = [ctypes.c_void_p]
     libpcap.pcap_geterr.restype = ctypes.c_char_p
     libpcap.pcap_geterr.argtypes = [ctypes.c_void_p]
+    libpcap.pcap_lib_version.restype = ctypes.c_char_p
+    libpcap.pcap_lib_version.argtypes = []
     libc.fileno.argtypes = [ctypes.c_void_p]
     libc.setvbuf.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
     return _Libraries(ctypes, libpcap, libc, BpfProgram)
@@ -146,13 +158,12 @@ def widen_read_buffer(handle, size: int = READ_BUFFER):
     return buffer
 
 
-# The last MAX_COMPILED programs compiled, by expression and link type: a ``read`` of a
-# directory of rotated captures compiles its filter once instead of once a file (9-25 ms
-# each).  libpcap copies a program into the handle it is set on, and judges a savefile's
+# The last MAX_COMPILED programs (their instructions), by expression and link type: a
+# ``read`` of a directory of rotated captures sets its filter once a file, and compiles it
+# once.  libpcap copies a program into the handle it is set on, and judges a savefile's
 # packet by whether the program accepts it, not by the length it returns (which holds the
-# first file's snap length), so one program serves every file of that link type.  A
-# program dropped from the table is freed.
-_COMPILED: OrderedDict[tuple[str, int], object] = OrderedDict()
+# first file's snap length), so one program serves every file of that link type.
+_COMPILED: OrderedDict[tuple[str, int], bytes] = OrderedDict()
 
 
 def _libpcap_error(found: _Savefile):
@@ -163,28 +174,63 @@ def _libpcap_error(found: _Savefile):
 
 def set_filter(handle, expression: str) -> None:
     """``handle.setfilter(expression)``, by libpcap's own calls where _savefile_pcap allows,
-    with the program compiled once for every capture of the link type (_COMPILED), else by
-    pcapy's.  Raises pcapy.PcapError with libpcap's message, as pcapy does, when the
-    expression does not compile.  Capture files are opened one at a time, on one thread."""
+    with the program compiled once (_COMPILED, sensor.cache), else by pcapy's.  Raises
+    pcapy.PcapError with libpcap's message, as pcapy does, when the expression does not
+    compile.  Capture files are opened one at a time, on one thread."""
     found = _savefile_pcap(handle)
     if found is None:
         handle.setfilter(expression)
         return
-    ctypes, libpcap = found.libraries.ctypes, found.libraries.libpcap
     key = (expression, handle.datalink())
-    program = _COMPILED.get(key)
-    if program is None:
-        program = found.libraries.program()
-        # With the netmask pcapy gives a savefile's reader (0.0.0.0), as its setfilter does.
-        if libpcap.pcap_compile(found.pcap, ctypes.byref(program), expression.encode(), 1, 0) != 0:
-            raise _libpcap_error(found)
-        _COMPILED[key] = program
-        if len(_COMPILED) > MAX_COMPILED:
-            libpcap.pcap_freecode(ctypes.byref(_COMPILED.popitem(last=False)[1]))
-    else:
+    code = _COMPILED.get(key)
+    if code is not None:
         _COMPILED.move_to_end(key)
-    if libpcap.pcap_setfilter(found.pcap, ctypes.byref(program)) != 0:
+        if not _install(found, code):
+            raise _libpcap_error(found)
+        return
+    name = _program_name(found, expression, key[1])
+    code = cache.read(name, MAX_PROGRAM_BYTES)
+    if not code or len(code) % 8 or not _install(found, code):
+        code = _compile(found, expression)
+        if not _install(found, code):
+            raise _libpcap_error(found)
+        cache.write(PROGRAM_PREFIX, name, code, KEEP_PROGRAMS)
+    _COMPILED[key] = code
+    if len(_COMPILED) > MAX_COMPILED:
+        _COMPILED.popitem(last=False)
+
+
+def _program_name(found: _Savefile, expression: str, linktype: int) -> str:
+    libpcap = found.libraries.libpcap
+    digest = hashlib.sha256(b"%d\0%s\0%d\0%d\0" % (
+        PROGRAM_FORMAT, libpcap.pcap_lib_version(), linktype, libpcap.pcap_snapshot(found.pcap)))
+    digest.update(expression.encode())
+    return PROGRAM_PREFIX + digest.hexdigest()
+
+
+def _compile(found: _Savefile, expression: str) -> bytes:
+    """The instructions libpcap compiles ``expression`` to for this savefile, optimized and
+    with the netmask pcapy gives a savefile's reader (0.0.0.0), as its setfilter does."""
+    ctypes, libpcap = found.libraries.ctypes, found.libraries.libpcap
+    program = found.libraries.program()
+    if libpcap.pcap_compile(found.pcap, ctypes.byref(program), expression.encode(), 1, 0) != 0:
         raise _libpcap_error(found)
+    try:
+        return ctypes.string_at(program.bf_insns, program.bf_len * 8)
+    finally:
+        libpcap.pcap_freecode(ctypes.byref(program))
+
+
+def _install(found: _Savefile, code: bytes) -> bool:
+    """Filter the savefile's packets read from now on with ``code`` (instructions); False,
+    with the filter unchanged, when libpcap refuses the program.  libpcap validates and
+    copies it."""
+    ctypes, libraries = found.libraries.ctypes, found.libraries
+    instructions = ctypes.create_string_buffer(code, len(code))
+    program = libraries.program()
+    program.bf_len = len(code) // 8
+    program.bf_insns = ctypes.addressof(instructions)
+    return libraries.libpcap.pcap_setfilter(found.pcap, ctypes.byref(program)) == 0
 
 
 class FilterSlot:
@@ -196,14 +242,8 @@ class FilterSlot:
         self.main = main
 
     def install(self, code: bytes) -> bool:
-        """Filter the packets read from now on with ``code`` (instructions); False, with
-        the filter unchanged, when libpcap refuses the program.  libpcap copies it."""
-        ctypes, libraries = self._found.libraries.ctypes, self._found.libraries
-        instructions = ctypes.create_string_buffer(code, len(code))
-        program = libraries.program()
-        program.bf_len = len(code) // 8
-        program.bf_insns = ctypes.addressof(instructions)
-        return libraries.libpcap.pcap_setfilter(self._found.pcap, ctypes.byref(program)) == 0
+        """Filter the packets read from now on with ``code`` (see _install)."""
+        return _install(self._found, code)
 
 
 def filter_slot(handle, expression: str, min_snaplen: int) -> FilterSlot | None:
@@ -212,8 +252,7 @@ def filter_slot(handle, expression: str, min_snaplen: int) -> FilterSlot | None:
     found = _savefile_pcap(handle)
     if found is None:
         return None
-    program = _COMPILED.get((expression, handle.datalink()))
-    if program is None or found.libraries.libpcap.pcap_snapshot(found.pcap) < min_snaplen:
+    code = _COMPILED.get((expression, handle.datalink()))
+    if code is None or found.libraries.libpcap.pcap_snapshot(found.pcap) < min_snaplen:
         return None
-    ctypes = found.libraries.ctypes
-    return FilterSlot(found, ctypes.string_at(program.bf_insns, program.bf_len * 8))
+    return FilterSlot(found, code)

@@ -10,9 +10,8 @@ The key is a SHA-256 over the cache format, the package version, the source of t
 file added to a directory or a changed validation misses.  Only sets that loaded without a
 problem are stored, so every error is still reported from the files themselves.
 
-A cache is only as trustworthy as whoever can write it: a directory or file that is not the
-user's own, or that group or others may write, is neither read nor written, and a document
-of the wrong shape is ignored (and replaced by the next store).
+The files are kept as sensor.cache keeps them (the user's own alone); a document of the
+wrong shape is ignored (and replaced by the next store).
 """
 
 from __future__ import annotations
@@ -24,11 +23,11 @@ from dataclasses import fields
 
 import orjson
 
-from .. import __version__
+from .. import __version__, cache
+from ..cache import ENV_DIR, cache_dir  # noqa: F401 - where the cache is, for callers
 from ..records import Signature
 from .matcher import SignatureSet
 
-ENV_DIR = "PURGE_SENSOR_CACHE_DIR"
 FORMAT = 1
 MAX_DOCUMENT_BYTES = 64 << 20
 KEEP = 8  # cached sets per directory: sensors with different signature sets may share one
@@ -36,16 +35,6 @@ _LOADER_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "signa
 _FIELD_TYPES = {field.name: (int if field.name == "line" else str) for field in fields(Signature)}
 _PREFIX = "signatures-"
 _SUFFIX = ".json"
-
-
-def cache_dir() -> str | None:
-    """``$PURGE_SENSOR_CACHE_DIR`` (empty: no cache), else ``$XDG_CACHE_HOME/purge-sensor``,
-    else ``~/.cache/purge-sensor``."""
-    configured = os.environ.get(ENV_DIR)
-    if configured is not None:
-        return configured or None
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "purge-sensor")
 
 
 def key_of(contents: list[tuple[str, bytes]]) -> str | None:
@@ -64,29 +53,19 @@ def key_of(contents: list[tuple[str, bytes]]) -> str | None:
     return digest.hexdigest()
 
 
-def _document(directory: str, key: str) -> str:
-    return os.path.join(directory, _PREFIX + key + _SUFFIX)
-
-
-def _own(stat: os.stat_result) -> bool:
-    return stat.st_uid == os.geteuid() and not stat.st_mode & 0o022
+def _document(key: str) -> str:
+    return _PREFIX + key + _SUFFIX
 
 
 def load(key: str | None) -> SignatureSet | None:
-    directory = cache_dir()
-    if key is None or directory is None:
+    if key is None:
+        return None
+    raw = cache.read(_document(key), MAX_DOCUMENT_BYTES)
+    if raw is None:
         return None
     try:
-        if not _own(os.stat(directory)):
-            return None
-        fd = os.open(_document(directory, key), os.O_RDONLY | os.O_NOFOLLOW)
-        with os.fdopen(fd, "rb") as handle:
-            stat = os.fstat(handle.fileno())
-            if not _own(stat) or stat.st_size > MAX_DOCUMENT_BYTES:
-                return None
-            document = orjson.loads(handle.read(MAX_DOCUMENT_BYTES + 1))
-        return _from_document(document, key)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, OverflowError, re.error,
+        return _from_document(orjson.loads(raw), key)
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError, re.error,
             RecursionError):
         return None
 
@@ -116,45 +95,10 @@ def _from_document(document, key: str) -> SignatureSet | None:
 
 def store(key: str, signatures: SignatureSet) -> None:
     """Best effort: a cache that cannot be written only costs the next start its 30 ms."""
-    directory = cache_dir()
-    if directory is None:
-        return
     document = orjson.dumps({
         "format": FORMAT, "key": key, "ruleset": signatures.ruleset,
         "version": signatures.version,
         "signatures": [{name: getattr(sig, name) for name in _FIELD_TYPES}
                        for sig in signatures.signatures],
         "path_requires": signatures.path_requires, "ports": signatures.ports})
-    temporary = os.path.join(directory, f".{_PREFIX}{key}.{os.getpid()}.tmp")
-    try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        if not _own(os.stat(directory)):
-            return
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(document)
-            os.replace(temporary, _document(directory, key))
-        except OSError:
-            os.unlink(temporary)
-            raise
-        _prune(directory)
-    except OSError:
-        return
-
-
-def _prune(directory: str) -> None:
-    """Keep the KEEP most recently stored sets."""
-    stored = []
-    for name in os.listdir(directory):
-        if name.startswith(_PREFIX) and name.endswith(_SUFFIX):
-            path = os.path.join(directory, name)
-            try:
-                stored.append((os.stat(path, follow_symlinks=False).st_mtime_ns, path))
-            except OSError:
-                continue
-    for _, path in sorted(stored, reverse=True)[KEEP:]:
-        try:
-            os.unlink(path)
-        except OSError:
-            continue
+    cache.write(_PREFIX, _document(key), document, KEEP)
