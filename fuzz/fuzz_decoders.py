@@ -260,7 +260,37 @@ def one_tls(data: bytes) -> None:
         tls.parse_client_hello_message(data, CTX, "quic")
 
 
+# The batch path's settling of client Initials against feeding them: two tables fed the
+# same datagrams, one through QuicInitialTable.settle_initial first, must stay alike.
+FED, SETTLED = (QuicInitialTable(Stats(), max_connections=16, max_total_bytes=1 << 16) for _ in range(2))
+_CONNECTION_KEY = (CTX.src_ip, CTX.src_port, CTX.dst_ip, CTX.dst_port)
+
+
+def _may_match(message: bytes) -> bool:
+    return b"kaspersky" in message
+
+
+def _fed(table: QuicInitialTable, data: bytes):
+    try:
+        hello = table.feed(data, CTX, _may_match)
+    except DecodeError as err:
+        table.stats.bad(err.reason)
+        return None
+    return None if hello is None else repr(hello)
+
+
+def _quic_table(table: QuicInitialTable) -> tuple:
+    return ([(key, conn.done, bytes(conn.prefix), dict(conn.pending)) for key, conn in table.connections.items()],
+            table.total_bytes, list(table.keys), dict(table.stats.malformed), dict(table.stats.evictions))
+
+
 def one_quic(data: bytes) -> None:
+    expected = _fed(FED, data)
+    if SETTLED.settle_initial(data, _CONNECTION_KEY, CTX.ts, _may_match):
+        assert expected is None
+    else:
+        assert _fed(SETTLED, data) == expected
+    assert _quic_table(SETTLED) == _quic_table(FED)
     QUIC.feed(data, CTX)
 
 
