@@ -378,14 +378,10 @@ class QuicInitialTable:
         if len(dcid) < MIN_CLIENT_DCID_LEN or ctx.src_port < SERVER_PORT_LIMIT <= ctx.dst_port:
             return None
         key = (ctx.src_ip, ctx.src_port, ctx.dst_ip, ctx.dst_port, dcid)
-        conn = self.connections.pop(key, None)
-        if conn is not None:
-            self.connections[key] = conn
-            conn.last = ctx.ts
-            if conn.done:
-                return None
-        frames = decrypt_initial(payload, pn_offset, packet_end, self._keys(version, dcid))
-        pieces = crypto_frames(frames)
+        conn = self._touch(key, ctx.ts)
+        if conn is not None and conn.done:
+            return None
+        pieces = self._crypto_pieces(payload, version, dcid, pn_offset, packet_end)
         if conn is None:
             if not pieces:
                 return None
@@ -421,15 +417,11 @@ class QuicInitialTable:
         if len(dcid) < MIN_CLIENT_DCID_LEN:
             return True
         key += (dcid,)
-        conn = self.connections.pop(key, None)
-        if conn is not None:
-            self.connections[key] = conn
-            conn.last = ts
-            if conn.done:
-                return True
+        conn = self._touch(key, ts)
+        if conn is not None and conn.done:
+            return True
         try:
-            pieces = crypto_frames(decrypt_initial(payload, pn_offset, packet_end,
-                                                   self._keys(version, dcid)))
+            pieces = self._crypto_pieces(payload, version, dcid, pn_offset, packet_end)
         except DecodeError:
             return False
         fresh = conn is None
@@ -476,6 +468,18 @@ class QuicInitialTable:
             if not conn.done:
                 self.stats.evictions["quic_initial_idle"] += 1
         self.stats.table_sizes["quic_initial"] = len(connections)
+
+    def _touch(self, key: tuple, ts: float) -> _Connection | None:
+        """The connection of ``key``, if any, made the most recently fed."""
+        conn = self.connections.pop(key, None)
+        if conn is not None:
+            self.connections[key] = conn
+            conn.last = ts
+        return conn
+
+    def _crypto_pieces(self, payload: bytes, version: int, dcid: bytes, pn_offset: int,
+                       packet_end: int) -> list[tuple[int, bytes]]:
+        return crypto_frames(decrypt_initial(payload, pn_offset, packet_end, self._keys(version, dcid)))
 
     def _keys(self, version: int, dcid: bytes) -> InitialKeys:
         cache_key = (version, dcid)
