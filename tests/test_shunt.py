@@ -419,7 +419,7 @@ def test_an_upload_already_under_way_when_the_capture_starts_is_shunted_too():
     for ts, frame, _ in decoder.batch(1, *_batch([(1.0 + n / 1000, f) for n, f in enumerate(frames)])):
         decoder.decode(ts, 1, frame)
     (key,) = table.flows
-    assert table.flows[key][2] == start + 8400 == start + -(-SHUNT_AFTER // 1200) * 1200
+    assert table.flows[key][2] == start + 4800 == start + -(-SHUNT_AFTER // 1200) * 1200
 
 
 def test_a_flow_counts_as_shunted_from_the_first_batch_read_without_it():

@@ -249,7 +249,10 @@ _IPV6_EXT = frozenset((0, 43, 60, 51, 135, 139, 140))
 _IPV6_FRAGMENT = 44
 _NO_RECORDS: tuple = ()
 _NO_FLOWS: dict = {}
-SHUNT_AFTER = 8 * 1024  # client bytes past a bypassed stream's start (capture.shunt)
+# Client bytes past a bypassed stream's start (capture.shunt): past what a browsing
+# connection sends (a post-quantum hello, HTTP/2's preface and a few requests: 2-4 KB), so
+# that the 128 flows the program holds are uploads, not every HTTPS connection.
+SHUNT_AFTER = 4 * 1024
 
 
 @dataclass
