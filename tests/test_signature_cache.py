@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sensor import cache as sensor_cache
 from sensor.detect import signature_cache
 from sensor.detect.signatures import SignatureError, load_signatures
 from sensor.records import DomainName
@@ -25,7 +26,7 @@ RULES = VALID.replace('version: "1"', 'version: "7"')
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
     directory = tmp_path / "cache"
-    monkeypatch.setenv(signature_cache.ENV_DIR, str(directory))
+    monkeypatch.setenv(sensor_cache.ENV_DIR, str(directory))
     return directory
 
 
@@ -199,23 +200,23 @@ def test_a_symlinked_document_is_not_followed(cache, tmp_path):
 def test_a_cache_that_cannot_be_made_costs_nothing_but_time(tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    monkeypatch.setenv(signature_cache.ENV_DIR, str(blocker / "cache"))
+    monkeypatch.setenv(sensor_cache.ENV_DIR, str(blocker / "cache"))
     path = rules_file(tmp_path)
     assert len(load_signatures([path]).signatures) == 3
     assert len(load_signatures([path]).signatures) == 3
 
 
 def test_an_empty_directory_setting_turns_the_cache_off(tmp_path, monkeypatch):
-    monkeypatch.setenv(signature_cache.ENV_DIR, "")
+    monkeypatch.setenv(sensor_cache.ENV_DIR, "")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert signature_cache.cache_dir() is None
+    assert sensor_cache.cache_dir() is None
     load_signatures([rules_file(tmp_path)])
     assert list(tmp_path.rglob("signatures-*.json")) == []
 
 
 def test_the_default_directory_follows_xdg(tmp_path, monkeypatch):
-    monkeypatch.delenv(signature_cache.ENV_DIR)
+    monkeypatch.delenv(sensor_cache.ENV_DIR)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     load_signatures([rules_file(tmp_path)])
     assert len(list((tmp_path / "xdg" / "purge-sensor").glob("signatures-*.json"))) == 1

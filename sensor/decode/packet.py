@@ -660,23 +660,23 @@ class PacketDecoder:
                             else:
                                 continue
                     elif dport != GENEVE_PORT and sport not in _UDP_READ_PORTS \
-                            and dport not in _UDP_READ_PORTS and (
-                                buf[l4 + 8] & 0xC0 != 0xC0 or sport < QUIC_SERVER_PORT_LIMIT <= dport):
-                        # Nothing ``_udp`` reads: media, QUIC's short headers and a server's
-                        # long ones.  The capture filter drops these; inside a tunnel they come.
-                        continue
-                    elif settle_initial is not None and dport != GENEVE_PORT \
-                            and sport not in _UDP_READ_PORTS and dport not in _UDP_READ_PORTS \
-                            and not wants_flow("udp", dport, buf[l4 - width:l4]):
-                        # A client's QUIC long header towards an address and port the Interest
-                        # does not watch: ``_udp`` would only feed the Initial table, which
-                        # takes it here unless a hello may match.
-                        family = AF_INET if width == 4 else AF_INET6
-                        if settle_initial(buf[l4 + 8:ip_end],
-                                          (inet_ntop(family, buf[l4 - 2 * width:l4 - width]), sport,
-                                           inet_ntop(family, buf[l4 - width:l4]), dport),
-                                          (sec * units + fraction) / units, hello_may_match):
+                            and dport not in _UDP_READ_PORTS:
+                        if buf[l4 + 8] & 0xC0 != 0xC0 or sport < QUIC_SERVER_PORT_LIMIT <= dport:
+                            # Nothing ``_udp`` reads: media, QUIC's short headers and a
+                            # server's long ones.  The capture filter drops these; inside a
+                            # tunnel they come.
                             continue
+                        if settle_initial is not None \
+                                and not wants_flow("udp", dport, buf[l4 - width:l4]):
+                            # A client's QUIC long header towards an address and port the
+                            # Interest does not watch: ``_udp`` would only feed the Initial
+                            # table, which takes it here unless a hello may match.
+                            family = AF_INET if width == 4 else AF_INET6
+                            if settle_initial(buf[l4 + 8:ip_end],
+                                              (inet_ntop(family, buf[l4 - 2 * width:l4 - width]), sport,
+                                               inet_ntop(family, buf[l4 - width:l4]), dport),
+                                              (sec * units + fraction) / units, hello_may_match):
+                                continue
             if outer is not None and off in outer:
                 off, caplen = outer[off]
                 end = off + caplen

@@ -24,7 +24,6 @@ from dataclasses import fields
 import orjson
 
 from .. import __version__, cache
-from ..cache import ENV_DIR, cache_dir  # noqa: F401 - where the cache is, for callers
 from ..records import Signature
 from .matcher import SignatureSet
 
