@@ -172,7 +172,7 @@ def _read_captures(args, settings, captures, prefilter: bool, failed: list) -> i
                 handle_batch = sensor.handle_batch
                 units = cap.units
                 # The flows the decoder is done with are left to libpcap's filter.
-                sensor.decoder.shunts = cap.shunts
+                sensor.attach_shunts(cap.shunts)
                 count = 0
                 for item in batches():
                     if type(item) is Batch:
@@ -189,7 +189,7 @@ def _read_captures(args, settings, captures, prefilter: bool, failed: list) -> i
                     count += 1
                     if not count & 0x3FFF:
                         progress.update(path, cap.tell(), cap.size, stats.packets)
-            sensor.decoder.shunts = None
+            sensor.attach_shunts(None)
             if cap.truncated:
                 stats.capture_errors.append(f"{path}: {cap.truncated}")
                 print(f"purge-sensor: warning: {path}: {cap.truncated}", file=sys.stderr)
@@ -226,6 +226,9 @@ def _summary(sensor, filtered: bool) -> None:
     if s.shunted_flows:
         w(f"shunted flows {s.shunted_flows:,}: uploads whose segments past the first "
           f"{SHUNT_AFTER // 1024} KB the capture filter dropped\n")
+    if s.dns_servers_screened:
+        w(f"DNS servers screened {s.dns_servers_screened:,}: their messages that name no signature "
+          f"label the capture filter dropped\n")
     if s.malformed:
         w("malformed: " + ", ".join(f"{k}={v}" for k, v in sorted(s.malformed.items())) + "\n")
     if s.matches:

@@ -39,8 +39,9 @@ def decoder_interest(signatures, flow_addresses: set | None = None) -> Interest:
     ``flow_addresses`` is the tracker's live set of answered addresses; None (for capture
     workers in other processes) reports every flow start."""
     screen = signatures.name_screen()
-    return Interest(dns_screen=screen[0] if screen else None,
-                    text_labels=screen[1] if screen else None,
+    return Interest(dns_screen=screen.wire if screen else None,
+                    text_labels=screen.text if screen else None,
+                    dns_labels=screen.labels if screen else None,
                     fingerprints=signatures.has_fingerprints or screen is None,
                     ip_literal_paths=signatures.has_standalone_paths,
                     flow_ports=FLOW_EVIDENCE_PORTS, flow_addresses=flow_addresses)
@@ -70,6 +71,7 @@ class Sensor:
                                              answer_grace=settings.answer_grace),
                                self.signatures, self.stats, self.store)
         self.decoder.interest = decoder_interest(self.signatures, self.tracker.answer_keys)
+        self.decoder.report_redundant = self.tracker.report_redundant
         self.lifecycle = AlertLifecycle(window=settings.suppress_window)
         spool = settings.spool_dir or os.path.join(
             os.path.dirname(os.path.abspath(settings.state or default_state_path())), "spool")
@@ -125,6 +127,16 @@ class Sensor:
         for ts, frame, caplen in self.decoder.batch(linktype, buf, meta, units):
             handle(ts, linktype, frame, caplen, interface)
 
+    def attach_shunts(self, shunts) -> None:
+        """The ShuntTable of the capture whose batches come next (capture.shunt), or None
+        once it is read: its program also drops the DNS messages the decoder would
+        (capture.dns_screen)."""
+        self.decoder.shunts = shunts
+        self.decoder.dns_decided.clear()
+        if shunts is not None:
+            interest = self.decoder.interest
+            shunts.screen_dns(interest.dns_labels if interest is not None else None)
+
     def capture_loss_interval(self) -> tuple[int, int]:
         """(gaps, acks) of the capture-loss estimate since the previous call: Zeek reports
         capture loss per interval, so a loss burst is not averaged away by hours of calm."""
@@ -138,6 +150,7 @@ class Sensor:
         self.last_ts = max(self.last_ts, ts)
         self._next_flush = ts + FLUSH_INTERVAL
         self.tracker.flush()
+        self.decoder.recheck_dns_servers()
         if self.want_snapshots and time.monotonic() >= self._next_snapshot:
             self.refresh_snapshot()
         for det, count in self.lifecycle.expired_summaries(ts):

@@ -18,6 +18,7 @@ class Stats:
     table_sizes: dict = field(default_factory=dict)  # table -> current size
     duplicates: int = 0
     shunted_flows: int = 0  # left to the capture filter by ``read`` (capture.shunt)
+    dns_servers_screened: int = 0  # whose nameless messages ``read`` leaves to it (capture.dns_screen)
     # Zeek-style capture-loss estimate (decode.capture_loss): acks, gaps, acked_bytes, gap_bytes
     capture_loss: Counter = field(default_factory=Counter)
     capture_errors: list = field(default_factory=list)
@@ -27,7 +28,7 @@ class Stats:
 
     # Capture workers decode in their own process with their own Stats; the process that owns
     # the sinks and metrics adds what they counted since their last report.
-    _TOTALS = ("packets", "bytes", "decoded", "duplicates", "shunted_flows")
+    _TOTALS = ("packets", "bytes", "decoded", "duplicates", "shunted_flows", "dns_servers_screened")
     _COUNTERS = ("malformed", "matches", "detections", "evictions", "capture_loss")
 
     def counters(self) -> dict:

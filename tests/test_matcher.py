@@ -402,7 +402,8 @@ def test_the_name_screen_passes_every_shipped_indicator(shipped):
     screen's labels, so every name that matches must hold one: in wire format (the DNS
     screen) and as text (a substring of the lower-cased name, the hello and request
     screen)."""
-    wire_screen, text_labels = shipped.name_screen()
+    screen = shipped.name_screen()
+    wire_screen, text_labels = screen.wire, screen.text
     checked = 0
     for text in _shipped_name_examples():
         domain = name(text)
@@ -419,8 +420,12 @@ def test_the_name_screen_keeps_few_distinctive_labels(shipped):
     """One text label per substring search on each hello: the shipped set's indicators
     share "kaspersky", which covers "kaspersky-labs" too; no label is short enough to
     pass ordinary names."""
-    _, text_labels = shipped.name_screen()
+    screen = shipped.name_screen()
+    text_labels = screen.text
     assert b"kaspersky" in text_labels and b"kaspersky-labs" not in text_labels
+    # The wire screen keeps each label whole: "\x0ekaspersky-labs" holds no "\x09kaspersky".
+    assert b"kaspersky-labs" in screen.labels and set(text_labels) <= set(screen.labels)
+    assert all(screen.wire.fullmatch(bytes((len(label),)) + label) for label in screen.labels)
     assert len(text_labels) <= 5
     assert all(len(label) >= 5 for label in text_labels)
     assert not any(label in b"www.example.com api.geo.cdn.example.net" for label in text_labels)

@@ -444,6 +444,26 @@ def test_a_flow_counts_as_shunted_from_the_first_batch_read_without_it():
     assert with_second == shunt.build_program([(second, 7)], table.main)
 
 
+def test_a_new_connection_shunted_before_the_old_ones_program_is_gone_counts_as_shunted_anew():
+    """A FIN discards a flow and its ports' next connection is shunted before a program
+    without the first was built: both programs hold the key, yet the second connection's
+    segments are dropped from its own start on, so the decoder must stop judging it too."""
+    table = shunt.ShuntTable(b"\x06\x00\x00\x00\xff\xff\x00\x00")
+    table.lag, table.unshunted = 1, 1
+    key = bytes(range(12))
+    table.add(key, 0)
+    table.finished(0)
+    table.discard(key)
+    table.add(key, 1 << 30)
+    table.finished(1)
+    table.finished(2)
+    seen = []
+    for index in range(4):
+        table.entering(index)
+        seen.append(set(table.take_started()))
+    assert seen == [set(), {key}, {key}, set()]
+
+
 def test_a_filter_that_does_not_accept_by_one_constant_is_not_shunted_behind():
     returns_a = struct.pack("=HBBI", 0x16, 0, 0, 0)
     two_lengths = (struct.pack("=HBBI", 0x15, 0, 1, 6) + struct.pack("=HBBI", 0x06, 0, 0, 96)

@@ -31,7 +31,8 @@ its handshake record opens with a ServerHello), RTP and other UDP media, QUIC
 short-header (1-RTT) packets and the long-header ones a server sends (from a port below
 1024 to one above).  Client-to-server data past the hello still passes and is shed by the
 decoder's per-flow bypass, and in a ``read`` an upload's bulk by tests this filter's accepting
-returns lead to (capture.shunt).
+returns lead to (capture.shunt), as are a known DNS server's messages that name nothing
+(capture.dns_screen).
 
 libpcap's optimizer (1.9, 1.10) can keep a value in a scratch slot and later load it
 from a slot that no instruction on the way stored.  The kernel refuses such a program
@@ -85,6 +86,7 @@ from ..decode.tunnels import (ERSPAN_II_GRE, ERSPAN_III_FRAME_TYPE_BITS, ERSPAN_
                               ERSPAN_III_SUBHEADER_BIT, GENEVE_PORT, VXLAN_PORT, VXLAN_PORT_BYTES)
 from ..records import BATCH_RECORD
 from .libpcap import filter_slot, set_filter, widen_read_buffer
+from .dns_screen import MIN_SNAPLEN as DNS_MIN_SNAPLEN
 from .shunt import MIN_SNAPLEN, FrameLayout, ShuntTable
 from .pcapfile import (CaptureError, open_capture, pcapng_interface_view, pcapng_leading_interfaces,
                        pcapng_microsecond_view)
@@ -834,7 +836,7 @@ class PrefilteredCapture:
         slot = filter_slot(self._handle, expression, MIN_SNAPLEN)
         if slot is not None:
             self._filter_slot = slot
-            self.shunts = ShuntTable(slot.main, layout)
+            self.shunts = ShuntTable(slot.main, layout, dns=slot.snaplen >= DNS_MIN_SNAPLEN)
 
     @property
     def by_libpcap(self) -> bool:

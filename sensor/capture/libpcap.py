@@ -237,9 +237,10 @@ class FilterSlot:
     """The filter of one savefile reader, replaceable by programs built in Python
     (capture.shunt): ``main`` holds the instructions of the filter set_filter compiled."""
 
-    def __init__(self, found: _Savefile, main: bytes):
+    def __init__(self, found: _Savefile, main: bytes, snaplen: int):
         self._found = found
         self.main = main
+        self.snaplen = snaplen
 
     def install(self, code: bytes) -> bool:
         """Filter the packets read from now on with ``code`` (see _install)."""
@@ -253,6 +254,7 @@ def filter_slot(handle, expression: str, min_snaplen: int) -> FilterSlot | None:
     if found is None:
         return None
     code = _COMPILED.get((expression, handle.datalink()))
-    if code is None or found.libraries.libpcap.pcap_snapshot(found.pcap) < min_snaplen:
+    snaplen = found.libraries.libpcap.pcap_snapshot(found.pcap)
+    if code is None or snaplen < min_snaplen:
         return None
-    return FilterSlot(found, code)
+    return FilterSlot(found, code, snaplen)

@@ -43,6 +43,10 @@ import threading
 from bisect import bisect_left
 from typing import NamedTuple
 
+from .dns_screen import MAX_SERVERS as MAX_DNS_SERVERS
+from .dns_screen import build_stage as build_dns_stage
+from .dns_screen import label_prefixes
+
 MAX_FLOWS = 128
 # Batches between the one a flow is shunted in and the first read without it: the reader
 # keeps this many batches ahead of the consumer.
@@ -296,12 +300,13 @@ _TESTS_FIXED = 30
 _IPV6_FLOW_COST = 24 + 3
 
 
-def _program(blocks: list, main: bytes, tests: bytes, leading: bytes, accept: int) -> bytes:
+def _program(blocks: list, main: bytes, tests: bytes, leading: bytes, accept: int,
+             dns_stage: bytes = b"") -> bytes:
     """build_program from the flows' _entry_block, _tests and _leading's result: the capture
     filter runs first, and only a frame it accepts meets the flows' tests (most frames on a
-    span port are rejected by it)."""
+    span port are rejected by it), after ``dns_stage`` (capture.dns_screen), if any."""
     if not blocks:
-        return main
+        return leading + dns_stage + _insn(_RET, accept) if dns_stage else main
     v4 = [entry for entry in blocks if len(entry[1]) == _IPV4_BLOCK]
     v6 = [entry for entry in blocks if len(entry[1]) != _IPV4_BLOCK]
     ipv6 = _family(v6)
@@ -310,7 +315,7 @@ def _program(blocks: list, main: bytes, tests: bytes, leading: bytes, accept: in
     ipv4 = _family(v4) + _insn(_JA, n6)
     n4 = len(ipv4) // _INSN.size
     # The way out (27) follows the tests, then the IPv4 search (from 28), then the IPv6 one.
-    return (leading + tests + _insn(_JA, 1 + n4) + _insn(_JA, n4 + n6)
+    return (leading + dns_stage + tests + _insn(_JA, 1 + n4) + _insn(_JA, n4 + n6)
             + ipv4 + ipv6 + _insn(_RET, accept))
 
 
@@ -329,8 +334,11 @@ class ShuntTable:
 
     renew_after = SEQ_WINDOW // 2
 
-    def __init__(self, main: bytes, layout: FrameLayout = ETHERNET):
+    def __init__(self, main: bytes, layout: FrameLayout = ETHERNET, dns: bool = False):
+        """``dns``: the capture keeps every DNS message whole (capture.dns_screen), so the
+        program may also drop known servers' messages that name nothing."""
         self.main = main
+        self._layout = layout
         self._tests = _tests(layout)
         # As many flows as keep the program within MAX_PROGRAM: a user's --bpf lengthens it.
         room = MAX_PROGRAM - len(main) // _INSN.size - _TESTS_FIXED
@@ -352,6 +360,51 @@ class ShuntTable:
         self._starting: dict[int, tuple] = {}  # the flows each batch is the first to drop
         # The flows the batch being decoded is the first read without (``entering``).
         self._started: tuple = ()
+        # Flows discarded since the last program, and those of them shunted again.
+        self._discarded: set[bytes] = set()
+        self._reopened: set[bytes] = set()
+        # DNS servers whose messages naming no screened label the program drops.
+        self._dns_possible = dns and self._leading is not None
+        self._dns_prefixes: tuple[int, ...] | None = None
+        self.dns_servers: dict[bytes, None] = {}
+        self._dns_stage = b""
+
+    @property
+    def dns_enabled(self) -> bool:
+        return self.enabled and self._dns_prefixes is not None
+
+    def screen_dns(self, labels) -> None:
+        """Search DNS messages for ``labels`` (the decoder's screen, in wire format without
+        their length bytes); None, or labels the program cannot search, leaves every DNS
+        message to the decoder."""
+        prefixes = label_prefixes(labels) if labels and self._dns_possible else None
+        if prefixes != self._dns_prefixes:
+            self._dns_prefixes = prefixes
+            self.dns_servers.clear()
+            self._build_dns_stage()
+
+    def list_dns_server(self, pair: bytes) -> bool:
+        """Drop the messages of ``pair`` (a server's address and b"q" for the queries to it
+        or b"r" for its responses, as the decoder's resolver reports key them) that hold
+        none of the labels; False when the stage is off or full."""
+        if not self.dns_enabled or pair in self.dns_servers or len(self.dns_servers) >= MAX_DNS_SERVERS:
+            return False
+        self.dns_servers[pair] = None
+        self._build_dns_stage()
+        return True
+
+    def unlist_dns_server(self, pair: bytes) -> None:
+        if self.dns_servers.pop(pair, False) is None:
+            self._build_dns_stage()
+
+    def _build_dns_stage(self) -> None:
+        if self.dns_servers and self._dns_prefixes is not None:
+            self._dns_stage = build_dns_stage(self._layout.type_at, self._layout.network_at,
+                                              list(self.dns_servers), self._dns_prefixes,
+                                              self._leading[1])
+        else:
+            self._dns_stage = b""
+        self.changed = True
 
     def add(self, key: bytes, seq: int) -> None:
         """Shunt ``key``'s segments from ``seq`` on, anew if it is shunted already: the
@@ -364,10 +417,13 @@ class ShuntTable:
             self.evicted += 1
         self.flows[key] = _entry_block(key, seq)
         self.changed = True
+        if key in self._discarded:
+            self._reopened.add(key)
 
     def discard(self, key: bytes) -> None:
         if self.flows.pop(key, None) is not None:
             self.changed = True
+            self._discarded.add(key)
 
     def disable(self) -> None:
         """The reader's thread, when libpcap refused a program."""
@@ -375,16 +431,23 @@ class ShuntTable:
 
     def finished(self, index: int) -> None:
         """The consumer is done with batch ``index`` (counted from 0)."""
+        reopened = frozenset()
         if self.changed and self.enabled:
             self.changed = False
-            self.program = _program(list(self.flows.values()), self.main, self._tests, *self._leading)
+            self.program = _program(list(self.flows.values()), self.main, self._tests, *self._leading,
+                                    self._dns_stage)
             self._program_keys = frozenset(self.flows)
+            # A flow discarded and shunted again since the last program is a new connection
+            # on the same ports, though both programs hold its key.
+            reopened = self._program_keys & self._reopened
+            self._discarded.clear()
+            self._reopened.clear()
         target = index + self.lag
         with self._decided:
             # Once disabled no reader pops these: they would grow by one a batch.
             if target >= self.unshunted and self.enabled:
                 self._programs[target] = self.program
-                started = self._program_keys - self._keys
+                started = (self._program_keys - self._keys) | reopened
                 if started:
                     self._starting[target] = tuple(started)
                 self._keys = self._program_keys

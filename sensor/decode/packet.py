@@ -245,6 +245,13 @@ _MAYBE_IP_LITERAL_HOST = re.compile(rb"\n[ \t]*host[ \t]*:[ \t\r\n]*(?:[0-9\[]|[
 RESOLVER_REPORT_INTERVAL = 60.0  # seconds between two reports of one DNS server
 RESOLVER_REPORT_TABLE = 65536
 
+
+def _server_text(pair: bytes) -> str:
+    """The address of a resolver report's key (the server's packed address, then b"q" or
+    b"r"), as the tracker writes addresses."""
+    return inet_ntop(AF_INET if len(pair) == 5 else AF_INET6, pair[:-1])
+
+
 _IPV6_EXT = frozenset((0, 43, 60, 51, 135, 139, 140))
 _IPV6_FRAGMENT = 44
 _NO_RECORDS: tuple = ()
@@ -277,7 +284,9 @@ class Interest:
       match, and lower-case labels one of which a ClientHello must contain, to hold a
       signature name (SignatureSet.name_screen).
       DNS messages that miss still tell the tracker who answers DNS: a header-only
-      DnsMessage goes out once per server and RESOLVER_REPORT_INTERVAL.
+      DnsMessage goes out once per server and RESOLVER_REPORT_INTERVAL.  ``dns_labels``
+      are all the labels ``dns_screen`` searches for, which a ``read``'s filter program
+      searches too (capture.dns_screen).
     * ``fingerprints``: the signatures match JA3/JA4, so every ClientHello is parsed.
     * ``ip_literal_paths``: a URL path alone matches when the request names an IP-literal
       host (an update mirror), so such requests are parsed whatever their labels.
@@ -289,6 +298,7 @@ class Interest:
 
     dns_screen: object = None
     text_labels: tuple | None = None
+    dns_labels: tuple | None = None  # every label dns_screen searches for (capture.dns_screen)
     fingerprints: bool = True
     ip_literal_paths: bool = True
     flow_ports: frozenset = frozenset()
@@ -343,6 +353,12 @@ class PacketDecoder:
         self.quic = QuicInitialTable(stats)
         # The capture's ShuntTable (capture.shunt) while its batches are decoded.
         self.shunts = None
+        # Whether a report of a DNS server (its address as text) can no longer change the
+        # tracker (Tracker.report_redundant), and the (server, direction) pairs asked about
+        # since their last report: such a server's messages that name nothing are left to
+        # the capture filter (capture.dns_screen).
+        self.report_redundant = None
+        self.dns_decided: set[bytes] = set()
         self._next_expiry = 0.0
         try:
             from .dhcp import parse_dhcp
@@ -491,6 +507,9 @@ class PacketDecoder:
                 meta, outer = _relocated_view(buf, meta, _past_outer_tag)
                 shunts = None
         descend = not tunnelled and outer is None
+        dns_decided = self.dns_decided
+        dns_servers = shunts if shunts is not None and shunts.dns_enabled \
+            and self.report_redundant is not None else None
         if shunts is not None and shunts.enabled:
             shunted = shunts.flows
             shunt_mark = seq_mod - SHUNT_AFTER
@@ -647,6 +666,8 @@ class PacketDecoder:
                                 or 0.0 <= (sec * units + fraction) / units - last
                                 < report_interval) \
                                 and screen.search(buf, l4 + 8, ip_end) is None:
+                            if dns_servers is not None and server not in dns_decided:
+                                self._decide_dns_server(server, dns_servers)
                             continue
                     elif dport == VXLAN_PORT:
                         # The inner frame by the same rules, one level deep; what they
@@ -927,6 +948,28 @@ class PacketDecoder:
         self.stats.shunted_flows += len(keys)
         self.stats.table_sizes["tcp_shunt"] = len(self.shunts.flows)
 
+    def _decide_dns_server(self, pair: bytes, shunts) -> None:
+        """A server whose message the batch loop dropped, its report not due: its messages
+        that name nothing are left to the capture filter if a report of it can no longer
+        change anything (capture.dns_screen); asked again after its next report."""
+        decided = self.dns_decided
+        if len(decided) >= RESOLVER_REPORT_TABLE:
+            decided.clear()
+        decided.add(pair)
+        if self.report_redundant(_server_text(pair)) and shunts.list_dns_server(pair):
+            self.stats.dns_servers_screened += 1
+
+    def recheck_dns_servers(self) -> None:
+        """Give the messages of a server left to the capture filter back to the decoder once
+        a report of it could matter again: the tracker dropped it from its resolvers."""
+        shunts = self.shunts
+        if shunts is None or not shunts.dns_servers or self.report_redundant is None:
+            return
+        for pair in list(shunts.dns_servers):
+            if not self.report_redundant(_server_text(pair)):
+                shunts.unlist_dns_server(pair)
+                self.dns_decided.discard(pair)
+
     def _unshunt(self, shunts, key: bytes) -> None:
         shunts.discard(key)
         self.stats.table_sizes["tcp_shunt"] = len(shunts.flows)
@@ -1031,6 +1074,7 @@ class PacketDecoder:
             self.stats.evictions["resolver_reports"] += 1
         reports.pop(pair, None)
         reports[pair] = ts
+        self.dns_decided.discard(pair)
         ctx = self._context(ts, src, dst, sport, dport, "udp", version, src_mac, dst_mac, vlans,
                             tunnel, interface)
         out.append(DnsMessage(ctx=ctx, id=ident, is_response=is_response, opcode=(flags >> 11) & 0xF,

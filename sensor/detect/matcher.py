@@ -22,6 +22,7 @@ import re._parser as regex_parser
 import re._constants as regex_constants
 import time
 from collections import Counter
+from typing import NamedTuple
 
 from ..records import DomainName, Signature, labels_text
 
@@ -39,6 +40,15 @@ _ZONE_LABEL = re.compile(r"[a-z0-9_-]{1,63}")
 
 _ANCHORS = (regex_constants.AT_BEGINNING, regex_constants.AT_BEGINNING_STRING)
 _END_ANCHORS = (regex_constants.AT_END, regex_constants.AT_END_STRING)
+
+
+class NameScreen(NamedTuple):
+    """SignatureSet.name_screen: ``wire`` searches DNS messages, ``text`` ClientHellos and
+    request heads; ``labels`` are every label ``wire`` searches for (capture.dns_screen)."""
+
+    wire: re.Pattern
+    text: tuple[bytes, ...]
+    labels: tuple[bytes, ...]
 
 
 def pattern_zone(regex: str) -> tuple[tuple[str, ...] | None, int]:
@@ -212,7 +222,7 @@ class SignatureSet:
         """Whether a URL path alone can match, on a request to an IP-literal Host."""
         return self._has_standalone_path
 
-    def name_screen(self) -> tuple[re.Pattern, tuple[bytes, ...]] | None:
+    def name_screen(self) -> NameScreen | None:
         """What any payload holding a matching name must contain: a byte regex for DNS wire
         format (length-prefixed labels) and lower-case labels for text (SNI, Host), one of
         which a matching text name contains.
@@ -256,7 +266,7 @@ class SignatureSet:
         wire = b"|".join(re.escape(bytes((len(label),)) + label) for label in ordered)
         text = tuple(label for label in ordered
                      if not any(other != label and other in label for other in labels))
-        return re.compile(wire, re.IGNORECASE), text
+        return NameScreen(re.compile(wire, re.IGNORECASE), text, tuple(ordered))
 
     def match_path(self, path: str, name_sig: Signature | None) -> Signature | None:
         """Strongest path indicator matching at the start of ``path``; a path tied to name

@@ -71,6 +71,8 @@ class SensorCollector:
         yield _counter("duplicate_packets", "Span duplicates suppressed.", s.duplicates)
         yield _counter("shunted_flows", "TCP uploads whose later segments read leaves to the "
                        "capture filter.", s.shunted_flows)
+        yield _counter("dns_servers_screened", "DNS servers whose messages naming no signature label "
+                       "read leaves to the capture filter.", s.dns_servers_screened)
         yield _counter("alerts", "Alert documents sent to the sinks.", sensor.alerts)
         yield _counter("hosts_detected", "Hosts that reached an install-type verdict (host_detected alerts).",
                        sensor.hosts_detected)

@@ -676,6 +676,12 @@ class Tracker:
             host.rejudge()
             self._dirty[host.key] = host
 
+    def report_redundant(self, ip: str) -> bool:
+        """Whether a DNS message to or from server ``ip`` that names nothing can change
+        nothing here: ``_dns`` marks only an internal server a resolver, and one that is
+        already a resolver only moves up the table (capture.dns_screen)."""
+        return ip not in self.internal or ip in self.resolvers
+
     # -- outputs ---------------------------------------------------------------------------
 
     def _summary(self, host: Host, reference: float) -> dict:
