@@ -132,15 +132,15 @@ def build_stage(type_at: int | None, network_at: int, servers, prefixes: tuple[i
     # Conditional jumps reach 255 instructions: each part leaves through a jump of its own.
     asm.place("out")
     asm.jump("next")
-    _family(asm, "v4", by_kind, 4, header=20, accept=accept)
-    _family(asm, "v6", by_kind, 16, header=40, accept=accept)
+    _family(asm, "v4", by_kind, 4, header=20)
+    _family(asm, "v6", by_kind, 16, header=40)
     search = _search(prefixes, accept)
     asm.place("search")
     asm.places["next"] = len(asm.code) + len(search) // _INSN.size
     return asm.assemble() + search
 
 
-def _family(asm: _Assembler, name: str, by_kind: dict, width: int, header: int, accept: int) -> None:
+def _family(asm: _Assembler, name: str, by_kind: dict, width: int, header: int) -> None:
     """IPv4 (``width`` 4) or IPv6 (16): from ``name``, with the network header's offset in
     X, a message to or from a listed server goes to the search with its offset in X; any
     other frame goes ``next``."""
