@@ -8,14 +8,17 @@ Targets: frame (whole frames through PacketDecoder, every link type), batch (a l
 batch of Ethernet frames, and of the same as Linux cooked v1 and v2 frames and as bare IP,
 through the buffer fast path, which must give exactly what decoding each frame gives, and as
 each of these again with flows shunted (capture.shunt): the same records, and a valid
-filter program), capture (pcap/pcapng files), prefiltered (a capture file
-read through libpcap with the sensor's filter, by iteration and by batches, which must give
-the Python reader's filtered frames, timestamps and interfaces), pipeline (a capture file through
-every stage: decoder, detector, tracker, ECS and JSON alerts, inventory snapshots), dns,
-dns_tcp, http, tls, quic, dhcp.  Seeds come from the sample captures in pcaps/, for
-capture, prefiltered and pipeline as pcap and as pcapng too (written to fuzz/corpus/TARGET on first
-use).  A crash is any exception other than the decoder's own DecodeError / CaptureError,
-or a state table above its cap.
+filter program), dns_screen (a frame through the capture filter with a DNS screen listing
+the frame's own server, capture.dns_screen: whatever the screen drops, the decoder's batch
+loop, knowing that server, drops too without a record or a malformed count), capture
+(pcap/pcapng files), prefiltered (a capture file read through libpcap with the sensor's
+filter, by iteration and by batches, which must give the Python reader's filtered frames,
+timestamps and interfaces), pipeline (a capture file through every stage: decoder,
+detector, tracker, ECS and JSON alerts, inventory snapshots), dns, dns_tcp, http, tls,
+quic, dhcp.  Seeds come from the sample captures in pcaps/, for capture, prefiltered and
+pipeline as pcap and as pcapng too (written to fuzz/corpus/TARGET on first use).  A crash
+is any exception other than the decoder's own DecodeError / CaptureError, or a state table
+above its cap.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ with atheris.instrument_imports():
     from sensor.records import DecodeError, PacketContext
     from sensor.stats import Stats
 
-TARGETS = ("frame", "batch", "capture", "prefiltered", "pipeline", "dns", "dns_tcp", "http", "tls", "quic", "dhcp")
+TARGETS = ("frame", "batch", "dns_screen", "capture", "prefiltered", "pipeline", "dns", "dns_tcp", "http", "tls",
+           "quic", "dhcp")
 LINKTYPES = sorted(LINK_DECODERS)
 CTX = PacketContext(1.0, "10.0.0.1", "10.0.0.2", 50000, 443, "udp")
 STATS = Stats()
@@ -69,19 +73,20 @@ def one_frame(data: bytes) -> None:
 SIGNATURES = load_signatures(default_signature_paths())
 
 
-def _bpf_validate():
-    """libpcap's bpf_validate, where one libpcap is mapped."""
+def _libpcap():
+    """The libpcap mapped into this process with ``bpf_filter`` and ``bpf_validate``
+    declared, or None where there is not exactly one."""
     try:
         import pcapy  # noqa: F401 - maps the libpcap its wheel brings
     except ImportError:
         return None
     from tests.helpers import libpcap_bpf
 
-    lib = libpcap_bpf()
-    return lib.bpf_validate if lib is not None else None
+    return libpcap_bpf()
 
 
-VALIDATE = _bpf_validate()
+LIBPCAP = _libpcap()
+VALIDATE = LIBPCAP.bpf_validate if LIBPCAP is not None else None
 BATCH_META = struct.Struct("=IIII")
 
 
@@ -158,6 +163,69 @@ def _shunting_agrees(buf: bytes, meta: bytes, records: list, linktype: int = 1) 
     assert len(table.program) // 8 <= shunt.MAX_PROGRAM
     if VALIDATE is not None:
         assert VALIDATE(table.program, len(table.program) // 8)
+
+
+def _capture_filter() -> bytes | None:
+    """The sensor's filter for Ethernet as libpcap compiles it for a capture of full frames."""
+    if LIBPCAP is None:
+        return None
+    import pcapy
+
+    compiled = pcapy.compile(1, 262144, bpf.build_filter(None, 1), 1, 0)
+    return b"".join(struct.pack("=HBBI", *insn) for insn in compiled.get_bpf())
+
+
+CAPTURE_FILTER = _capture_filter()
+INTEREST = decoder_interest(SIGNATURES, set())
+_SCREEN_TIME = 1_700_000_000
+
+
+def _dns_server(frame: bytes) -> bytes | None:
+    """The (server address, b"q" or b"r") pair of a UDP/53 datagram in an untagged or
+    single-tagged Ethernet frame, read where the batch loop reads it; None for anything else."""
+    network = 14
+    etype = frame[12:14]
+    if etype == b"\x81\x00":
+        network, etype = 18, frame[16:18]
+    if etype == b"\x08\x00" and frame[network:network + 1] == b"\x45":
+        width, l4, proto = 4, network + 20, frame[network + 9:network + 10]
+    elif etype == b"\x86\xdd":
+        width, l4, proto = 16, network + 40, frame[network + 6:network + 7]
+    else:
+        return None
+    if proto != b"\x11" or len(frame) < l4 + 8:
+        return None
+    if frame[l4 + 2:l4 + 4] == b"\x00\x35":
+        return frame[l4 - width:l4] + b"q"
+    if frame[l4:l4 + 2] == b"\x00\x35":
+        return frame[l4 - 2 * width:l4 - width] + b"r"
+    return None
+
+
+def one_dns_screen(data: bytes) -> None:
+    """A frame the capture filter passes and the DNS screen (listing the frame's own server)
+    drops must be one the batch loop drops too, as a known server's message naming nothing,
+    without a record or a malformed count."""
+    if CAPTURE_FILTER is None:
+        return
+    server = _dns_server(data)
+    if server is None or LIBPCAP.bpf_filter(CAPTURE_FILTER, data, len(data), len(data)) == 0:
+        return
+    table = shunt.ShuntTable(CAPTURE_FILTER, shunt.ETHERNET, dns=True)
+    table.screen_dns(INTEREST.dns_labels)
+    assert table.list_dns_server(server)
+    table.finished(shunt.UNSHUNTED_BATCHES)
+    program = table.program
+    assert VALIDATE(program, len(program) // 8)  # a read's program, which may pass MAX_PROGRAM
+    if LIBPCAP.bpf_filter(program, data, len(data), len(data)) != 0:
+        return
+    decoder = PacketDecoder(Stats(), DecoderConfig(dedup_window=0.0))
+    decoder.interest = INTEREST
+    decoder.resolver_reports[server] = float(_SCREEN_TIME)
+    decoder.expire(float(_SCREEN_TIME))  # else the first frame takes the full path, which runs it
+    meta = BATCH_META.pack(_SCREEN_TIME, 0, 0, len(data))
+    assert not list(decoder.batch(1, data, meta)), "the screen dropped what the decoder reads"
+    assert not decoder.stats.malformed, dict(decoder.stats.malformed)
 
 
 def one_capture(data: bytes) -> None:
@@ -298,8 +366,8 @@ def one_dhcp(data: bytes) -> None:
     dhcp.parse_dhcp(data, CTX)
 
 
-HANDLERS = {"frame": one_frame, "batch": one_batch, "capture": one_capture, "prefiltered": one_prefiltered,
-            "pipeline": one_pipeline,
+HANDLERS = {"frame": one_frame, "batch": one_batch, "dns_screen": one_dns_screen, "capture": one_capture,
+            "prefiltered": one_prefiltered, "pipeline": one_pipeline,
             "dns": one_dns, "dns_tcp": one_dns_tcp,
             "http": one_http, "tls": one_tls, "quic": one_quic, "dhcp": one_dhcp}
 
@@ -401,6 +469,8 @@ def seeds(target: str) -> list[bytes]:
             ports = {l4.sport, l4.dport}
             if target == "dns" and is_udp and 53 in ports:
                 out.append(payload)
+            elif target == "dns_screen" and is_udp and 53 in ports:
+                out.append(frame)
             elif target == "dns_tcp" and not is_udp and 53 in ports:
                 out.append(payload)
             elif target == "http" and not is_udp and payload[:1] in b"GHPDCO":

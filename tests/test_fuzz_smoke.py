@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGETS = ("frame", "batch", "capture", "prefiltered", "pipeline", "dns", "dns_tcp", "http", "tls", "quic",
+TARGETS = ("frame", "batch", "dns_screen", "capture", "prefiltered", "pipeline", "dns", "dns_tcp", "http", "tls", "quic",
            "dhcp")
 # prefiltered writes each input to a file and reads it twice through libpcap (a forked
 # feed for some): about 40 runs a second, against thousands for the others.

@@ -38,6 +38,8 @@ import functools
 import struct
 
 from ..decode.tunnels import GENEVE_PORT, VXLAN_PORT
+from .bpf_code import (ADD_K, ADD_X, AND_K, INSN, JA, JEQ, JGE, JGE_X, JGT, JSET, LD_IND, LD_LEN, LDB_ABS,
+                       LDB_IND, LDH_ABS, LDH_IND, LDX_IMM, LDX_MEM, OR_K, RET, STX, SUB_X, TAX, TXA)
 
 SCAN_BYTES = 512  # of a DNS message searched for the labels; a longer message passes whole
 MAX_PREFIXES = 16  # distinct label openings the search compares at every byte
@@ -49,13 +51,7 @@ DNS_HEADER = 12  # bytes before the first name: a label found in them names noth
 _QR = 0x80
 QUERY, RESPONSE = b"q", b"r"  # a pair's last byte, as the decoder's resolver reports key it
 
-_INSN = struct.Struct("=HBBI")
 _WORDS = {4: struct.Struct("!I"), 16: struct.Struct("!4I")}
-# Classic BPF opcodes (linux/filter.h).
-_LD_LEN, _LD_IND, _LDH_IND, _LDB_IND, _LDH_ABS, _LDB_ABS = 0x80, 0x40, 0x48, 0x50, 0x28, 0x30
-_LDX_IMM, _LDX_MEM, _STX, _TAX, _TXA = 0x01, 0x61, 0x03, 0x07, 0x87
-_ADD_K, _ADD_X, _SUB_X, _AND_K, _OR_K = 0x04, 0x0C, 0x1C, 0x54, 0x44
-_JA, _JEQ, _JGT, _JGE, _JGE_X, _JSET, _RET = 0x05, 0x15, 0x25, 0x35, 0x3D, 0x45, 0x06
 _SAVED_X = 0  # the scratch word holding the network header's offset
 
 
@@ -84,7 +80,7 @@ class _Assembler:
         self.code.append((code, k, jt, jf))
 
     def jump(self, place: str) -> None:
-        self.code.append((_JA, place, None, None))
+        self.code.append((JA, place, None, None))
 
     def place(self, name: str) -> None:
         self.places[name] = len(self.code)
@@ -98,7 +94,7 @@ class _Assembler:
             false = self.places[jf] - index - 1 if jf else 0
             if not (0 <= true <= 255 and 0 <= false <= 255 and k >= 0):
                 raise ValueError(f"DNS stage: a jump from instruction {index} out of range")
-            out.append(_INSN.pack(code, true, false, k))
+            out.append(INSN.pack(code, true, false, k))
         return b"".join(out)
 
 
@@ -113,22 +109,22 @@ def build_stage(type_at: int | None, network_at: int, servers, prefixes: tuple[i
         by_kind.setdefault((len(pair) - 1, pair[-1:]), []).append(pair[:-1])
     asm = _Assembler()
     if type_at is None:
-        asm.op(_LDX_IMM, network_at)
-        asm.op(_LDB_ABS, network_at)
-        asm.op(_AND_K, 0xF0)
-        asm.op(_JEQ, 0x40, jt="v4")
-        asm.op(_JEQ, 0x60, jt="v6", jf="out")
+        asm.op(LDX_IMM, network_at)
+        asm.op(LDB_ABS, network_at)
+        asm.op(AND_K, 0xF0)
+        asm.op(JEQ, 0x40, jt="v4")
+        asm.op(JEQ, 0x60, jt="v6", jf="out")
     else:
-        asm.op(_LDX_IMM, network_at)
-        asm.op(_LD_LEN)
-        asm.op(_JGE, network_at + 4, jf="out")
-        asm.op(_LDH_ABS, type_at)
-        asm.op(_JEQ, 0x8100, jf="typed")
-        asm.op(_LDX_IMM, network_at + 4)
-        asm.op(_LDH_ABS, network_at + 2)
+        asm.op(LDX_IMM, network_at)
+        asm.op(LD_LEN)
+        asm.op(JGE, network_at + 4, jf="out")
+        asm.op(LDH_ABS, type_at)
+        asm.op(JEQ, 0x8100, jf="typed")
+        asm.op(LDX_IMM, network_at + 4)
+        asm.op(LDH_ABS, network_at + 2)
         asm.place("typed")
-        asm.op(_JEQ, 0x0800, jt="v4")
-        asm.op(_JEQ, 0x86DD, jt="v6", jf="out")
+        asm.op(JEQ, 0x0800, jt="v4")
+        asm.op(JEQ, 0x86DD, jt="v6", jf="out")
     # Conditional jumps reach 255 instructions: each part leaves through a jump of its own.
     asm.place("out")
     asm.jump("next")
@@ -136,7 +132,7 @@ def build_stage(type_at: int | None, network_at: int, servers, prefixes: tuple[i
     _family(asm, "v6", by_kind, 16, header=40)
     search = _search(prefixes, accept)
     asm.place("search")
-    asm.places["next"] = len(asm.code) + len(search) // _INSN.size
+    asm.places["next"] = len(asm.code) + len(search) // INSN.size
     return asm.assemble() + search
 
 
@@ -148,55 +144,55 @@ def _family(asm: _Assembler, name: str, by_kind: dict, width: int, header: int) 
     message = udp + 8
     out = f"{name}-out"
     asm.place(name)
-    asm.op(_LD_LEN)
-    asm.op(_SUB_X)
-    asm.op(_JGE, message + DNS_HEADER, jf=out)
+    asm.op(LD_LEN)
+    asm.op(SUB_X)
+    asm.op(JGE, message + DNS_HEADER, jf=out)
     if width == 4:
-        asm.op(_LDB_IND, 0)
-        asm.op(_JEQ, 0x45, jf=out)
-        asm.op(_LDB_IND, 9)
-        asm.op(_JEQ, 17, jf=out)
-        asm.op(_LDH_IND, 6)
-        asm.op(_JSET, 0x3FFF, jt=out)
+        asm.op(LDB_IND, 0)
+        asm.op(JEQ, 0x45, jf=out)
+        asm.op(LDB_IND, 9)
+        asm.op(JEQ, 17, jf=out)
+        asm.op(LDH_IND, 6)
+        asm.op(JSET, 0x3FFF, jt=out)
         length_at, length_adds = 2, 0  # the total length counts the header
     else:
-        asm.op(_LDB_IND, 0)
-        asm.op(_AND_K, 0xF0)
-        asm.op(_JEQ, 0x60, jf=out)
-        asm.op(_LDB_IND, 6)
-        asm.op(_JEQ, 17, jf=out)
+        asm.op(LDB_IND, 0)
+        asm.op(AND_K, 0xF0)
+        asm.op(JEQ, 0x60, jf=out)
+        asm.op(LDB_IND, 6)
+        asm.op(JEQ, 17, jf=out)
         length_at, length_adds = 4, header  # the payload length does not
     # Room for the UDP and DNS headers, and all of the datagram in the frame.
-    asm.op(_LDH_IND, length_at)
-    asm.op(_JGE, message + DNS_HEADER - length_adds, jf=out)
-    asm.op(_STX, _SAVED_X)
-    asm.op(_ADD_X)
+    asm.op(LDH_IND, length_at)
+    asm.op(JGE, message + DNS_HEADER - length_adds, jf=out)
+    asm.op(STX, _SAVED_X)
+    asm.op(ADD_X)
     if length_adds:
-        asm.op(_ADD_K, length_adds)
-    asm.op(_TAX)
-    asm.op(_LD_LEN)
-    asm.op(_JGE_X, jf=out)
-    asm.op(_LDX_MEM, _SAVED_X)
+        asm.op(ADD_K, length_adds)
+    asm.op(TAX)
+    asm.op(LD_LEN)
+    asm.op(JGE_X, jf=out)
+    asm.op(LDX_MEM, _SAVED_X)
     # A query to port 53 is its destination's; a response from port 53, not towards a
     # tunnel's port, its source's (the batch loop's order of tests).
-    asm.op(_LDB_IND, message + 2)
-    asm.op(_JSET, _QR, jt=f"{name}-response")
-    asm.op(_LDH_IND, udp + 2)
-    asm.op(_JEQ, _DNS_PORT, jt=f"{name}-query", jf=out)
+    asm.op(LDB_IND, message + 2)
+    asm.op(JSET, _QR, jt=f"{name}-response")
+    asm.op(LDH_IND, udp + 2)
+    asm.op(JEQ, _DNS_PORT, jt=f"{name}-query", jf=out)
     asm.place(f"{name}-response")
-    asm.op(_LDH_IND, udp)
-    asm.op(_JEQ, _DNS_PORT, jf=out)
-    asm.op(_LDH_IND, udp + 2)
-    asm.op(_JEQ, VXLAN_PORT, jt=out)
-    asm.op(_JEQ, GENEVE_PORT, jt=out)
+    asm.op(LDH_IND, udp)
+    asm.op(JEQ, _DNS_PORT, jf=out)
+    asm.op(LDH_IND, udp + 2)
+    asm.op(JEQ, VXLAN_PORT, jt=out)
+    asm.op(JEQ, GENEVE_PORT, jt=out)
     source_at = header - 2 * width
     _servers(asm, f"{name}-source", by_kind.get((width, RESPONSE), []), source_at, name)
     asm.place(f"{name}-query")
     _servers(asm, f"{name}-destination", by_kind.get((width, QUERY), []), source_at + width, name)
     asm.place(f"{name}-listed")
-    asm.op(_TXA)
-    asm.op(_ADD_K, message)
-    asm.op(_TAX)
+    asm.op(TXA)
+    asm.op(ADD_K, message)
+    asm.op(TAX)
     asm.jump("search")
     asm.place(out)
     asm.jump("next")
@@ -208,8 +204,8 @@ def _servers(asm: _Assembler, name: str, addresses: list[bytes], at: int, family
     for index, address in enumerate(addresses):
         words = _WORDS[len(address)].unpack(address)
         for offset, word in enumerate(words):
-            asm.op(_LD_IND, at + 4 * offset)
-            asm.op(_JEQ, word, jt=f"{name}-hit" if offset == len(words) - 1 else None,
+            asm.op(LD_IND, at + 4 * offset)
+            asm.op(JEQ, word, jt=f"{name}-hit" if offset == len(words) - 1 else None,
                    jf=f"{name}-{index + 1}")
         asm.place(f"{name}-{index + 1}")
     asm.jump("next")
@@ -230,7 +226,7 @@ def _search(prefixes: tuple[int, ...], accept: int) -> bytes:
     per_position = 5 + len(prefixes)
     run = 250 // per_position
     positions = range(DNS_HEADER, SCAN_BYTES - 3)
-    pack = _INSN.pack
+    pack = INSN.pack
     out = []
     for start in positions[::run]:
         count = min(run, positions.stop - start)
@@ -238,14 +234,14 @@ def _search(prefixes: tuple[int, ...], accept: int) -> bytes:
             # From this position's first instruction to the run's accepting return, which
             # follows the jump over it.
             to_accept = (count - index) * per_position + 1
-            out.append(pack(_LDB_IND, 0, 0, position))
-            out.append(pack(_JGE, 0, per_position - 2, shortest))
-            out.append(pack(_JGT, per_position - 3, 0, longest))
-            out.append(pack(_LD_IND, 0, 0, position))
-            out.append(pack(_OR_K, 0, 0, CASE_BITS))
+            out.append(pack(LDB_IND, 0, 0, position))
+            out.append(pack(JGE, 0, per_position - 2, shortest))
+            out.append(pack(JGT, per_position - 3, 0, longest))
+            out.append(pack(LD_IND, 0, 0, position))
+            out.append(pack(OR_K, 0, 0, CASE_BITS))
             for number, prefix in enumerate(prefixes):
-                out.append(pack(_JEQ, to_accept - 5 - number - 1, 0, prefix))
-        out.append(pack(_JA, 0, 0, 1))
-        out.append(pack(_RET, 0, 0, accept))
-    out.append(pack(_RET, 0, 0, accept))
+                out.append(pack(JEQ, to_accept - 5 - number - 1, 0, prefix))
+        out.append(pack(JA, 0, 0, 1))
+        out.append(pack(RET, 0, 0, accept))
+    out.append(pack(RET, 0, 0, accept))
     return b"".join(out)

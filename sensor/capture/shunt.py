@@ -43,6 +43,8 @@ import threading
 from bisect import bisect_left
 from typing import NamedTuple
 
+from .bpf_code import (AND_K, INSN, JA, JEQ, JGE, JSET, LD_IND, LD_LEN, LDB_IND, LDH_ABS, LDH_IND, LDX_IMM,
+                       RET, SUB_K, SUB_X, insn)
 from .dns_screen import MAX_SERVERS as MAX_DNS_SERVERS
 from .dns_screen import build_stage as build_dns_stage
 from .dns_screen import label_prefixes
@@ -86,18 +88,7 @@ class FrameLayout(NamedTuple):
 
 ETHERNET = FrameLayout(12, 14)
 
-_INSN = struct.Struct("=HBBI")
-# Classic BPF opcodes (linux/filter.h).
-_LD_LEN, _LDX_IMM = 0x80, 0x01
-_LDH_ABS, _LDB_IND, _LDH_IND, _LD_IND = 0x28, 0x50, 0x48, 0x40
-_SUB_X, _AND_K = 0x1C, 0x54
-_SUB_K = 0x14
-_JA, _JEQ, _JGE, _JSET, _RET = 0x05, 0x15, 0x35, 0x45, 0x06
 _TCP_SYN_FIN_RST = 0x07
-
-
-def _insn(code: int, k: int = 0, jt: int = 0, jf: int = 0) -> bytes:
-    return _INSN.pack(code, jt, jf, k)
 
 
 def _block_template(key_length: int) -> tuple[bytes, tuple[int, ...]]:
@@ -113,21 +104,21 @@ def _block_template(key_length: int) -> tuple[bytes, tuple[int, ...]]:
     # number's distance from the window's start (load, subtract, compare), ret, reload.
     size = 1 + 2 * addresses + 2 + 3 + 1 + 1
     reload = size - 1
-    body = [_insn(_JEQ, 0, 0, size - 1)]
+    body = [insn(JEQ, 0, 0, size - 1)]
     places = []
     for index in range(addresses):
         position = 1 + 2 * index
-        body.append(_insn(_LD_IND, address_at + 4 * index))
-        places.append((position + 1) * _INSN.size + 4)
-        body.append(_insn(_JEQ, 0, 0, reload - (position + 1) - 1))
-    body.append(_insn(_LDB_IND, flags_at))
-    body.append(_insn(_JSET, _TCP_SYN_FIN_RST, 4, 0))
-    body.append(_insn(_LD_IND, ports_at + 4))
-    window_start = len(body) * _INSN.size + 4
-    body.append(_insn(_SUB_K, 0))
-    body.append(_insn(_JGE, SEQ_WINDOW, 1, 0))
-    body.append(_insn(_RET, 0))
-    body.append(_insn(_LD_IND, ports_at))
+        body.append(insn(LD_IND, address_at + 4 * index))
+        places.append((position + 1) * INSN.size + 4)
+        body.append(insn(JEQ, 0, 0, reload - (position + 1) - 1))
+    body.append(insn(LDB_IND, flags_at))
+    body.append(insn(JSET, _TCP_SYN_FIN_RST, 4, 0))
+    body.append(insn(LD_IND, ports_at + 4))
+    window_start = len(body) * INSN.size + 4
+    body.append(insn(SUB_K, 0))
+    body.append(insn(JGE, SEQ_WINDOW, 1, 0))
+    body.append(insn(RET, 0))
+    body.append(insn(LD_IND, ports_at))
     return b"".join(body), (*places, 4, window_start)
 
 
@@ -167,24 +158,24 @@ def _family(entries: list) -> bytes:
                 mid = bisect_left(entries, (pivot + 1,), lo, hi)
             if lo < mid < hi:
                 # A >= the pivot: over the left half to the right one.
-                parts.append(_insn(_JGE, entries[mid][0], 0, 1))
+                parts.append(insn(JGE, entries[mid][0], 0, 1))
                 right, jump_position = len(parts), size + 1
                 parts.append(None)
                 size += 2
                 search(lo, mid)
-                parts[right] = _insn(_JA, size - jump_position - 1)
+                parts[right] = insn(JA, size - jump_position - 1)
                 search(mid, hi)
                 return
         leaf = b"".join([entry[1] for entry in entries[lo:hi]])
         parts.append(leaf)
-        size += len(leaf) // _INSN.size
+        size += len(leaf) // INSN.size
         exits.append((len(parts), size))
         parts.append(None)
         size += 1
 
     search(0, len(entries))
     for index, position in exits:
-        parts[index] = _insn(_JA, size - position - 1)
+        parts[index] = insn(JA, size - position - 1)
     return b"".join(parts)
 
 
@@ -205,22 +196,22 @@ def _leading(main: bytes) -> tuple[bytes, int] | None:
     flows' tests follow, and the length it accepts with; None when it returns A or accepts
     with more than one length (libpcap's programs return the snap length or 0)."""
     code = bytearray(main)
-    count = len(main) // _INSN.size
+    count = len(main) // INSN.size
     accepted = set()
     for index in range(count):
-        op, _, _, k = _INSN.unpack_from(code, index * _INSN.size)
-        if op & 0x07 == _RET:
-            if op != _RET:
+        op, _, _, k = INSN.unpack_from(code, index * INSN.size)
+        if op & 0x07 == RET:
+            if op != RET:
                 return None
             if k:
                 accepted.add(k)
-                _INSN.pack_into(code, index * _INSN.size, _JA, 0, 0, count - index - 1)
+                INSN.pack_into(code, index * INSN.size, JA, 0, 0, count - index - 1)
     if len(accepted) != 1:
         return None
     return bytes(code), accepted.pop()
 
 
-_IPV4_BLOCK = 12 * _INSN.size
+_IPV4_BLOCK = 12 * INSN.size
 _OUT = 27
 
 
@@ -234,16 +225,16 @@ def _tests(layout: FrameLayout) -> bytes:
         return _ip_tests()
     network_at = layout.network_at
     return b"".join([
-        _insn(_LD_LEN),                                   # 0
-        _insn(_JGE, MIN_PACKET + network_at, 0, _OUT - 2),  # 1
-        _insn(_LDX_IMM, network_at),                      # 2
-        _insn(_LDH_ABS, layout.type_at),                  # 3
-        _insn(_JEQ, 0x8100, 0, 2),                        # 4
-        _insn(_LDX_IMM, network_at + 4),                  # 5
-        _insn(_LDH_ABS, network_at + 2),                  # 6
-        _insn(_JEQ, 0x0800, 0, 8),                        # 7: to 16
+        insn(LD_LEN),                                   # 0
+        insn(JGE, MIN_PACKET + network_at, 0, _OUT - 2),  # 1
+        insn(LDX_IMM, network_at),                      # 2
+        insn(LDH_ABS, layout.type_at),                  # 3
+        insn(JEQ, 0x8100, 0, 2),                        # 4
+        insn(LDX_IMM, network_at + 4),                  # 5
+        insn(LDH_ABS, network_at + 2),                  # 6
+        insn(JEQ, 0x0800, 0, 8),                        # 7: to 16
         *_ipv4_tests(8, _OUT, _OUT),                      # 8-15
-        _insn(_JEQ, 0x86DD, 0, _OUT - 17),                # 16
+        insn(JEQ, 0x86DD, 0, _OUT - 17),                # 16
         *_ipv6_tests(17, _OUT),                           # 17-25
     ])
 
@@ -254,14 +245,14 @@ def _ipv4_tests(at: int, out: int, otherwise: int) -> list[bytes]:
     on to the IPv4 search, just past the way ``out``; a first byte other than 0x45 goes to
     ``otherwise`` (A still holds it), any other packet out."""
     return [
-        _insn(_LDB_IND, 0),
-        _insn(_JEQ, 0x45, 0, otherwise - (at + 2)),
-        _insn(_LDB_IND, 9),
-        _insn(_JEQ, 6, 0, out - (at + 4)),
-        _insn(_LDH_IND, 6),
-        _insn(_JSET, 0x3FFF, out - (at + 6), 0),
-        _insn(_LD_IND, IPV4_PORTS),
-        _insn(_JA, out + 1 - (at + 8)),
+        insn(LDB_IND, 0),
+        insn(JEQ, 0x45, 0, otherwise - (at + 2)),
+        insn(LDB_IND, 9),
+        insn(JEQ, 6, 0, out - (at + 4)),
+        insn(LDH_IND, 6),
+        insn(JSET, 0x3FFF, out - (at + 6), 0),
+        insn(LD_IND, IPV4_PORTS),
+        insn(JA, out + 1 - (at + 8)),
     ]
 
 
@@ -270,15 +261,15 @@ def _ipv6_tests(at: int, out: int) -> list[bytes]:
     enough for the tests whose next header is TCP gets its port word loaded in A and falls
     through (to the jump to the IPv6 search); any other packet goes ``out``."""
     return [
-        _insn(_LD_LEN),
-        _insn(_SUB_X),
-        _insn(_JGE, MIN_IPV6_PACKET, 0, out - (at + 3)),
-        _insn(_LDB_IND, 6),
-        _insn(_JEQ, 6, 0, out - (at + 5)),
-        _insn(_LDB_IND, 0),
-        _insn(_AND_K, 0xF0),
-        _insn(_JEQ, 0x60, 0, out - (at + 8)),
-        _insn(_LD_IND, IPV6_PORTS),
+        insn(LD_LEN),
+        insn(SUB_X),
+        insn(JGE, MIN_IPV6_PACKET, 0, out - (at + 3)),
+        insn(LDB_IND, 6),
+        insn(JEQ, 6, 0, out - (at + 5)),
+        insn(LDB_IND, 0),
+        insn(AND_K, 0xF0),
+        insn(JEQ, 0x60, 0, out - (at + 8)),
+        insn(LD_IND, IPV6_PORTS),
     ]
 
 
@@ -287,9 +278,9 @@ def _ip_tests() -> bytes:
     version: the network header at 0 (in X), the way out at 21."""
     out = 21
     return b"".join([
-        _insn(_LD_LEN),                                   # 0
-        _insn(_JGE, MIN_PACKET, 0, out - 2),              # 1
-        _insn(_LDX_IMM, 0),                               # 2
+        insn(LD_LEN),                                   # 0
+        insn(JGE, MIN_PACKET, 0, out - 2),              # 1
+        insn(LDX_IMM, 0),                               # 2
         *_ipv4_tests(3, out, 11),                         # 3-10, to 11 if not IPv4
         *_ipv6_tests(11, out),                            # 11-19
     ])
@@ -306,17 +297,17 @@ def _program(blocks: list, main: bytes, tests: bytes, leading: bytes, accept: in
     filter runs first, and only a frame it accepts meets the flows' tests (most frames on a
     span port are rejected by it), after ``dns_stage`` (capture.dns_screen), if any."""
     if not blocks:
-        return leading + dns_stage + _insn(_RET, accept) if dns_stage else main
+        return leading + dns_stage + insn(RET, accept) if dns_stage else main
     v4 = [entry for entry in blocks if len(entry[1]) == _IPV4_BLOCK]
     v6 = [entry for entry in blocks if len(entry[1]) != _IPV4_BLOCK]
     ipv6 = _family(v6)
-    n6 = len(ipv6) // _INSN.size
+    n6 = len(ipv6) // INSN.size
     # The IPv4 search ends in a jump over the IPv6 one, to the accepting return.
-    ipv4 = _family(v4) + _insn(_JA, n6)
-    n4 = len(ipv4) // _INSN.size
+    ipv4 = _family(v4) + insn(JA, n6)
+    n4 = len(ipv4) // INSN.size
     # The way out (27) follows the tests, then the IPv4 search (from 28), then the IPv6 one.
-    return (leading + dns_stage + tests + _insn(_JA, 1 + n4) + _insn(_JA, n4 + n6)
-            + ipv4 + ipv6 + _insn(_RET, accept))
+    return (leading + dns_stage + tests + insn(JA, 1 + n4) + insn(JA, n4 + n6)
+            + ipv4 + ipv6 + insn(RET, accept))
 
 
 class ShuntTable:
@@ -341,7 +332,7 @@ class ShuntTable:
         self._layout = layout
         self._tests = _tests(layout)
         # As many flows as keep the program within MAX_PROGRAM: a user's --bpf lengthens it.
-        room = MAX_PROGRAM - len(main) // _INSN.size - _TESTS_FIXED
+        room = MAX_PROGRAM - len(main) // INSN.size - _TESTS_FIXED
         self._leading = _leading(main)
         self.max_flows = max(0, min(MAX_FLOWS, room // _IPV6_FLOW_COST)) if self._leading else 0
         self.lag = LAG_BATCHES
