@@ -211,6 +211,27 @@ def test_a_full_table_of_ipv6_flows_stays_within_the_kernels_program_limit():
         assert lib.bpf_validate(table.program, len(table.program) // 8)
 
 
+def test_flows_sharing_a_port_word_past_a_runs_length_are_all_found():
+    """A run never splits one port word: thirty IPv6 clients on the same ports, among others,
+    make one run of several hundred instructions, whose skip and way out still land right."""
+    lib = _libpcap()
+    main_program = _main_program()
+    rng = random.Random(5)
+    shared = [IPv6(src=f"fd00::{n + 1:x}", dst="2001:db8::1") for n in range(30)]
+    others = [IP(src=f"10.0.1.{n + 1}", dst="198.51.100.7") for n in range(40)]
+    ports = {id(ip): (50000, 443) if ip in shared else (rng.randint(1024, 65535), 443)
+             for ip in shared + others}
+    shunted = shared[::3] + others[::2]
+    program = shunt.build_program([(_key(ip, TCP(sport=ports[id(ip)][0], dport=443)), 0) for ip in shunted],
+                                  main_program)
+    assert lib.bpf_validate(program, len(program) // 8)
+    for ip in shared + others:
+        frame = _frame(ip, TCP(sport=ports[id(ip)][0], dport=443, flags="PA"))
+        verdict = lib.bpf_filter(program, frame, len(frame), len(frame))
+        assert (verdict == 0) == (ip in shunted), ip.src
+        assert lib.bpf_filter(main_program, frame, len(frame), len(frame)) != 0
+
+
 def test_the_table_evicts_its_oldest_flow_and_rebuilds_only_what_changed():
     table = shunt.ShuntTable(b"\x06\x00\x00\x00\xff\xff\x00\x00")
     keys = [bytes([n]) * shunt.IPV4_KEY for n in range(table.max_flows + 1)]

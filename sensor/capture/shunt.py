@@ -24,9 +24,9 @@ discards the flow here.
 The tests read untagged or single-tagged Ethernet frames, Linux cooked frames (SLL and
 SLL2, which ``tcpdump -i any`` writes) and bare IP, each where its FrameLayout says: IPv4
 without options or fragments, and IPv6 without extension headers, as the decoder's batch
-loop does.  They find a flow by a binary search over the TCP port word (client port and
-server port), then compare the addresses and the flags.  Every load they make is inside
-the frame whatever the frame holds: frames with under MIN_PACKET bytes from the network
+loop does.  They find a flow by its TCP port word (client port and server port), scanning
+runs of flows sorted by it, then compare the addresses and the flags.  Every load they make
+is inside the frame whatever the frame holds: frames with under MIN_PACKET bytes from the network
 header on skip them, and libpcap is only given them for captures whose snap length is at
 least MIN_SNAPLEN, where such frames were kept whole.  A load past the captured bytes
 would reject the packet.
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import struct
 import threading
-from bisect import bisect_left
 from typing import NamedTuple
 
 from .bpf_code import (AND_K, INSN, JA, JEQ, JGE, JSET, LD_IND, LD_LEN, LDB_IND, LDH_ABS, LDH_IND, LDX_IMM,
@@ -64,7 +63,7 @@ MIN_SNAPLEN = 128
 MIN_PACKET = 50  # the IPv4 tests read at most 38 bytes in, behind a tag (TCP flags at 33)
 MIN_IPV6_PACKET = 58  # TCP flags at 53
 MAX_PROGRAM = 4096  # instructions, the kernel's BPF_MAXINSNS: libpcap's own limit for a live filter
-LEAF = 8  # flows compared one after another at the end of the search
+LEAF = 8  # flows compared one after another in a run of the search
 # A flow's segments are dropped from the sequence number it was shunted at up to this many
 # bytes on: a new connection on the same ports (its own initial sequence number, random)
 # lands there once in 64.  The decoder shunts an upload anew once it is past the window.
@@ -141,41 +140,37 @@ def _entry_block(key: bytes, seq: int) -> tuple[int, bytes, int]:
 
 
 def _family(entries: list) -> bytes:
-    """A binary search over ``entries`` ((port word, block) pairs) on the port word in A,
-    testing at most LEAF flows one after another at its leaves (more where they share one
-    port word); every way out of it leads to its end."""
+    """A search over ``entries`` ((port word, block, sequence number) triples) on the port
+    word in A: the entries sorted and cut into runs of LEAF flows (longer where a port word
+    would straddle two runs), each run behind a test that skips it when A is at least the
+    next run's first port word, its flows compared one after another; every way out of it
+    leads to its end.  The program is rebuilt after nearly every batch of a shunting read
+    (176 of 178 on the 858 MB mix): with 100 flows it now takes 45 us, against 116 us when
+    the search was a binary tree, for a few more instructions in libpcap per frame the
+    capture filter accepts (at most MAX_FLOWS / LEAF runs to skip)."""
     entries.sort()
-    parts: list = []  # instructions, and None where a jump goes once its target is known
-    exits: list[tuple[int, int]] = []  # (index in parts, instruction position)
-    size = 0
-
-    def search(lo: int, hi: int) -> None:
-        nonlocal size
-        if hi - lo > LEAF:
-            pivot = entries[(lo + hi) // 2][0]
-            mid = bisect_left(entries, (pivot,), lo, hi)
-            if mid == lo:
-                mid = bisect_left(entries, (pivot + 1,), lo, hi)
-            if lo < mid < hi:
-                # A >= the pivot: over the left half to the right one.
-                parts.append(insn(JGE, entries[mid][0], 0, 1))
-                right, jump_position = len(parts), size + 1
-                parts.append(None)
-                size += 2
-                search(lo, mid)
-                parts[right] = insn(JA, size - jump_position - 1)
-                search(mid, hi)
-                return
-        leaf = b"".join([entry[1] for entry in entries[lo:hi]])
-        parts.append(leaf)
-        size += len(leaf) // INSN.size
-        exits.append((len(parts), size))
-        parts.append(None)
-        size += 1
-
-    search(0, len(entries))
-    for index, position in exits:
-        parts[index] = insn(JA, size - position - 1)
+    count = len(entries)
+    runs = []  # (the run's blocks, their instructions, the next run's first port word)
+    start = 0
+    while start < count:
+        end = min(start + LEAF, count)
+        while end < count and entries[end][0] == entries[end - 1][0]:
+            end += 1
+        blocks = b"".join([entry[1] for entry in entries[start:end]])
+        runs.append((blocks, len(blocks) // INSN.size, entries[end][0] if end < count else None))
+        start = end
+    total = sum(size + (1 if following is None else 3) for _, size, following in runs)
+    parts = []
+    position = 0
+    for blocks, size, following in runs:
+        if following is not None:
+            # A >= the next run's first port word: over this run and its way out.
+            parts.append(insn(JGE, following, 0, 1))
+            parts.append(insn(JA, size + 1))
+            position += 2
+        parts.append(blocks)
+        position += size + 1
+        parts.append(insn(JA, total - position))
     return b"".join(parts)
 
 
@@ -286,7 +281,7 @@ def _ip_tests() -> bytes:
     ])
 
 # The tests and the way out; and the most one flow can add: an IPv6 flow's test, its share
-# of the search (a test and a jump per inner node, a jump per leaf).
+# of the search (a run's test, its jump over the run and its way out).
 _TESTS_FIXED = 30
 _IPV6_FLOW_COST = 24 + 3
 
@@ -306,8 +301,8 @@ def _program(blocks: list, main: bytes, tests: bytes, leading: bytes, accept: in
     ipv4 = _family(v4) + insn(JA, n6)
     n4 = len(ipv4) // INSN.size
     # The way out (27) follows the tests, then the IPv4 search (from 28), then the IPv6 one.
-    return (leading + dns_stage + tests + insn(JA, 1 + n4) + insn(JA, n4 + n6)
-            + ipv4 + ipv6 + insn(RET, accept))
+    return b"".join((leading, dns_stage, tests, insn(JA, 1 + n4), insn(JA, n4 + n6), ipv4, ipv6,
+                     insn(RET, accept)))
 
 
 class ShuntTable:
