@@ -166,13 +166,12 @@ def _shunting_agrees(buf: bytes, meta: bytes, records: list, linktype: int = 1) 
 
 
 def _capture_filter() -> bytes | None:
-    """The sensor's filter for Ethernet as libpcap compiles it for a capture of full frames."""
+    """The sensor's filter for Ethernet, where libpcap's interpreter is at hand to run it."""
     if LIBPCAP is None:
         return None
-    import pcapy
+    from tests.helpers import capture_filter_program
 
-    compiled = pcapy.compile(1, 262144, bpf.build_filter(None, 1), 1, 0)
-    return b"".join(struct.pack("=HBBI", *insn) for insn in compiled.get_bpf())
+    return capture_filter_program()
 
 
 CAPTURE_FILTER = _capture_filter()

@@ -123,3 +123,15 @@ def libpcap_bpf():
     lib.bpf_filter.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint]
     lib.bpf_validate.argtypes = [ctypes.c_char_p, ctypes.c_int]
     return lib
+
+
+def capture_filter_program(linktype: int = 1, user_filter: str | None = None) -> bytes:
+    """The sensor's capture filter for ``linktype`` (narrowed by ``user_filter``) as libpcap
+    compiles it for a capture of whole frames, as instruction bytes: what a ShuntTable is
+    built on."""
+    import pcapy
+
+    from sensor.capture.bpf import build_filter
+
+    compiled = pcapy.compile(linktype, 262144, build_filter(user_filter, linktype), 1, 0)
+    return b"".join(struct.pack("=HBBI", *insn) for insn in compiled.get_bpf())

@@ -22,7 +22,7 @@ from scapy.packet import Raw  # noqa: E402
 
 from sensor.capture import bpf, dns_screen, shunt  # noqa: E402
 from sensor.detect.signatures import default_signature_paths, load_signatures  # noqa: E402
-from tests.helpers import libpcap_bpf, load_make_samples, read_detections  # noqa: E402
+from tests.helpers import capture_filter_program, libpcap_bpf, load_make_samples, read_detections  # noqa: E402
 
 MACS = {"src": "02:00:00:00:00:01", "dst": "02:00:00:00:00:02"}
 RESOLVER4, RESOLVER6 = "10.1.0.53", "fd00::35"
@@ -38,11 +38,6 @@ def _libpcap():
     if lib is None:
         pytest.skip("no single libpcap mapped into the process")
     return lib
-
-
-def _main_program(linktype: int = 1) -> bytes:
-    compiled = pcapy.compile(linktype, 262144, bpf.build_filter(None, linktype), 1, 0)
-    return b"".join(struct.pack("=HBBI", *insn) for insn in compiled.get_bpf())
 
 
 def _pair(address: str, direction: bytes) -> bytes:
@@ -80,7 +75,7 @@ def _dns_frame(message: bytes, client: str, server: str, response: bool = False,
 
 def test_a_listed_servers_messages_pass_only_when_they_may_name_a_screened_label(screen):
     lib = _libpcap()
-    main = _main_program()
+    main = capture_filter_program()
     table = _table(screen.labels, [(RESOLVER4, b"q"), (RESOLVER4, b"r"), (RESOLVER6, b"q"),
                                    (RESOLVER6, b"r")], main)
     program = table.program
@@ -118,7 +113,7 @@ def test_a_listed_servers_messages_pass_only_when_they_may_name_a_screened_label
 
 def test_what_the_decoder_would_count_or_cannot_search_passes(screen):
     lib = _libpcap()
-    main = _main_program()
+    main = capture_filter_program()
     program = _table(screen.labels, [(RESOLVER4, b"q"), (RESOLVER6, b"q")], main).program
 
     def verdicts(frame):
@@ -159,7 +154,7 @@ def test_the_stage_drops_nothing_the_decoders_screen_would_keep(screen):
     any point) or the first bytes of one: whenever the program drops one, the decoder's own
     screen finds nothing in it past the DNS header."""
     lib = _libpcap()
-    main = _main_program()
+    main = capture_filter_program()
     program = _table(screen.labels, [(RESOLVER4, b"q")], main).program
     rng = random.Random(11)
     wire_labels = [bytes((len(label),)) + label for label in screen.labels]
@@ -196,7 +191,7 @@ def test_the_labels_the_search_can_compare():
 
 def test_a_full_list_of_servers_fits_and_the_next_one_is_left_to_the_decoder(screen):
     lib = _libpcap()
-    main = _main_program()
+    main = capture_filter_program()
     table = shunt.ShuntTable(main, shunt.ETHERNET, dns=True)
     table.screen_dns(screen.labels)
     for index in range(dns_screen.MAX_SERVERS):
@@ -224,7 +219,7 @@ def test_the_stage_reads_other_link_types_where_their_frames_hold_the_network_he
     lib = _libpcap()
     linktype, wrap, tags = _OTHER_LINKS[link]
     dlt = bpf.dlt_for(linktype)
-    main = _main_program(dlt)
+    main = capture_filter_program(dlt)
     program = _table(screen.labels, [(RESOLVER4, b"q"), (RESOLVER6, b"r")], main,
                      bpf.SHUNTED_LINKTYPES[linktype]).program
     for tag in (False, True) if tags else (False,):

@@ -22,7 +22,7 @@ from scapy.packet import Raw  # noqa: E402
 
 from sensor.capture import bpf, shunt  # noqa: E402
 from sensor.decode.packet import SHUNT_AFTER  # noqa: E402
-from tests.helpers import libpcap_bpf, load_make_samples, read_detections  # noqa: E402
+from tests.helpers import capture_filter_program, libpcap_bpf, load_make_samples, read_detections  # noqa: E402
 
 MACS = {"src": "02:00:00:00:00:01", "dst": "02:00:00:00:00:02"}
 
@@ -32,11 +32,6 @@ def _libpcap():
     if lib is None:
         pytest.skip("no single libpcap mapped into the process")
     return lib
-
-
-def _main_program(user_filter: str | None = None) -> bytes:
-    compiled = pcapy.compile(pcapy.DLT_EN10MB, 262144, bpf.build_filter(user_filter, 1), 1, 0)
-    return b"".join(struct.pack("=HBBI", *insn) for insn in compiled.get_bpf())
 
 
 def _key(ip, tcp) -> bytes:
@@ -54,7 +49,7 @@ def _frame(ip, tcp, tags=(), payload=b"x" * 600) -> bytes:
 
 def test_the_program_drops_a_shunted_flows_segments_and_leaves_every_other_frame_to_the_filter():
     lib = _libpcap()
-    main_program = _main_program()
+    main_program = capture_filter_program()
     rng = random.Random(7)
     flows = []
     for index in range(40):
@@ -154,8 +149,7 @@ def test_the_program_reads_other_link_types_where_their_frames_hold_the_network_
     lib = _libpcap()
     linktype, wrap, tags = _OTHER_LINKS[link]
     dlt = bpf.dlt_for(linktype)
-    compiled = pcapy.compile(dlt, 262144, bpf.build_filter(None, dlt), 1, 0)
-    main_program = b"".join(struct.pack("=HBBI", *insn) for insn in compiled.get_bpf())
+    main_program = capture_filter_program(dlt)
 
     def frame_of(ip, tcp, tag=False, payload=b"x" * 600) -> bytes:
         ethertype = b"\x86\xdd" if ip.version == 6 else b"\x08\x00"
@@ -201,7 +195,7 @@ def test_a_full_table_of_ipv6_flows_stays_within_the_kernels_program_limit():
     lib = _libpcap()
     rng = random.Random(3)
     user_filter = " or ".join(f"host 198.51.100.{n}" for n in range(1, 60))
-    for main_program in (_main_program(), _main_program(user_filter)):
+    for main_program in (capture_filter_program(), capture_filter_program(user_filter=user_filter)):
         table = shunt.ShuntTable(main_program)
         assert 0 < table.max_flows <= shunt.MAX_FLOWS
         for _ in range(table.max_flows):
@@ -215,7 +209,7 @@ def test_flows_sharing_a_port_word_past_a_runs_length_are_all_found():
     """A run never splits one port word: thirty IPv6 clients on the same ports, among others,
     make one run of several hundred instructions, whose skip and way out still land right."""
     lib = _libpcap()
-    main_program = _main_program()
+    main_program = capture_filter_program()
     rng = random.Random(5)
     shared = [IPv6(src=f"fd00::{n + 1:x}", dst="2001:db8::1") for n in range(30)]
     others = [IP(src=f"10.0.1.{n + 1}", dst="198.51.100.7") for n in range(40)]
