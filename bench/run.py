@@ -11,7 +11,8 @@ missing) once from the page cache: ``purge-sensor read`` (its default BPF prefil
 in a temporary directory, alerts to /dev/null), ``purge-sensor read --no-bpf-prefilter``
 (every packet decoded), ``tcpdump -r`` with the sensor's own filter writing to /dev/null,
 and ``tshark -r`` extracting DNS names, SNI and HTTP Host.  Peak RSS is each child's own
-ru_maxrss.  The sensor's modules are byte-compiled first, as an installed package is (the
+ru_maxrss, which for ``read`` split in two processes (sensor.split_read) is the larger
+one's: the RSS target is checked against twice it, a bound on both together.  The sensor's modules are byte-compiled first, as an installed package is (the
 environment may set PYTHONDONTWRITEBYTECODE, which would make every run compile them), and
 the signature cache is filled, as the first start of an installed sensor fills it.
 
@@ -250,8 +251,8 @@ def offline(mix: Path, repeat: int, skip_tshark: bool, skip_plain: bool,
                 seconds / base <= MAX_TCPDUMP_RATIO)
 
     checks = [ratio_check("", sensor),
-              (f"peak RSS at most {MAX_RSS_MB} MB", f"{results[SENSOR_RUN][2] / 1e6:.0f} MB",
-               results[SENSOR_RUN][2] / 1e6 <= MAX_RSS_MB)]
+              (f"peak RSS at most {MAX_RSS_MB} MB (2 processes)", f"{2 * results[SENSOR_RUN][2] / 1e6:.0f} MB",
+               2 * results[SENSOR_RUN][2] / 1e6 <= MAX_RSS_MB)]
     if tshark:
         checks.append((f"at least {MIN_TSHARK_RATIO}x faster than tshark", f"{tshark[0] / sensor:.1f}x",
                        tshark[0] / sensor >= MIN_TSHARK_RATIO))

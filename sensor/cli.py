@@ -1,7 +1,8 @@
 """Command line: ``purge-sensor read|names|signatures|hosts|report``.
 
 Data goes to stdout, diagnostics to stderr.  Exit codes: 0 success, 1 unreadable
-capture, 2 usage or configuration error (bad config, bad signatures, bad sink).
+capture, 2 usage or configuration error (bad config, bad signatures, bad sink), 3 the
+state process of a split read died (the inventory keeps what it had committed).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from .capture.pcapfile import CaptureError, open_capture
 from .config import ConfigError, Settings, load_config
 from .records import ClientHello, DnsMessage, HttpRequest
 
-EXIT_OK, EXIT_CAPTURE, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_CAPTURE, EXIT_USAGE, EXIT_STATE_PROCESS = 0, 1, 2, 3
 
 
 def _add_sensor_options(p: argparse.ArgumentParser) -> None:
@@ -136,17 +137,32 @@ def _read(args) -> int:
 
 
 def _read_captures(args, settings, captures, prefilter: bool, failed: list) -> int:
+    split = None
+    if getattr(args, "split", False):
+        from . import split_read
+
+        if split_read.usable(args, settings):
+            try:
+                split = split_read.start(settings, args.quiet)
+            except split_read.START_ERRORS as err:
+                print(f"purge-sensor: {err}", file=sys.stderr)
+                return EXIT_USAGE
     first = next(captures, None)
     if first is not None and hasattr(first[1], "batches"):
         first[1].batches()
-    from .pipeline import SENSOR_START_ERRORS, Progress, Sensor
+    from .decoding import Progress
 
     progress = Progress(sys.stderr.isatty() and not args.quiet)
-    try:
-        sensor = Sensor(settings)
-    except SENSOR_START_ERRORS as err:
-        print(f"purge-sensor: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    if split is not None:
+        sensor = split
+    else:
+        from .pipeline import SENSOR_START_ERRORS, Sensor
+
+        try:
+            sensor = Sensor(settings)
+        except SENSOR_START_ERRORS as err:
+            print(f"purge-sensor: {err}", file=sys.stderr)
+            return EXIT_USAGE
     metrics = None
     if settings.metrics:
         try:
@@ -163,6 +179,7 @@ def _read_captures(args, settings, captures, prefilter: bool, failed: list) -> i
     gc.freeze()
     handle = sensor.handle
     stats = sensor.stats
+    stopped_by = () if split is None else split_read.StateProcessFailed
     try:
         for path, cap in itertools.chain([first] if first is not None else [], captures):
             batches = getattr(cap, "batches", None)
@@ -198,10 +215,16 @@ def _read_captures(args, settings, captures, prefilter: bool, failed: list) -> i
                 stats.malformed["capture_record"] += cap.skipped
     except KeyboardInterrupt:
         print("purge-sensor: interrupted", file=sys.stderr)
+    except stopped_by:
+        pass  # the state process is gone: close() says why
     finally:
         captures.close()
         progress.clear()
         sensor.close(snapshot=not args.quiet or metrics is not None)
+    failure = getattr(sensor, "failure", None)
+    if failure is not None:
+        print(f"purge-sensor: {failure}", file=sys.stderr)
+        return EXIT_USAGE if sensor.failed_to_start else EXIT_STATE_PROCESS
     if not args.quiet:
         _summary(sensor, filtered=prefilter)
     if metrics is not None and settings.linger:
@@ -341,6 +364,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                         "--no-bpf-prefilter decodes every packet)")
     p.add_argument("--bpf", metavar="FILTER",
                    help="only packets matching this filter (tcpdump syntax), ANDed with the prefilter")
+    p.add_argument("--split", action=argparse.BooleanOptionalAction, default=True,
+                   help="detect, track and write alerts in a second process while this one decodes "
+                        "(default: on where two CPUs are free to run on; never with --metrics)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress or summary on stderr")
     p.add_argument("captures", nargs="+", metavar="CAPTURE")
     p.set_defaults(func=cmd_read)

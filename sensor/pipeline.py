@@ -1,19 +1,20 @@
 """Wires the stages: capture -> decode -> detect -> track -> output.
 
 One Sensor owns the state store and the sinks.  The read loop calls the decoder
-directly and touches the later stages only when a packet produced records.
+directly (decoding.Decoding) and touches the later stages only when a packet produced
+records.  A split read (split_read) runs the same Sensor in a second process, fed the
+records of the first.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from datetime import date
 
-from .config import DEFAULT_INTERNAL, ConfigError, Settings
-from .decode.packet import DecoderConfig, Interest, PacketDecoder
+from .config import ConfigError, Settings
+from .decoding import FLUSH_INTERVAL, Decoding, decoder_interest, tracker_config
 from .detect.engine import Detector
 from .detect.signatures import SignatureError, default_signature_paths, load_signatures
 from .inet import gethostname
@@ -23,53 +24,33 @@ from .output.sinks import AlertRouter, build_sinks
 from .records import Detection, HostEvent
 from .stats import Stats
 from .track.store import Store, StoreError, default_state_path
-from .track.tracker import KSC_TCP_PORTS, KSC_UDP_PORTS, Tracker, TrackerConfig
+from .track.tracker import Tracker
 
-FLUSH_INTERVAL = 5.0  # seconds of packet time between store commits and summary checks
 # What Sensor() raises when the configuration, the signatures or the state store are not
 # usable (a state file that is not an inventory, a directory that cannot be made): the
 # commands report it in one line and exit 2 without starting half-configured.
 SENSOR_START_ERRORS = (ConfigError, SignatureError, StoreError, ValueError, OSError)
-FLOW_EVIDENCE_PORTS = frozenset([("tcp", p) for p in KSC_TCP_PORTS] + [("udp", p) for p in KSC_UDP_PORTS])
 
 
-def decoder_interest(signatures, flow_addresses: set | None = None) -> Interest:
-    """What the detector and tracker can use of decoded packets (decode.packet.Interest).
-
-    ``flow_addresses`` is the tracker's live set of answered addresses; None (for capture
-    workers in other processes) reports every flow start."""
-    screen = signatures.name_screen()
-    return Interest(dns_screen=screen.wire if screen else None,
-                    text_labels=screen.text if screen else None,
-                    dns_labels=screen.labels if screen else None,
-                    fingerprints=signatures.has_fingerprints or screen is None,
-                    ip_literal_paths=signatures.has_standalone_paths,
-                    flow_ports=FLOW_EVIDENCE_PORTS, flow_addresses=flow_addresses)
-
-
-class Sensor:
-    def __init__(self, settings: Settings, stats: Stats | None = None):
-        self.settings = settings
-        self.stats = stats or Stats()
+class Sensor(Decoding):
+    def __init__(self, settings: Settings, stats: Stats | None = None, signatures=None):
+        """``signatures``: a set already loaded from ``settings.signatures``."""
+        stats = stats or Stats()
         self.observer = settings.observer or gethostname()
         if settings.removal_start:
             try:
                 date.fromisoformat(settings.removal_start)
             except ValueError:
                 raise ValueError(f"removal_start: '{settings.removal_start}' is not a YYYY-MM-DD date") from None
-        self.signatures = load_signatures(settings.signatures or default_signature_paths())
-        self.decoder = PacketDecoder(self.stats, DecoderConfig(dedup_window=settings.dedup_window))
+        Decoding.__init__(self, settings, stats,
+                          signatures or load_signatures(settings.signatures or default_signature_paths()))
         self.detector = Detector(self.signatures, self.stats)
         self.store = None
         if not settings.no_state:
             path = settings.state or default_state_path()
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self.store = Store(path)
-        self.tracker = Tracker(TrackerConfig(internal=settings.internal or list(DEFAULT_INTERNAL),
-                                             resolvers=list(settings.resolvers),
-                                             dormant_days=settings.dormant_days,
-                                             answer_grace=settings.answer_grace),
-                               self.signatures, self.stats, self.store)
+        self.tracker = Tracker(tracker_config(settings), self.signatures, self.stats, self.store)
         self.decoder.interest = decoder_interest(self.signatures, self.tracker.answer_keys)
         self.decoder.report_redundant = self.tracker.report_redundant
         self.lifecycle = AlertLifecycle(window=settings.suppress_window)
@@ -84,20 +65,9 @@ class Sensor:
         self.capture_filter_in_kernel: dict = {}  # interface -> whether the kernel runs the filter
         self.want_snapshots = bool(settings.metrics)
         self._next_snapshot = 0.0
-        self._next_flush = 0.0
         self._next_inventory = None
         self.last_ts = 0.0
         self._loss_reported = (0, 0)
-
-    def handle(self, ts: float, linktype: int, data: bytes, wire_len: int, interface: int = 0):
-        stats = self.stats
-        stats.packets += 1
-        stats.bytes += wire_len
-        records = self.decoder.decode(ts, linktype, data, interface)
-        if records:
-            self.handle_records(records, ts)
-        elif ts >= self._next_flush:
-            self.tick(ts)
 
     def handle_records(self, records, ts: float) -> None:
         """Records decoded here or by a capture worker, from packets up to time ``ts``.
@@ -111,31 +81,6 @@ class Sensor:
                 self.emit(event)
         if ts >= self._next_flush:
             self.tick(ts)
-
-    def handle_batch(self, linktype: int, buf: bytes, meta: bytes, interface: int = 0,
-                     units: int = 1_000_000, others: dict | None = None) -> None:
-        """A libpcap batch (``next_batch``: one buffer, 16-byte (sec, fraction, offset,
-        caplen) records, ``units`` fractions a second), through PacketDecoder.batch, which
-        drops on the buffer what it can rule out of Ethernet and Linux cooked frames.
-        ``wire_len`` is the captured length here.  ``others`` maps the offsets of frames
-        captured on another interface than ``interface`` to theirs."""
-        handle = self.handle
-        if others:
-            for ts, frame, caplen, offset in self.decoder.batch(linktype, buf, meta, units, offsets=True):
-                handle(ts, linktype, frame, caplen, others.get(offset, interface))
-            return
-        for ts, frame, caplen in self.decoder.batch(linktype, buf, meta, units):
-            handle(ts, linktype, frame, caplen, interface)
-
-    def attach_shunts(self, shunts) -> None:
-        """The ShuntTable of the capture whose batches come next (capture.shunt), or None
-        once it is read: its program also drops the DNS messages the decoder would
-        (capture.dns_screen)."""
-        self.decoder.shunts = shunts
-        self.decoder.dns_decided.clear()
-        if shunts is not None:
-            interest = self.decoder.interest
-            shunts.screen_dns(interest.dns_labels if interest is not None else None)
 
     def capture_loss_interval(self) -> tuple[int, int]:
         """(gaps, acks) of the capture-loss estimate since the previous call: Zeek reports
@@ -209,27 +154,3 @@ class Sensor:
             self.refresh_snapshot()
         self.tracker.close()
         self.router.close()
-
-
-class Progress:
-    """A one-line progress display on stderr, only when stderr is a terminal."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.next = 0.0
-        self.start = time.monotonic()
-
-    def update(self, name: str, done: int, size: int | None, packets: int) -> None:
-        now = time.monotonic()
-        if not self.enabled or now < self.next:
-            return
-        self.next = now + 0.5
-        rate = done / max(now - self.start, 1e-6) / 1e6
-        pct = f"{100.0 * done / size:5.1f}% " if size else ""
-        sys.stderr.write(f"\r{name}: {pct}{packets:,} packets, {rate:.1f} MB/s ")
-        sys.stderr.flush()
-
-    def clear(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()

@@ -38,14 +38,15 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from dataclasses import dataclass, field
 
 from ..decode.dhcp import mdns_leases
-from ..inet import AF_INET, AF_INET6, inet_pton
 from ..records import AppRecord, Detection, DhcpLease, DnsMessage, FlowStart, HostEvent, Signature
 from ..stats import Stats
-from .internal import DEFAULT_INTERNAL, InternalNetworks, canonical_ip, host_port, is_group_address
+from .internal import InternalNetworks, canonical_ip, host_port, is_group_address
 from .store import Batch, Store
+from .tables import (AAAA, KSC_TCP_PORTS, KSC_UDP_PORTS, TrackerConfig, A, add_answer_key, answer_window,
+                     answered_name)
+from .tables import put as _put
 from .verdict import INSTALL_VERDICTS, decide, summarize, tally_key
 
 # json.dumps with options builds an encoder per call, which cost more than encoding a
@@ -58,43 +59,7 @@ PUBLIC_FALLBACK_RESOLVERS = frozenset((
     "2a0d:2a00:1::",
 ))
 
-KSC_TCP_PORTS = {
-    13000: "Network Agent / secondary server to Administration Server (TLS)",
-    14000: "Network Agent to Administration Server (legacy, no TLS)",
-    13111: "KSN proxy on the Administration Server",
-    17000: "activation proxy on the Administration Server",
-    13291: "Administration Console to Administration Server",
-    13292: "mobile devices to Administration Server",
-    13295: "distribution point server push",
-    13299: "Web Console OpenAPI",
-}
-KSC_UDP_PORTS = {
-    15000: "Administration Server / distribution point to Network Agent",
-    15001: "distribution point updates to Network Agent",
-}
-
-A, AAAA = 1, 28
-MAX_ANSWER_TTL = 86400
 FOLD_SLACK = 64  # folded "(other …)" rows allowed beyond the per-host indicator cap
-
-
-@dataclass
-class TrackerConfig:
-    internal: list[str] = field(default_factory=lambda: list(DEFAULT_INTERNAL))
-    resolvers: list[str] = field(default_factory=list)
-    answer_grace: float = 300.0
-    answer_cache_size: int = 65536
-    max_hosts: int = 100000  # inventory cap (the store's, or memory's without a store)
-    cached_hosts: int = 20000  # hosts kept in memory in front of the store (LRU)
-    dormant_days: float = 14.0
-    evidence_sample: int = 20
-    forward_window: float = 2.0  # seconds between a client query and the resolver's forward
-    client_query_table: int = 65536
-    max_indicators_per_host: int = 256
-    identity_table: int = 65536
-    max_resolvers: int = 4096
-    max_pending: int = 20000  # dirty hosts + events + identities before flush() is forced
-    sample_interval: float = 3600.0  # a row's next event is sampled after this long
 
 
 class Evidence:
@@ -189,19 +154,6 @@ class _Answer:
 
 def _flow_key(ctx) -> str:
     return f"{ctx.transport} {ctx.src_ip}:{ctx.src_port} > {ctx.dst_ip}:{ctx.dst_port}"
-
-
-def _packed(address: str) -> bytes:
-    return inet_pton(AF_INET6 if ":" in address else AF_INET, address)
-
-
-def _put(table: OrderedDict, key, value, cap: int, stats: Stats, name: str) -> None:
-    if key in table:
-        table.move_to_end(key)
-    elif len(table) >= cap:
-        table.popitem(last=False)
-        stats.evictions[name] += 1
-    table[key] = value
 
 
 class Tracker:
@@ -312,19 +264,7 @@ class Tracker:
         self._attribute(det, out)
 
     def _cache_answers(self, msg: DnsMessage) -> None:
-        match = self.signatures.match_name
-        found = None
-        for q in msg.questions:
-            sig = match(q.name)
-            if sig is not None:
-                found = (q.name.text, sig)
-                break
-        if found is None:
-            for ans in msg.answers:
-                sig = match(ans.name)
-                if sig is not None:
-                    found = (ans.name.text, sig)
-                    break
+        found = answered_name(msg, self.signatures.match_name)
         if found is None:
             return
         name, sig = found
@@ -333,19 +273,11 @@ class Tracker:
         grace = self.config.answer_grace
         for ans in msg.answers:
             if (ans.rtype == A or ans.rtype == AAAA) and ans.data:
-                window = min(max(ans.ttl, 0), MAX_ANSWER_TTL) + grace
+                window = answer_window(ans.ttl, grace)
                 _put(self.answers, ans.data, _Answer(name, sig, ctx.ts + window, window, lookup),
                      self.config.answer_cache_size, self.stats, "dns_answer_cache")
-                self._add_answer_key(ans.data)
+                add_answer_key(self.answer_keys, self.answers, ans.data)
         self.stats.table_sizes["dns_answer_cache"] = len(self.answers)
-
-    def _add_answer_key(self, address: str) -> None:
-        keys = self.answer_keys
-        if len(keys) > 2 * len(self.answers) + 64:
-            keys.clear()
-            for known in self.answers:
-                keys.add(_packed(known))
-        keys.add(_packed(address))
 
     # -- flows -------------------------------------------------------------------------
 
