@@ -142,11 +142,7 @@ def _read_captures(args, settings, captures, prefilter: bool, failed: list) -> i
         from . import split_read
 
         if split_read.usable(args, settings):
-            try:
-                split = split_read.start(settings, args.quiet)
-            except split_read.START_ERRORS as err:
-                print(f"purge-sensor: {err}", file=sys.stderr)
-                return EXIT_USAGE
+            split = split_read.fork(settings, args.quiet)
     first = next(captures, None)
     if first is not None and hasattr(first[1], "batches"):
         first[1].batches()
@@ -154,7 +150,12 @@ def _read_captures(args, settings, captures, prefilter: bool, failed: list) -> i
 
     progress = Progress(sys.stderr.isatty() and not args.quiet)
     if split is not None:
-        sensor = split
+        try:
+            sensor = split_read.decoding_side(settings, split)
+        except split_read.START_ERRORS as err:
+            split.abandon()
+            print(f"purge-sensor: {err}", file=sys.stderr)
+            return EXIT_USAGE
     else:
         from .pipeline import SENSOR_START_ERRORS, Sensor
 

@@ -33,8 +33,7 @@ SENSOR_START_ERRORS = (ConfigError, SignatureError, StoreError, ValueError, OSEr
 
 
 class Sensor(Decoding):
-    def __init__(self, settings: Settings, stats: Stats | None = None, signatures=None):
-        """``signatures``: a set already loaded from ``settings.signatures``."""
+    def __init__(self, settings: Settings, stats: Stats | None = None):
         stats = stats or Stats()
         self.observer = settings.observer or gethostname()
         if settings.removal_start:
@@ -42,8 +41,7 @@ class Sensor(Decoding):
                 date.fromisoformat(settings.removal_start)
             except ValueError:
                 raise ValueError(f"removal_start: '{settings.removal_start}' is not a YYYY-MM-DD date") from None
-        Decoding.__init__(self, settings, stats,
-                          signatures or load_signatures(settings.signatures or default_signature_paths()))
+        Decoding.__init__(self, settings, stats, load_signatures(settings.signatures or default_signature_paths()))
         self.detector = Detector(self.signatures, self.stats)
         self.store = None
         if not settings.no_state:

@@ -6,8 +6,8 @@ On two cores the decoder sets the pace, and the tracker, the state store and the
 formats ran on its thread: on a capture whose hosts keep the tracker busy that was a
 third of its time, while the reader's core idled half of it.  Records are few (one
 packet in a thousand makes one), so handing them over costs far less than handling
-them; the state process is forked before the capture opens and loads its half while
-this one loads its own.
+them; the state process is forked first thing and loads its half while this one starts
+libpcap's reader and loads its own.
 
 The decoder consults the tracker as it goes (which addresses a flow start is evidence
 towards, which DNS servers it may leave to the capture filter): track.mirror keeps those
@@ -16,7 +16,7 @@ records are the ones a read in one process makes.  The state process receives th
 order with the packet times its Sensor ticks at, so its alerts and inventory are too.
 
 Messages are pickles on a pipe, each behind its length.  This process sends
-``("records", [(ts, records), ...])`` a batch at a time and ``("end",)``; the state
+``("records", [(ts, records), ...])`` SEND_AFTER groups at a time and ``("end",)``; the state
 process answers ``("done", alerts, host list, counters, table sizes)``, or ``("error",
 message)`` when its Sensor cannot start (bad state store, say), after which the read
 stops and exits 2 as a read in one process does.  If this process dies, the state
@@ -32,6 +32,7 @@ import signal
 import struct
 import sys
 import traceback
+from typing import NamedTuple
 
 from .decoding import FLUSH_INTERVAL, Decoding, decoder_interest, tracker_config
 from .detect.signatures import SignatureError, default_signature_paths, load_signatures
@@ -108,11 +109,22 @@ def usable(args, settings) -> bool:
         return False
 
 
-def start(settings, quiet: bool) -> "SplitDecoding":
-    """Load the signatures, fork the state process (before any thread of this one starts,
-    after what both halves use is loaded) and return this process's side."""
-    signatures = load_signatures(settings.signatures or default_signature_paths())
-    stored = _stored_resolvers(settings)
+class StateProcess(NamedTuple):
+    pid: int
+    outbox: Channel  # to it
+    inbox: Channel  # from it
+
+    def abandon(self) -> None:
+        """This process cannot start its side: close the pipes and wait for the state
+        process, which then stops too."""
+        self.outbox.close()
+        self.inbox.close()
+        os.waitpid(self.pid, 0)
+
+
+def fork(settings, quiet: bool) -> StateProcess:
+    """Fork the state process, first thing: no thread of this one runs yet, and libpcap's
+    reader can start right after, reading while both processes load what they need."""
     sys.stdout.flush()
     sys.stderr.flush()
     to_state = os.pipe()
@@ -129,8 +141,7 @@ def start(settings, quiet: bool) -> "SplitDecoding":
         try:
             os.close(to_state[1])
             os.close(from_state[0])
-            code = _state_process(settings, signatures, quiet, Channel(to_state[0]),
-                                  Channel(from_state[1]))
+            code = _state_process(settings, quiet, Channel(to_state[0]), Channel(from_state[1]))
         except BrokenPipeError:
             code = 0  # the decoding process stopped listening; it reports why
         except BaseException:  # noqa: BLE001 - reported, then this process must end here
@@ -143,8 +154,14 @@ def start(settings, quiet: bool) -> "SplitDecoding":
                 os._exit(code)
     os.close(to_state[0])
     os.close(from_state[1])
-    return SplitDecoding(settings, signatures, pid, Channel(to_state[1]), Channel(from_state[0]),
-                         stored)
+    return StateProcess(pid, Channel(to_state[1]), Channel(from_state[0]))
+
+
+def decoding_side(settings, state: StateProcess) -> "SplitDecoding":
+    """This process's side, its signatures loaded (START_ERRORS if they cannot be: the
+    caller abandons the state process and reports it, as a Sensor's failed start)."""
+    signatures = load_signatures(settings.signatures or default_signature_paths())
+    return SplitDecoding(settings, signatures, state, _stored_resolvers(settings))
 
 
 def _stored_resolvers(settings) -> list[str]:
@@ -173,7 +190,7 @@ def _stored_resolvers(settings) -> list[str]:
         store.close()
 
 
-def _state_process(settings, signatures, quiet: bool, inbox: Channel, outbox: Channel) -> int:
+def _state_process(settings, quiet: bool, inbox: Channel, outbox: Channel) -> int:
     """The Sensor's half of the read: records in, alerts and inventory out.  Ctrl-C is the
     decoding process's to handle; it then ends the records as usual."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -183,7 +200,7 @@ def _state_process(settings, signatures, quiet: bool, inbox: Channel, outbox: Ch
     from .pipeline import SENSOR_START_ERRORS, Sensor
 
     try:
-        sensor = Sensor(settings, signatures=signatures)
+        sensor = Sensor(settings)
     except SENSOR_START_ERRORS as err:
         outbox.send(("error", str(err)))
         return 0
@@ -212,15 +229,12 @@ def _state_process(settings, signatures, quiet: bool, inbox: Channel, outbox: Ch
 class SplitDecoding(Decoding):
     """The decoding process's side: ``cli`` reads into it as into a Sensor."""
 
-    def __init__(self, settings, signatures, pid: int, outbox: Channel, inbox: Channel,
-                 stored_resolvers=()):
+    def __init__(self, settings, signatures, state: StateProcess, stored_resolvers=()):
         super().__init__(settings, Stats(), signatures)
         self.mirror = TrackerMirror(tracker_config(settings), signatures, stored_resolvers)
         self.decoder.interest = decoder_interest(signatures, self.mirror.answer_keys)
         self.decoder.report_redundant = self.mirror.report_redundant
-        self.pid = pid
-        self.outbox = outbox
-        self.inbox = inbox
+        self.pid, self.outbox, self.inbox = state
         self.pending: list = []
         self.alerts = 0
         self.host_snapshot: list[dict] = []

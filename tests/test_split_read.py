@@ -16,11 +16,11 @@ from tests.helpers import load_make_samples
 ROOT = Path(__file__).resolve().parents[1]
 PCAPS = ROOT / "pcaps"
 CAPTURES = sorted(p for p in PCAPS.iterdir() if p.suffix in (".pcap", ".pcapng"))
-# Runs ``purge-sensor`` and says on stderr when the read split (split_read.start ran): on a
+# Runs ``purge-sensor`` and says on stderr when the read split (split_read.fork ran): on a
 # machine with one CPU to run on it does not, and these tests have nothing to compare.
-PROBE = ("import sys\nimport sensor.split_read as split\nreal = split.start\n"
-         "def start(*args):\n    sys.stderr.write('split read\\n')\n    return real(*args)\n"
-         "split.start = start\nfrom sensor.cli import main\nsys.exit(main())\n")
+PROBE = ("import sys\nimport sensor.split_read as split\nreal = split.fork\n"
+         "def fork(*args):\n    sys.stderr.write('split read\\n')\n    return real(*args)\n"
+         "split.fork = fork\nfrom sensor.cli import main\nsys.exit(main())\n")
 SPLIT_MARK = "split read\n"
 
 pytestmark = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2,
