@@ -41,8 +41,8 @@ from .track.mirror import TrackerMirror
 
 _LENGTH = struct.Struct("=I")
 PIPE_BYTES = 1 << 20  # so a slow moment of the state process does not stall the decoder
-F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), missing from fcntl before Python 3.10
-# What start() raises when the signatures cannot be loaded: reported as a Sensor's are.
+# What decoding_side() raises when the signatures cannot be loaded: reported as a
+# Sensor's are.
 START_ERRORS = (SignatureError, ValueError, OSError)
 # Records groups (one per packet that made records, or a tick) per message.  A message per
 # batch (170 on the 858 MB mix) cost the decoding process 36-52 ms in os.write: each wakes
@@ -132,8 +132,8 @@ def fork(settings, quiet: bool) -> StateProcess:
     try:
         import fcntl
 
-        fcntl.fcntl(to_state[1], F_SETPIPE_SZ, PIPE_BYTES)
-    except OSError:
+        fcntl.fcntl(to_state[1], fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    except (OSError, AttributeError):
         pass  # a smaller pipe only means shorter stretches of decoding ahead
     pid = os.fork()
     if pid == 0:
@@ -266,8 +266,9 @@ class SplitDecoding(Decoding):
             raise StateProcessFailed from None
 
     def reopen(self) -> None:
-        """SIGHUP: the sinks to reopen are the state process's."""
-        os.kill(self.pid, signal.SIGHUP)
+        """SIGHUP: the sinks to reopen are the state process's (none once it is reaped)."""
+        if self.pid is not None:
+            os.kill(self.pid, signal.SIGHUP)
 
     def close(self, snapshot: bool = True) -> None:
         """End the records, take the state process's counts and wait for it; ``failure``
@@ -296,6 +297,7 @@ class SplitDecoding(Decoding):
             pass
         self.inbox.close()
         _, status = os.waitpid(self.pid, 0)
+        self.pid = None
         if self.failure is None and not done:
             self.failure = f"state process exited unexpectedly ({_describe(status)})"
 
