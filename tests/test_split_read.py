@@ -135,16 +135,27 @@ def repeated_demo(times: int) -> bytes:
     return load_make_samples().pcap_file(1, records)
 
 
+def children_of(pid: int) -> list[int]:
+    """From /proc's stat lines (a kernel without CONFIG_PROC_CHILDREN has no children file)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
 def state_process(pid: int, timeout: float = 30.0) -> int:
     """The pid of the read's state process, once it is forked."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        except FileNotFoundError:
-            children = []
+        children = children_of(pid)
         if children:
-            return int(children[0])
+            return children[0]
         time.sleep(0.01)
     raise AssertionError("no state process")
 
