@@ -142,7 +142,11 @@ def _read_captures(args, settings, captures, prefilter: bool, failed: list) -> i
         from . import split_read
 
         if split_read.usable(args, settings):
-            split = split_read.fork(settings, args.quiet)
+            try:
+                split = split_read.fork(settings, args.quiet)
+            except OSError as err:
+                print(f"purge-sensor: warning: reading in one process: cannot fork the state "
+                      f"process: {err}", file=sys.stderr)
     first = next(captures, None)
     if first is not None and hasattr(first[1], "batches"):
         first[1].batches()

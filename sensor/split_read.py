@@ -124,18 +124,29 @@ class StateProcess(NamedTuple):
 
 def fork(settings, quiet: bool) -> StateProcess:
     """Fork the state process, first thing: no thread of this one runs yet, and libpcap's
-    reader can start right after, reading while both processes load what they need."""
+    reader can start right after, reading while both processes load what they need.
+    OSError when the system has no process or descriptors to spare (nothing left open)."""
     sys.stdout.flush()
     sys.stderr.flush()
     to_state = os.pipe()
-    from_state = os.pipe()
+    try:
+        from_state = os.pipe()
+    except OSError:
+        os.close(to_state[0])
+        os.close(to_state[1])
+        raise
     try:
         import fcntl
 
         fcntl.fcntl(to_state[1], fcntl.F_SETPIPE_SZ, PIPE_BYTES)
     except (OSError, AttributeError):
         pass  # a smaller pipe only means shorter stretches of decoding ahead
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:
+        for fd in (*to_state, *from_state):
+            os.close(fd)
+        raise
     if pid == 0:
         code = 1
         try:

@@ -259,3 +259,24 @@ def test_the_decoding_process_starts_with_the_resolvers_the_store_holds(tmp_path
     assert _stored_resolvers(Settings(state=str(tmp_path / "first.sqlite"))) == ["10.10.0.53"]
     state.write_bytes(b"\x00not sqlite at all" * 300)
     assert _stored_resolvers(settings) == []
+
+
+def test_a_read_that_cannot_fork_reads_in_one_process(tmp_path):
+    """No process to spare (EAGAIN): a warning, then the read as one process makes it."""
+    probe = PROBE.replace("from sensor.cli import main",
+                          "import errno, os\n"
+                          "def refuse():\n    raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))\n"
+                          "os.fork = refuse\n"
+                          "from sensor.cli import main")
+    state, alerts = tmp_path / "s.sqlite", tmp_path / "a.json"
+    proc = subprocess.run([sys.executable, "-c", probe, "read", "--state", str(state), "-o",
+                           f"file:{alerts}", str(PCAPS / "demo.pcap")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    whole, whole_state, whole_alerts = read(tmp_path, "whole", PCAPS / "demo.pcap", "--no-split")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[0] == SPLIT_MARK.strip()
+    assert lines[1].startswith("purge-sensor: warning: reading in one process: cannot fork")
+    assert "\n".join(lines[2:]) + "\n" == whole.stderr
+    assert alert_lines(alerts) == alert_lines(whole_alerts)
+    assert inventory(state) == inventory(whole_state)
