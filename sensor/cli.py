@@ -141,7 +141,7 @@ def _read_captures(args, settings, captures, prefilter: bool, failed: list) -> i
     if getattr(args, "split", False):
         from . import split_read
 
-        if split_read.usable(args, settings):
+        if split_read.usable(settings):
             try:
                 split = split_read.fork(settings, args.quiet)
             except OSError as err:

@@ -91,11 +91,11 @@ class Channel:
             self.fd = -1
 
 
-def usable(args, settings) -> bool:
-    """Whether this read splits: asked (the default), two CPUs to run on, no metrics
-    endpoint (its exporter reads both halves' counters live), and standard output and
-    error that are the process's own descriptors, which the state process writes to."""
-    if not getattr(args, "split", False) or settings.metrics:
+def usable(settings) -> bool:
+    """Whether a read asked to split (``--split``, the default) can: two CPUs to run on, no
+    metrics endpoint (its exporter reads both halves' counters live), and standard output
+    and error that are the process's own descriptors, which the state process writes to."""
+    if settings.metrics:
         return False
     try:
         cpus = len(os.sched_getaffinity(0))

@@ -26,7 +26,8 @@ from collections import OrderedDict
 from ..records import DnsMessage, FlowStart
 from ..stats import Stats
 from .internal import InternalNetworks, canonical_ip
-from .tables import AAAA, TrackerConfig, A, add_answer_key, answer_window, answered_name, put
+from .tables import (AAAA, TrackerConfig, A, add_answer_key, answer_window, answered_name, caches_answers, put,
+                     report_redundant, resolver_marked)
 
 
 class TrackerMirror:
@@ -53,26 +54,15 @@ class TrackerMirror:
 
     def report_redundant(self, ip: str) -> bool:
         """Tracker.report_redundant with this copy's resolvers."""
-        return ip not in self.internal or ip in self.resolvers
+        return report_redundant(ip, self.internal, self.resolvers)
 
     def _dns(self, msg: DnsMessage) -> None:
-        ctx = msg.ctx
-        internal = self.internal
-        if msg.is_response:
-            if ctx.src_port == 53:
-                if ctx.src_ip != ctx.dst_ip and ctx.src_ip in internal and ctx.dst_ip in internal:
-                    self._mark_resolver(ctx.src_ip)
-                if msg.answers:
-                    self._cache_answers(msg)
-        elif (ctx.dst_port == 53 and ctx.src_ip != ctx.dst_ip and ctx.dst_ip in internal
-              and ctx.src_ip in internal):
-            self._mark_resolver(ctx.dst_ip)
-
-    def _mark_resolver(self, ip: str) -> None:
-        if ip in self.resolvers:
-            self.resolvers.move_to_end(ip)
-        else:
-            put(self.resolvers, ip, True, self.config.max_resolvers, self._evictions, "resolvers")
+        marked = resolver_marked(msg, self.internal)
+        if marked is not None:
+            put(self.resolvers, marked[0], True, self.config.max_resolvers, self._evictions,
+                "resolvers")
+        if caches_answers(msg):
+            self._cache_answers(msg)
 
     def _cache_answers(self, msg: DnsMessage) -> None:
         if answered_name(msg, self.match_name) is None:

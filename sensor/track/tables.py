@@ -69,6 +69,36 @@ def put(table: OrderedDict, key, value, cap: int, stats: Stats, name: str) -> No
     table[key] = value
 
 
+def resolver_marked(msg, internal) -> tuple[str, str] | None:
+    """(server, how) a DNS message between two internal hosts marks a resolver: the server
+    that answers one (``answers``) or is asked (``queried``); None for any other message."""
+    ctx = msg.ctx
+    if msg.is_response:
+        if ctx.src_port != 53:
+            return None
+        server, how = ctx.src_ip, "answers"
+    elif ctx.dst_port == 53:
+        server, how = ctx.dst_ip, "queried"
+    else:
+        return None
+    if ctx.src_ip != ctx.dst_ip and ctx.src_ip in internal and ctx.dst_ip in internal:
+        return server, how
+    return None
+
+
+def caches_answers(msg) -> bool:
+    """Whether a DNS message's addresses may enter the answer cache: a DNS server's response
+    with answers (not mDNS's)."""
+    return msg.is_response and msg.ctx.src_port == 53 and bool(msg.answers)
+
+
+def report_redundant(ip: str, internal, resolvers) -> bool:
+    """Whether a DNS message to or from server ``ip`` that names nothing can change nothing
+    in the tables: only an internal server is marked a resolver, and one that is already a
+    resolver only moves up the table (capture.dns_screen)."""
+    return ip not in internal or ip in resolvers
+
+
 def answered_name(msg, match_name):
     """(name, signature) of a DNS response whose addresses the answer cache keeps: the first
     question, else the first answer owner, that matches a signature; None otherwise."""

@@ -45,7 +45,7 @@ from ..stats import Stats
 from .internal import InternalNetworks, canonical_ip, host_port, is_group_address
 from .store import Batch, Store
 from .tables import (AAAA, KSC_TCP_PORTS, KSC_UDP_PORTS, TrackerConfig, A, add_answer_key, answer_window,
-                     answered_name)
+                     answered_name, caches_answers, report_redundant, resolver_marked)
 from .tables import put as _put
 from .verdict import INSTALL_VERDICTS, decide, summarize, tally_key
 
@@ -220,19 +220,14 @@ class Tracker:
 
     def _dns(self, msg: DnsMessage, detections: list[Detection]) -> list:
         ctx = msg.ctx
-        internal = self.internal
-        if msg.is_response:
-            if ctx.src_port == 5353:
-                for lease in mdns_leases(msg):
-                    self.learn_identity(lease.mac, lease.ip, lease.hostname, ctx.ts, "mdns")
-            elif ctx.src_port == 53:
-                if ctx.src_ip != ctx.dst_ip and ctx.src_ip in internal and ctx.dst_ip in internal:
-                    self.mark_resolver(ctx.src_ip, "answers", ctx.ts)
-                if msg.answers:
-                    self._cache_answers(msg)
-        elif (ctx.dst_port == 53 and ctx.src_ip != ctx.dst_ip and ctx.dst_ip in internal
-              and ctx.src_ip in internal):
-            self.mark_resolver(ctx.dst_ip, "queried", ctx.ts)
+        if msg.is_response and ctx.src_port == 5353:
+            for lease in mdns_leases(msg):
+                self.learn_identity(lease.mac, lease.ip, lease.hostname, ctx.ts, "mdns")
+        marked = resolver_marked(msg, self.internal)
+        if marked is not None:
+            self.mark_resolver(*marked, ctx.ts)
+        if caches_answers(msg):
+            self._cache_answers(msg)
         out: list = []
         for det in detections:
             if det.action == "dns_query":
@@ -609,10 +604,7 @@ class Tracker:
             self._dirty[host.key] = host
 
     def report_redundant(self, ip: str) -> bool:
-        """Whether a DNS message to or from server ``ip`` that names nothing can change
-        nothing here: ``_dns`` marks only an internal server a resolver, and one that is
-        already a resolver only moves up the table (capture.dns_screen)."""
-        return ip not in self.internal or ip in self.resolvers
+        return report_redundant(ip, self.internal, self.resolvers)
 
     # -- outputs ---------------------------------------------------------------------------
 
