@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,6 +55,7 @@ SENSOR_RUN = "purge-sensor read"
 PLAIN_RUN = "purge-sensor read --no-bpf-prefilter"
 INTERPRETER_RUN = "python -c pass"
 EMPTY_RUN = "purge-sensor read (empty capture)"
+TCPDUMP_RUN = "tcpdump -r (sensor filter)"
 EMPTY_TCPDUMP = "tcpdump -r (empty capture)"
 # The offline targets of the issue that asked for this benchmark, checked against this run.
 MAX_TCPDUMP_RATIO = 2.0
@@ -171,7 +173,7 @@ def offline(mix: Path, repeat: int, skip_tshark: bool, skip_plain: bool,
         print(f"{name}: {python} ({describe_python(others[name])}), in {Path(others[name]).parents[1]}")
     with tempfile.TemporaryDirectory(prefix="purge-bench-") as tmp:
         runs = {
-            "tcpdump -r (sensor filter)": ["tcpdump", "-r", str(mix), "-w", "/dev/null", file_filter(str(mix))],
+            TCPDUMP_RUN: ["tcpdump", "-r", str(mix), "-w", "/dev/null", file_filter(str(mix))],
             SENSOR_RUN: sensor_argv(
                 "read", "-q", "--state", f"{tmp}/a.sqlite", "-o", f"file:{tmp}/a.json", str(mix)),
         }
@@ -207,6 +209,7 @@ def offline(mix: Path, repeat: int, skip_tshark: bool, skip_plain: bool,
         # Rounds interleave the tools, so a slow spell of a shared machine falls on all of
         # them rather than on one tool's repetitions; each tool keeps its best round.
         results = {}
+        rounds: dict[str, list[float]] = {}
         for round_ in range(repeat):
             for name, argv in runs.items():
                 if name.startswith("tshark") and round_:
@@ -216,12 +219,13 @@ def offline(mix: Path, repeat: int, skip_tshark: bool, skip_plain: bool,
                 seconds, code, rss = timed(argv)
                 if code != 0:
                     print(f"  {name}: exit {code}", file=sys.stderr)
+                rounds.setdefault(name, []).append(seconds)
                 if name not in results or seconds < results[name][0]:
                     results[name] = (seconds, code, rss)
         filtered = alerts_of(Path(tmp) / "a.json")
         unfiltered = alerts_of(Path(tmp) / "b.json") if not skip_plain else None
         other_alerts = {name: alerts_of(path) for name, path in other_outputs.items()}
-    base = results["tcpdump -r (sensor filter)"][0]
+    base = results[TCPDUMP_RUN][0]
     tshark = results.get("tshark -r (DNS, SNI, Host)")
     print(f"{'tool':<36} {'seconds':>8} {'packets/s':>12} {'MB/s':>8} {'peak RSS MB':>12} {'x tcpdump':>10}")
     for name, (seconds, _, rss) in results.items():
@@ -229,6 +233,14 @@ def offline(mix: Path, repeat: int, skip_tshark: bool, skip_plain: bool,
             continue
         print(f"{name:<36} {seconds:8.2f} {packets / seconds:12,.0f} {file_mb / seconds:8.0f} "
               f"{rss / 1e6:12.0f} {seconds / base:10.2f}")
+    if repeat > 1:
+        # The best rounds of the two may come from different moments of a shared machine;
+        # the ratios within each round show how far the figure above moves with it.
+        paired = sorted(sensor_s / tcpdump_s
+                        for sensor_s, tcpdump_s in zip(rounds[SENSOR_RUN], rounds[TCPDUMP_RUN]))
+        print(f"{SENSOR_RUN} x tcpdump in the same round: "
+              + " ".join(f"{ratio:.2f}" for ratio in paired)
+              + f" (median {statistics.median(paired):.2f})")
     sensor = results[SENSOR_RUN][0]
     fixed, tcpdump_fixed = results[EMPTY_RUN][0], results[EMPTY_TCPDUMP][0]
     print(f"fixed cost: {SENSOR_RUN} {fixed:.2f} s on an empty capture, of which "
