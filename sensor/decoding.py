@@ -58,6 +58,13 @@ class Decoding:
     def tick(self, ts: float) -> None:
         raise NotImplementedError
 
+    def _decoder_tick(self, ts: float) -> None:
+        """The decoder's part of a tick.  A Sensor and the decoding process of a split read
+        both run it, at the same packet times, so their decoders hand the same DNS servers'
+        messages back from the capture filter and make the same records."""
+        self._next_flush = ts + FLUSH_INTERVAL
+        self.decoder.recheck_dns_servers()
+
     def handle(self, ts: float, linktype: int, data: bytes, wire_len: int, interface: int = 0):
         stats = self.stats
         stats.packets += 1

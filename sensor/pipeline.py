@@ -14,7 +14,7 @@ import time
 from datetime import date
 
 from .config import ConfigError, Settings
-from .decoding import FLUSH_INTERVAL, Decoding, decoder_interest, tracker_config
+from .decoding import Decoding, decoder_interest, tracker_config
 from .detect.engine import Detector
 from .detect.signatures import SignatureError, default_signature_paths, load_signatures
 from .inet import gethostname
@@ -91,9 +91,8 @@ class Sensor(Decoding):
     def tick(self, ts: float) -> None:
         """Periodic work driven by packet time, so pcap reads behave like live capture."""
         self.last_ts = max(self.last_ts, ts)
-        self._next_flush = ts + FLUSH_INTERVAL
         self.tracker.flush()
-        self.decoder.recheck_dns_servers()
+        self._decoder_tick(ts)
         if self.want_snapshots and time.monotonic() >= self._next_snapshot:
             self.refresh_snapshot()
         for det, count in self.lifecycle.expired_summaries(ts):

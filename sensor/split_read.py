@@ -34,7 +34,7 @@ import sys
 import traceback
 from typing import NamedTuple
 
-from .decoding import FLUSH_INTERVAL, Decoding, decoder_interest, tracker_config
+from .decoding import Decoding, decoder_interest, tracker_config
 from .detect.signatures import SignatureError, default_signature_paths, load_signatures
 from .stats import Stats
 from .track.mirror import TrackerMirror
@@ -256,18 +256,14 @@ class SplitDecoding(Decoding):
         self.mirror.observe(records)
         self.pending.append((ts, records))
         if ts >= self._next_flush:
-            self._tick(ts)
+            self._decoder_tick(ts)
         if len(self.pending) >= SEND_AFTER:
             self.send()
 
     def tick(self, ts: float) -> None:
         """A packet without records past the flush time: the state process ticks there."""
-        self._tick(ts)
+        self._decoder_tick(ts)
         self.pending.append((ts, ()))
-
-    def _tick(self, ts: float) -> None:
-        self._next_flush = ts + FLUSH_INTERVAL
-        self.decoder.recheck_dns_servers()
 
     def send(self) -> None:
         pending, self.pending = self.pending, []

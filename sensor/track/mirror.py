@@ -26,7 +26,7 @@ from collections import OrderedDict
 from ..records import DnsMessage, FlowStart
 from ..stats import Stats
 from .internal import InternalNetworks, canonical_ip
-from .tables import (AAAA, TrackerConfig, A, add_answer_key, answer_window, answered_name, caches_answers, put,
+from .tables import (TrackerConfig, answered_name, cache_answer, cached_answers, caches_answers, put,
                      report_redundant, resolver_marked)
 
 
@@ -68,12 +68,9 @@ class TrackerMirror:
         if answered_name(msg, self.match_name) is None:
             return
         ts = msg.ctx.ts
-        grace = self.config.answer_grace
-        for ans in msg.answers:
-            if (ans.rtype == A or ans.rtype == AAAA) and ans.data:
-                put(self.expiry, ans.data, ts + answer_window(ans.ttl, grace),
-                    self.config.answer_cache_size, self._evictions, "dns_answer_cache")
-                add_answer_key(self.answer_keys, self.expiry, ans.data)
+        for address, window in cached_answers(msg, self.config.answer_grace):
+            cache_answer(self.expiry, self.answer_keys, address, ts + window,
+                         self.config.answer_cache_size, self._evictions)
 
     def _flow(self, flow: FlowStart) -> None:
         ctx = flow.ctx

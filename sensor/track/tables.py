@@ -113,14 +113,20 @@ def answered_name(msg, match_name):
     return None
 
 
-def answer_window(ttl: int, grace: float) -> float:
-    """How long after the answer a flow to its address still counts: TTL capped at a day."""
-    return min(max(ttl, 0), MAX_ANSWER_TTL) + grace
+def cached_answers(msg, grace: float):
+    """(address, window) of each answer of a response that the answer cache keeps (an A or
+    AAAA record with an address): how long after the answer a flow to the address still
+    counts, its TTL capped at a day plus ``grace``."""
+    for ans in msg.answers:
+        if (ans.rtype == A or ans.rtype == AAAA) and ans.data:
+            yield ans.data, min(max(ans.ttl, 0), MAX_ANSWER_TTL) + grace
 
 
-def add_answer_key(keys: set, answers, address: str) -> None:
-    """Add ``address`` to ``keys``, the packed superset of ``answers``' addresses the decoder
-    screens flow starts with, first rebuilding it once stale addresses outnumber the live."""
+def cache_answer(answers: OrderedDict, keys: set, address: str, value, cap: int, stats: Stats) -> None:
+    """Put ``address`` in the answer cache ``answers`` (LRU, at most ``cap``) and in ``keys``,
+    the packed superset of its addresses the decoder screens flow starts with, rebuilding
+    that first once stale addresses outnumber the live."""
+    put(answers, address, value, cap, stats, "dns_answer_cache")
     if len(keys) > 2 * len(answers) + 64:
         keys.clear()
         for known in answers:

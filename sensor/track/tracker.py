@@ -44,8 +44,8 @@ from ..records import AppRecord, Detection, DhcpLease, DnsMessage, FlowStart, Ho
 from ..stats import Stats
 from .internal import InternalNetworks, canonical_ip, host_port, is_group_address
 from .store import Batch, Store
-from .tables import (AAAA, KSC_TCP_PORTS, KSC_UDP_PORTS, TrackerConfig, A, add_answer_key, answer_window,
-                     answered_name, caches_answers, report_redundant, resolver_marked)
+from .tables import (KSC_TCP_PORTS, KSC_UDP_PORTS, TrackerConfig, answered_name, cache_answer, cached_answers,
+                     caches_answers, report_redundant, resolver_marked)
 from .tables import put as _put
 from .verdict import INSTALL_VERDICTS, decide, summarize, tally_key
 
@@ -265,13 +265,10 @@ class Tracker:
         name, sig = found
         ctx = msg.ctx
         lookup = _Lookup(ctx.dst_ip, ctx.src_ip not in self.internal)
-        grace = self.config.answer_grace
-        for ans in msg.answers:
-            if (ans.rtype == A or ans.rtype == AAAA) and ans.data:
-                window = answer_window(ans.ttl, grace)
-                _put(self.answers, ans.data, _Answer(name, sig, ctx.ts + window, window, lookup),
-                     self.config.answer_cache_size, self.stats, "dns_answer_cache")
-                add_answer_key(self.answer_keys, self.answers, ans.data)
+        for address, window in cached_answers(msg, self.config.answer_grace):
+            cache_answer(self.answers, self.answer_keys, address,
+                         _Answer(name, sig, ctx.ts + window, window, lookup),
+                         self.config.answer_cache_size, self.stats)
         self.stats.table_sizes["dns_answer_cache"] = len(self.answers)
 
     # -- flows -------------------------------------------------------------------------
